@@ -1,0 +1,1 @@
+"""What starts work: triggering runs, the schedule, and the ``fanout`` command line."""

@@ -1,0 +1,192 @@
+"""The ``fanout`` command line. Bad input: one line on stderr and exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Any, NoReturn
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad usage: reported as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="fanout", description="Harvest vendor APIs with Celery and Redis.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    demo = sub.add_parser("demo", help="run the whole system on this machine, once")
+    demo.add_argument("--accounts", type=_positive_int, default=5)
+    demo.add_argument("--services", type=_positive_int, default=10)
+    demo.add_argument("--days", type=_positive_int, default=7)
+    demo.add_argument("--latency-ms", type=_non_negative_float, default=20.0)
+    demo.add_argument("--error-rate", type=_rate, default=0.0)
+    demo.add_argument("--concurrency", type=_positive_int, default=None)
+    demo.add_argument("--json", action="store_true", help="print the JSON summary last")
+
+    run = sub.add_parser("run", help="trigger one run of a pipeline")
+    run.add_argument("pipeline")
+    run.add_argument("--days", type=_positive_int, default=None)
+    run.add_argument("--end-day", default=None, help="last day to harvest, YYYY-MM-DD")
+    run.add_argument("--vendor-url", default=None)
+    run.add_argument("-p", "--param", type=_key_value, action="append", default=[],
+                     help="a pipeline parameter KEY=VALUE (VALUE parsed as JSON if it can be)")
+    run.add_argument("--wait", action="store_true", help="wait for the run to finish")
+    run.add_argument("--timeout", type=_non_negative_float, default=None)
+    run.add_argument("--json", action="store_true")
+
+    status = sub.add_parser("status", help="show a run (the latest by default)")
+    status.add_argument("run_id", nargs="?")
+    status.add_argument("--json", action="store_true")
+
+    failures = sub.add_parser("failures", help="list the failed items of a run")
+    failures.add_argument("run_id")
+    failures.add_argument("--json", action="store_true")
+
+    worker = sub.add_parser("worker", help="start a worker (celery worker with fanout defaults)")
+    worker.add_argument("--concurrency", type=_positive_int, default=None)
+    worker.add_argument("--pool", default=None, choices=["threads", "prefork", "solo"])
+    worker.add_argument("--queues", default=None, help="comma-separated stage queues")
+    worker.add_argument("--loglevel", default="INFO")
+
+    flower = sub.add_parser("flower", help="start Flower on the fanout broker")
+    flower.add_argument("--port", type=_positive_int, default=5555)
+
+    vendor = sub.add_parser("vendor", help="the demo vendor API")
+    vendor_sub = vendor.add_subparsers(dest="vendor_command", required=True, parser_class=Parser)
+    serve = vendor_sub.add_parser("serve", help="serve the demo vendor API", add_help=False)
+    serve.add_argument("options", nargs=argparse.REMAINDER)
+
+    sub.add_parser("down", help="stop the embedded Redis")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # `fanout vendor serve ...` hands its options to the vendor's own parser untouched.
+    if argv[:2] == ["vendor", "serve"]:
+        from demo_vendor.__main__ import main as vendor_main
+
+        return vendor_main(["serve", *argv[2:]])
+    try:
+        args = build_parser().parse_args(argv)
+        return _dispatch(args)
+    except UsageError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from producers.trigger import TriggerError
+        from workers.settings import ConfigError
+
+        if isinstance(exc, ConfigError | TriggerError | LookupError):
+            return _fail(str(exc).strip("'\""))
+        raise
+
+
+def _fail(message: str) -> int:
+    print(f"fanout: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command: str = args.command
+    if command == "down":
+        return _down()
+    if command == "worker":
+        return _worker(args)
+    if command == "flower":
+        return _flower(args)
+    from producers import commands
+
+    handler = {"demo": commands.demo, "run": commands.run, "status": commands.status,
+               "failures": commands.failures}[command]
+    return handler(args)
+
+
+def _down() -> int:
+    from workers import embedded_redis
+    from workers.settings import get_settings
+
+    stopped = embedded_redis.stop(get_settings().home)
+    print("embedded Redis stopped" if stopped else "no embedded Redis running")
+    return EXIT_OK
+
+
+def _broker_env() -> dict[str, str]:
+    """Resolve Redis once here so the child process does not have to."""
+    from workers.connections import check_reachable, resolve_redis_url
+
+    url = resolve_redis_url()
+    check_reachable(url)
+    return {**os.environ, "FANOUT_REDIS_URL": url}
+
+
+def _worker(args: argparse.Namespace) -> NoReturn:
+    from producers.processes import DEFAULT_CONCURRENCY, DEFAULT_POOL, worker_command
+
+    env = _broker_env()
+    cmd = worker_command(
+        pool=args.pool or DEFAULT_POOL,
+        concurrency=args.concurrency or DEFAULT_CONCURRENCY,
+        queues=args.queues.split(",") if args.queues else (),
+        loglevel=args.loglevel,
+    )
+    os.execvpe(cmd[0], cmd, env)  # the worker replaces this process: signals go to Celery
+
+
+def _flower(args: argparse.Namespace) -> int:
+    env = _broker_env()
+    cmd = [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={args.port}"]
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""The ``fanout`` commands that talk to a run: demo, run, status, failures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import ExitStack
+from typing import Any
+
+from rich.console import Console
+
+from producers import processes
+from producers.report import exit_code, summary_table, wait_for_run
+from producers.trigger import start_run
+from workers.connections import check_reachable, resolve_redis_url
+from workers.ledger import RunSnapshot
+from workers.pipeline import get_pipeline
+from workers.runtime import get_ledger
+from workers.settings import get_settings
+
+
+def _connect() -> str:
+    """Resolve Redis (starting the embedded one if needed) and fail in one line if it is down."""
+    url = resolve_redis_url()
+    check_reachable(url)
+    os.environ["FANOUT_REDIS_URL"] = url  # children and this process agree on one server
+    return url
+
+
+def _finish(snap: RunSnapshot, *, as_json: bool, console: Console) -> int:
+    console.print(summary_table(snap))
+    if as_json:
+        print(json.dumps(snap.summary()), flush=True)
+    return exit_code(snap.status)
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Embedded Redis + the demo vendor + one worker + one run, with progress and a summary."""
+    console = Console(stderr=args.json)
+    redis_url = _connect()
+    settings = get_settings()
+    vendor_options = [
+        "--accounts", str(args.accounts), "--services", str(args.services),
+        "--latency-ms", str(args.latency_ms), "--error-rate", str(args.error_rate),
+    ]
+    with ExitStack() as stack:
+        vendor = processes.start_vendor(vendor_options)
+        stack.callback(vendor.stop)
+        settings.home.mkdir(parents=True, exist_ok=True)
+        worker = processes.start_worker(
+            {"FANOUT_REDIS_URL": redis_url, "FANOUT_SINK_URL": settings.sink_url},
+            concurrency=args.concurrency or processes.DEFAULT_CONCURRENCY,
+            name=f"demo-{os.getpid()}@%h",
+            log_path=str(settings.home / "demo-worker.log"),
+        )
+        stack.callback(processes.stop_process, worker)
+        console.print(f"demo vendor at {vendor.url} · Redis at {redis_url} · "
+                      f"sink {settings.sink_url}")
+        params = {"days": args.days, "vendor_url": vendor.url}
+        run_id = start_run("demo", params)
+        console.print(f"run {run_id}: {args.accounts} accounts x {args.services} services x "
+                      f"{args.days} days = {args.accounts * args.services * args.days} metric-days")
+        order = get_pipeline("demo").stage_order()
+        snap = wait_for_run(get_ledger(), run_id, order, console=console)
+    return _finish(snap, as_json=args.json, console=console)
+
+
+def run(args: argparse.Namespace) -> int:
+    _connect()
+    params: dict[str, Any] = dict(args.param)
+    for key in ("days", "end_day", "vendor_url"):
+        value = getattr(args, key)
+        if value is not None:
+            params[key] = value
+    run_id = start_run(args.pipeline, params)
+    console = Console(stderr=True)
+    if not args.wait:
+        print(run_id)
+        return 0
+    console.print(f"run {run_id} started")
+    order = get_pipeline(args.pipeline).stage_order()
+    show = None if args.json or not sys.stderr.isatty() else console
+    snap = wait_for_run(get_ledger(), run_id, order, console=show, timeout_s=args.timeout)
+    if not snap.finished:
+        console.print(f"run {run_id} still {snap.status} after {args.timeout}s")
+        if args.json:
+            print(json.dumps(snap.summary()), flush=True)
+        return 1
+    return _finish(snap, as_json=args.json, console=console)
+
+
+def _snapshot(run_id: str | None) -> RunSnapshot:
+    ledger = get_ledger()
+    run_id = run_id or ledger.latest_run()
+    if run_id is None:
+        raise LookupError("no runs yet")
+    snap = ledger.snapshot(run_id)
+    if snap is None:
+        raise LookupError(f"run {run_id} is unknown or expired")
+    try:
+        order = get_pipeline(snap.pipeline).stage_order()
+    except Exception:
+        return snap
+    return ledger.snapshot(run_id, order) or snap
+
+
+def status(args: argparse.Namespace) -> int:
+    _connect()
+    snap = _snapshot(args.run_id)
+    if args.json:
+        print(json.dumps(snap.summary()))
+    else:
+        Console().print(summary_table(snap))
+    return exit_code(snap.status) if snap.finished else 0
+
+
+def failures(args: argparse.Namespace) -> int:
+    _connect()
+    snap = _snapshot(args.run_id)
+    failed = get_ledger().failures(snap.run_id)
+    if args.json:
+        print(json.dumps(failed))
+        return 0
+    console = Console()
+    for item, failure in sorted(failed.items()):
+        console.print(f"{failure['stage']} {item} {failure['error_type']}: {failure['message']} "
+                      f"(attempts {failure['attempts']}) {json.dumps(failure['item'])}")
+    console.print(f"{len(failed)} failed items in run {snap.run_id}")
+    return 0
+
+

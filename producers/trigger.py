@@ -1,0 +1,41 @@
+"""Trigger one run of a pipeline: list its root items, register them, publish them."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from workers.ledger import item_id
+from workers.pipeline import get_pipeline
+from workers.runtime import get_ledger, publish
+from workers.settings import ConfigError
+
+
+class TriggerError(Exception):
+    """The run could not start (e.g. the vendor would not list the root items)."""
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def start_run(pipeline_name: str, params: dict[str, Any]) -> str:
+    """Start a run and return its id. Root items are published only after the run exists."""
+    pipeline = get_pipeline(pipeline_name)
+    if pipeline.list_roots is None or pipeline.root_stage is None:
+        raise ConfigError(f"pipeline {pipeline_name!r} has no roots function")
+    if pipeline.check_params:
+        params = pipeline.check_params(params)
+    try:
+        roots = list(pipeline.list_roots(params))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise TriggerError(f"cannot list the root items of {pipeline_name!r}: {exc}") from exc
+    run_id = new_run_id()
+    stage = pipeline.stages[pipeline.root_stage]
+    ids = [item_id(stage.name, run_id, index, root) for index, root in enumerate(roots)]
+    get_ledger().create_run(run_id, pipeline.name, params, stage.name, ids)
+    publish(stage, run_id, list(zip(ids, roots, strict=True)))
+    return run_id

@@ -1,0 +1,54 @@
+"""Where Redis is, and one shared client per process (redis-py's pool is thread-safe)."""
+
+from __future__ import annotations
+
+import functools
+from urllib.parse import urlsplit
+
+import redis
+
+from workers import embedded_redis
+from workers.settings import ConfigError, Settings, get_settings
+
+
+def redact(url: str) -> str:
+    """A URL fit for an error line: the password is replaced."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+def resolve_redis_url(settings: Settings | None = None) -> str:
+    """FANOUT_REDIS_URL when set, otherwise the embedded server (started if needed)."""
+    settings = settings or get_settings()
+    if settings.redis_url:
+        return settings.redis_url
+    return embedded_redis.ensure_running(settings.home)
+
+
+def resolve_broker_url(settings: Settings | None = None) -> str:
+    settings = settings or get_settings()
+    return settings.broker_url or resolve_redis_url(settings)
+
+
+def check_reachable(url: str) -> None:
+    """Raise ConfigError (one clear line) when Redis at ``url`` does not answer."""
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        client.ping()
+    except ValueError as exc:
+        raise ConfigError(f"bad Redis URL {redact(url)!r}: {exc}") from None
+    except (redis.RedisError, OSError) as exc:
+        raise ConfigError(f"cannot reach Redis at {redact(url)}: {exc}") from None
+
+
+@functools.cache
+def _client_for(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+
+
+def get_redis() -> redis.Redis:
+    """The process-wide Redis client for the ledger (strings in, strings out)."""
+    return _client_for(resolve_redis_url())

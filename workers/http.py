@@ -1,0 +1,101 @@
+"""One pooled httpx client per worker process, and JSON calls with tenacity retries.
+
+Retried: connect/read timeouts, transport errors, 5xx and 429 (honouring ``Retry-After``),
+with exponential backoff and jitter. Never retried: other 4xx. What finally fails raises
+``VendorHTTPError`` carrying the status and a short excerpt of the body.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import httpx
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from workers.settings import get_settings
+
+_BODY_EXCERPT_CHARS = 200
+
+
+class VendorHTTPError(Exception):
+    """The vendor answered with an error status."""
+
+    def __init__(self, status: int, url: str, body: str, retry_after_s: float | None = None):
+        self.status = status
+        self.url = url
+        self.body_excerpt = body[:_BODY_EXCERPT_CHARS]
+        self.retry_after_s = retry_after_s
+        super().__init__(f"HTTP {status} from {url}: {self.body_excerpt}")
+
+
+@functools.cache
+def _client_for_pid(pid: int, timeout_s: float) -> httpx.Client:
+    return httpx.Client(
+        timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=128),
+    )
+
+
+def http_client() -> httpx.Client:
+    """This process's client: pooled keep-alive connections, shared by its threads."""
+    return _client_for_pid(os.getpid(), get_settings().http_timeout_s)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, VendorHTTPError):
+        return exc.status == 429 or exc.status >= 500
+    return isinstance(exc, httpx.TransportError)  # timeouts, refused, reset
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    raw = response.headers.get("retry-after")
+    try:
+        return max(0.0, float(raw)) if raw else None
+    except ValueError:
+        return None
+
+
+def _wait_s(state: RetryCallState, backoff: wait_exponential_jitter) -> float:
+    """Backoff with jitter, but never shorter than the vendor's Retry-After."""
+    wait = backoff(state)
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, VendorHTTPError) and exc.retry_after_s is not None:
+        wait = max(wait, exc.retry_after_s)
+    return wait
+
+
+def request_json(
+    method: str,
+    url: str,
+    *,
+    retries: int = 3,
+    backoff_initial_s: float = 0.2,
+    backoff_max_s: float = 10.0,
+    client: httpx.Client | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Call the vendor and return its JSON, retrying what is worth retrying."""
+    client = client or http_client()
+    backoff = wait_exponential_jitter(initial=backoff_initial_s, max=backoff_max_s)
+    for attempt in Retrying(
+        stop=stop_after_attempt(retries + 1),
+        retry=retry_if_exception(is_retryable),
+        wait=functools.partial(_wait_s, backoff=backoff),
+        reraise=True,
+    ):
+        with attempt:
+            response = client.request(method, url, **kwargs)
+            if response.status_code >= 400:
+                raise VendorHTTPError(
+                    response.status_code, url, response.text, _retry_after_s(response)
+                )
+            return response.json()
+    raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover

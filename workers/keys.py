@@ -1,0 +1,53 @@
+"""Every Redis key fanout writes, in one place.
+
+All run keys expire (``Settings.ledger_ttl_s``, refreshed as the run progresses); only
+configuration (limits, schedules) would live without a TTL.
+
+Run ledger, for run R:
+- ``fanout:run:R``          hash: pipeline, status, params (JSON), created/started/finished
+                            times, ``pending`` (items not yet terminal)
+- ``fanout:run:R:counts``   hash: ``STAGE:COUNTER`` -> int (enqueued, succeeded, failed, cached,
+                            retried, throttled, skipped), plus ``rows`` (sink rows written)
+- ``fanout:run:R:items``    hash: item id -> state (``p`` pending, ``s`` succeeded, ``f`` failed)
+- ``fanout:run:R:failed``   hash: item id -> JSON {stage, item, error_type, message, attempts}
+- ``fanout:run:R:done``     list: one element pushed when the run finishes (BLPOP wakes waiters)
+- ``fanout:runs``           sorted set: run id -> created time (for ``fanout status``)
+
+Queues (kombu's own keys): one list per stage queue, named ``fanout.PIPELINE.STAGE``.
+"""
+
+from __future__ import annotations
+
+PREFIX = "fanout"
+RUNS_INDEX = f"{PREFIX}:runs"
+
+
+def run(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}"
+
+
+def run_counts(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}:counts"
+
+
+def run_items(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}:items"
+
+
+def run_failed(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}:failed"
+
+
+def run_done(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}:done"
+
+
+def run_keys(run_id: str) -> list[str]:
+    """The keys of one run, in the order the ledger's Lua scripts take them."""
+    return [
+        run(run_id), run_counts(run_id), run_items(run_id), run_failed(run_id), run_done(run_id)
+    ]
+
+
+def queue_name(pipeline: str, stage: str) -> str:
+    return f"{PREFIX}.{pipeline}.{stage}"

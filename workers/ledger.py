@@ -1,0 +1,206 @@
+"""The run ledger: runs, per-stage counters, item states and failures, all in Redis.
+
+Registering items and moving them to a terminal state are Lua scripts (``workers/lua/``), so
+a duplicate delivery never double-counts, and the item that brings ``pending`` to zero
+finishes the run, exactly once, without chords or polling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+import redis
+
+from workers import keys
+
+COUNTERS = ("enqueued", "succeeded", "failed", "cached", "retried", "throttled", "skipped")
+FINISHED = ("succeeded", "partial", "killed", "cancelled")
+Outcome = Literal["succeeded", "failed", "cached", "skipped"]
+_OUTCOME_CODES = {"succeeded": "s", "failed": "f", "cached": "c", "skipped": "k"}
+# Lua's register call takes its ids as ARGV; chunks keep one call's memory bounded.
+_REGISTER_CHUNK = 5000
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def item_id(stage: str, parent_id: str, index: int, args: Any) -> str:
+    """Deterministic id of one item: the same child of the same parent always gets the same id."""
+    digest = hashlib.blake2b(
+        f"{parent_id}|{stage}|{index}|{canonical_json(args)}".encode(), digest_size=8
+    ).hexdigest()
+    return f"{stage}:{digest}"
+
+
+def _load(name: str) -> str:
+    return resources.files("workers").joinpath("lua", name).read_text()
+
+
+@dataclass
+class RunSnapshot:
+    """What ``fanout status`` and the JSON summary show of one run."""
+
+    run_id: str
+    pipeline: str
+    status: str
+    params: dict[str, Any]
+    created_at: float
+    finished_at: float | None
+    pending: int
+    stages: dict[str, dict[str, int]]
+    rows_written: int
+    failed_items: int = 0
+    stage_order: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    @property
+    def wall_s(self) -> float:
+        end = self.finished_at if self.finished_at is not None else time.time()
+        return round(end - self.created_at, 3)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary contract (DESIGN section 6)."""
+        return {
+            "run_id": self.run_id,
+            "pipeline": self.pipeline,
+            "status": self.status,
+            "stages": self.stages,
+            "rows_written": self.rows_written,
+            "wall_s": self.wall_s,
+        }
+
+
+class Ledger:
+    """Run bookkeeping. One instance per process; every method is one or two round trips."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._create = client.register_script(_load("create_run.lua"))
+        self._register = client.register_script(_load("register_items.lua"))
+        self._finish = client.register_script(_load("finish_item.lua"))
+
+    def create_run(
+        self,
+        run_id: str,
+        pipeline: str,
+        params: dict[str, Any],
+        root_stage: str,
+        root_ids: Sequence[str],
+    ) -> int:
+        run_keys = keys.run_keys(run_id)
+        args: list[str | float] = [
+            run_id, pipeline, canonical_json(params), time.time(), self.ttl_s, root_stage,
+            *root_ids,
+        ]
+        return int(self._create(keys=[*run_keys, keys.RUNS_INDEX], args=args))
+
+    def register(self, run_id: str, stage: str, ids: Sequence[str]) -> int:
+        """Register child ids as pending before they are published. Returns how many were new."""
+        run_keys = keys.run_keys(run_id)[:3]
+        new = 0
+        for start in range(0, len(ids), _REGISTER_CHUNK):
+            chunk = ids[start : start + _REGISTER_CHUNK]
+            new += int(self._register(keys=run_keys, args=[stage, self.ttl_s, *chunk]))
+        return new
+
+    def finish(
+        self,
+        run_id: str,
+        stage: str,
+        item: str,
+        outcome: Outcome,
+        *,
+        rows: int = 0,
+        failure: dict[str, Any] | None = None,
+    ) -> int:
+        """Terminal transition: 0 duplicate, 1 counted, 2 counted and the run finished."""
+        return int(
+            self._finish(
+                keys=keys.run_keys(run_id),
+                args=[
+                    item,
+                    stage,
+                    _OUTCOME_CODES[outcome],
+                    rows,
+                    canonical_json(failure) if failure else "",
+                    time.time(),
+                    self.ttl_s,
+                ],
+            )
+        )
+
+    def item_state(self, run_id: str, item: str) -> str | None:
+        state = self.redis.hget(keys.run_items(run_id), item)
+        return None if state is None else str(state)
+
+    def is_terminal(self, run_id: str, item: str) -> bool:
+        state = self.item_state(run_id, item)
+        return state is not None and state != "p"
+
+    def incr(self, run_id: str, stage: str, counter: str, by: int = 1) -> None:
+        self.redis.hincrby(keys.run_counts(run_id), f"{stage}:{counter}", by)
+
+    def params(self, run_id: str) -> dict[str, Any]:
+        raw = self.redis.hget(keys.run(run_id), "params")
+        if raw is None:
+            raise KeyError(run_id)
+        return dict(json.loads(str(raw)))
+
+    def snapshot(self, run_id: str, stage_order: Iterable[str] = ()) -> RunSnapshot | None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.run(run_id))
+        pipe.hgetall(keys.run_counts(run_id))
+        pipe.hlen(keys.run_failed(run_id))
+        run, counts, failed = pipe.execute()
+        if not run:
+            return None
+        order = list(stage_order)
+        stages: dict[str, dict[str, int]] = {s: dict.fromkeys(COUNTERS, 0) for s in order}
+        for name, value in counts.items():
+            if ":" not in name:
+                continue
+            stage, counter = name.rsplit(":", 1)
+            stages.setdefault(stage, dict.fromkeys(COUNTERS, 0))[counter] = int(value)
+        finished_at = run.get("finished_at")
+        return RunSnapshot(
+            run_id=run_id,
+            pipeline=run.get("pipeline", ""),
+            status=run.get("status", "unknown"),
+            params=json.loads(run.get("params", "{}")),
+            created_at=float(run["created_at"]),
+            finished_at=float(finished_at) if finished_at else None,
+            pending=int(run.get("pending", 0)),
+            stages=stages,
+            rows_written=int(counts.get("rows", 0)),
+            failed_items=int(failed),
+            stage_order=order,
+        )
+
+    def failures(self, run_id: str) -> dict[str, dict[str, Any]]:
+        raw = self.redis.hgetall(keys.run_failed(run_id))
+        return {str(item): json.loads(value) for item, value in raw.items()}
+
+    def wait(self, run_id: str, timeout_s: float) -> str | None:
+        """Block until the run finishes (BLPOP on its done list) or ``timeout_s`` passes."""
+        done_key = keys.run_done(run_id)
+        popped = self.redis.blpop([done_key], timeout=timeout_s)
+        if popped is None:
+            return None
+        status = str(popped[1])
+        self.redis.rpush(done_key, status)  # put it back for other waiters
+        return status
+
+    def latest_run(self) -> str | None:
+        ids = self.redis.zrevrange(keys.RUNS_INDEX, 0, 0)
+        return str(ids[0]) if ids else None

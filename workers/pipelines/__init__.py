@@ -1,0 +1,1 @@
+"""Vendor pipelines bundled with fanout."""

@@ -1,0 +1,87 @@
+"""The demo vendor: accounts -> services (cursor-paginated) -> one metric per service and day."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Any
+
+from workers.http import request_json
+from workers.pipeline import Pipeline
+from workers.runtime import StageContext
+from workers.settings import ConfigError
+from workers.sinks import Record
+
+DEFAULT_VENDOR_URL = "http://127.0.0.1:8765"
+
+demo = Pipeline("demo", vendor="demo")
+
+
+@demo.params
+def check_params(params: dict[str, Any]) -> dict[str, Any]:
+    days = params.get("days", 7)
+    if not isinstance(days, int) or isinstance(days, bool) or days < 1:
+        raise ConfigError(f"--days must be a whole number >= 1, got {days!r}")
+    end_day = params.get("end_day") or (dt.date.today() - dt.timedelta(days=1)).isoformat()
+    try:
+        dt.date.fromisoformat(end_day)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--end-day must be YYYY-MM-DD, got {end_day!r}") from None
+    retries = params.get("http_retries", 3)
+    if not isinstance(retries, int) or retries < 0:
+        raise ConfigError(f"http_retries must be a whole number >= 0, got {retries!r}")
+    vendor_url = params.get("vendor_url") or os.environ.get("FANOUT_DEMO_VENDOR_URL")
+    return {
+        **params,
+        "days": days,
+        "end_day": end_day,
+        "http_retries": retries,
+        "vendor_url": (vendor_url or DEFAULT_VENDOR_URL).rstrip("/"),
+    }
+
+
+def metric_days(end_day: str, days: int) -> list[str]:
+    """The ``days`` days ending with ``end_day``, oldest first."""
+    end = dt.date.fromisoformat(end_day)
+    return [(end - dt.timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
+
+
+def _get(params: dict[str, Any], path: str, **query: Any) -> Any:
+    return request_json(
+        "GET", f"{params['vendor_url']}{path}", params=query or None,
+        retries=params["http_retries"],
+    )
+
+
+@demo.roots("accounts")
+def list_accounts(params: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"account": a["id"]} for a in _get(params, "/accounts")["accounts"]]
+
+
+@demo.stage("accounts", maps_to="services")
+def account(ctx: StageContext, item: dict[str, str]) -> list[dict[str, str]]:
+    """List every service of one account, following the cursor through all pages."""
+    services: list[dict[str, str]] = []
+    query: dict[str, str] = {}
+    while True:
+        page = _get(ctx.params, f"/accounts/{item['account']}/services", **query)
+        services += [
+            {"account": item["account"], "service": s["id"], "metric": s["metric"]}
+            for s in page["services"]
+        ]
+        if not page.get("next_cursor"):
+            return services
+        query = {"cursor": page["next_cursor"]}
+
+
+@demo.stage("services", maps_to="metric_day")
+def service(ctx: StageContext, item: dict[str, str]) -> list[dict[str, str]]:
+    return [{**item, "day": day} for day in metric_days(ctx.params["end_day"], ctx.params["days"])]
+
+
+@demo.stage("metric_day")
+def metric_day(ctx: StageContext, item: dict[str, str]) -> Record:
+    path = f"/accounts/{item['account']}/services/{item['service']}/metrics"
+    data = _get(ctx.params, path, day=item["day"])
+    return Record("demo", item["account"], item["service"], data["metric"], item["day"],
+                  float(data["value"]))
