@@ -1,0 +1,134 @@
+"""Request statistics and the sliding one-second window they share with the
+rate limiter.
+
+Admin requests never reach this module: tests read ``/_admin/stats`` to count
+exactly what the client under test sent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+
+ENDPOINTS: tuple[str, ...] = (
+    "accounts",
+    "services",
+    "metrics",
+    "reports_create",
+    "reports_poll",
+    "fib",
+    "repos",
+)
+
+
+class SlidingWindow:
+    """Timestamps (monotonic seconds) seen within the last ``span`` seconds.
+
+    A true sliding window rather than calendar buckets: a burst straddling a
+    second boundary is still seen as one burst.
+    """
+
+    def __init__(self, span: float = 1.0) -> None:
+        self.span = span
+        self._times: deque[float] = deque()
+
+    def _expire(self, now: float) -> None:
+        times = self._times
+        while times and now - times[0] >= self.span:
+            times.popleft()
+
+    def count(self, now: float) -> int:
+        self._expire(now)
+        return len(self._times)
+
+    def add(self, now: float) -> int:
+        """Record an event at ``now``; returns the events now in the window."""
+        self._expire(now)
+        self._times.append(now)
+        return len(self._times)
+
+    def oldest(self) -> float | None:
+        return self._times[0] if self._times else None
+
+    def clear(self) -> None:
+        self._times.clear()
+
+
+class RateLimiter:
+    """At most ``limit`` accepted requests in any window of ``span`` seconds.
+
+    For rate r >= 1 the window is 1 s and the limit floor(r); for r < 1 the
+    window stretches to 1/r s holding one request, so e.g. 0.5 rps admits one
+    request every two seconds.  Rejected requests do not use up capacity.
+    """
+
+    def __init__(self) -> None:
+        self._rate = 0.0
+        self._window = SlidingWindow()
+        self._limit = 0
+
+    def _configure(self, rate: float) -> None:
+        if rate != self._rate:
+            self._rate = rate
+            span = 1.0 if rate >= 1 else 1.0 / rate
+            self._limit = max(1, math.floor(rate * span + 1e-9))
+            self._window = SlidingWindow(span)
+
+    def check(self, rate: float, now: float) -> float | None:
+        """Admit a request (None) or return seconds until a slot frees."""
+        if rate <= 0:
+            return None
+        self._configure(rate)
+        if self._window.count(now) < self._limit:
+            self._window.add(now)
+            return None
+        oldest = self._window.oldest()
+        assert oldest is not None  # the window is full, so not empty
+        return max(oldest + self._window.span - now, 0.0)
+
+    def reset(self) -> None:
+        self._window.clear()
+
+
+class Stats:
+    """Counters exposed by ``GET /_admin/stats``."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_endpoint: Counter[str] = Counter()
+        self.by_path: Counter[str] = Counter()
+        self.status: Counter[int] = Counter()
+        self.max_rps_1s = 0
+        self._arrivals = SlidingWindow()
+
+    def arrived(self, now: float, endpoint: str | None, path_key: str) -> None:
+        """Count a non-admin request as it arrives (before any 429/latency)."""
+        self.total += 1
+        if endpoint is not None:
+            self.by_endpoint[endpoint] += 1
+        self.by_path[path_key] += 1
+        in_window = self._arrivals.add(now)
+        if in_window > self.max_rps_1s:
+            self.max_rps_1s = in_window
+
+    def answered(self, status: int) -> None:
+        self.status[status] += 1
+
+    def reset(self) -> None:
+        self.total = 0
+        self.by_endpoint.clear()
+        self.by_path.clear()
+        self.status.clear()
+        self.max_rps_1s = 0
+        self._arrivals.clear()
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "total": self.total,
+            "by_endpoint": {name: self.by_endpoint[name] for name in ENDPOINTS},
+            "by_path": dict(self.by_path),
+            "status": {str(code): n for code, n in sorted(self.status.items())},
+            "sent_429": self.status[429],
+            "sent_5xx": sum(n for code, n in self.status.items() if code >= 500),
+            "max_rps_1s": self.max_rps_1s,
+        }

@@ -1,0 +1,496 @@
+"""Tests for demo_vendor: a real server subprocess, driven over HTTP with httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from demo_vendor import fault_hit, fib, metric_value, report_rows, service_metric, stars
+from demo_vendor.__main__ import main as vendor_main
+
+ROOT = Path(__file__).resolve().parents[1]
+DAY = "2026-01-01"
+URL_LINE = re.compile(r"^demo vendor listening on (http://127\.0\.0\.1:\d+)$")
+
+
+class Vendor:
+    """A ``python -m demo_vendor serve`` subprocess and a client for it."""
+
+    def __init__(self, *args: str) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "demo_vendor", "serve", "--port", "0", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 15)
+        line = self.proc.stdout.readline() if ready else ""
+        match = URL_LINE.match(line.rstrip("\n"))
+        if match is None:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise AssertionError(f"no listening line, got {line!r}; stderr: {err}")
+        self.url = match.group(1)
+        self.client = httpx.Client(base_url=self.url, timeout=10)
+
+    def get(self, path: str, **kw: object) -> httpx.Response:
+        return self.client.get(path, **kw)  # type: ignore[arg-type]
+
+    def post(self, path: str, json: object = None) -> httpx.Response:
+        return self.client.post(path, json=json)
+
+    def stats(self) -> dict[str, Any]:
+        return self.client.get("/_admin/stats").json()
+
+    def configure(self, **knobs: object) -> dict[str, Any]:
+        r = self.client.post("/_admin/config", json=knobs)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., Vendor]]:
+    started: list[Vendor] = []
+
+    def _start(*args: str) -> Vendor:
+        vendor = Vendor(*args)
+        started.append(vendor)
+        return vendor
+
+    yield _start
+    codes = [v.stop() for v in started]
+    assert codes == [0] * len(codes), "server must exit 0 on SIGTERM"
+
+
+# -- data -------------------------------------------------------------------
+
+
+def test_pure_helpers() -> None:
+    assert [fib(n) for n in range(1, 8)] == [1, 1, 2, 3, 5, 8, 13]
+    assert metric_value(7, "acct-001", "svc-001", DAY) == metric_value(
+        7, *("acct-001", "svc-001", DAY)
+    )
+    values = [metric_value(7, "acct-001", f"svc-{i:03d}", DAY) for i in range(1, 200)]
+    assert all(0 <= v < 1000 and round(v, 3) == v for v in values)
+    assert len(set(values)) > 150
+    assert 0 <= stars(7, "octo", "cat") < 200_000
+    with pytest.raises(ValueError):
+        fib(0)
+
+
+# -- endpoints ----------------------------------------------------------------
+
+
+def test_accounts(start: Callable[..., Vendor]) -> None:
+    v = start("--accounts", "12")
+    accounts = v.get("/accounts").json()["accounts"]
+    assert len(accounts) == 12
+    assert accounts[0] == {"id": "acct-001", "name": "Account 1"}
+    assert accounts[11] == {"id": "acct-012", "name": "Account 12"}
+
+
+def test_pagination(start: Callable[..., Vendor]) -> None:
+    v = start("--services", "45", "--page-size", "20", "--seed", "3")
+    seen: list[str] = []
+    pages = 0
+    cursor: str | None = None
+    while True:
+        params = {"cursor": cursor} if cursor else {}
+        r = v.get("/accounts/acct-002/services", params=params)
+        assert r.status_code == 200
+        body = r.json()
+        pages += 1
+        for svc in body["services"]:
+            assert svc["metric"] == service_metric(
+                3, "acct-002", svc["id"], ["requests", "cpu_seconds", "storage_gb"]
+            )
+            seen.append(svc["id"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert len(seen) == len(set(seen)) == 45
+    assert seen == [f"svc-{i:03d}" for i in range(1, 46)]
+
+    # explicit limit, and the cap at 100
+    assert len(v.get("/accounts/acct-001/services", params={"limit": 7}).json()["services"]) == 7
+    v.configure(services=150)
+    body = v.get("/accounts/acct-001/services", params={"limit": 1000}).json()
+    assert len(body["services"]) == 100 and body["next_cursor"] is not None
+
+    for bad in ("!!!", "Zm9v", "b2Zmc2V0Oi0x"):  # junk, "foo", "offset:-1"
+        r = v.get("/accounts/acct-001/services", params={"cursor": bad})
+        assert r.status_code == 400 and r.json() == {"error": "bad cursor"}
+    assert v.get("/accounts/acct-001/services", params={"limit": 0}).status_code == 400
+    assert v.get("/accounts/acct-999/services").status_code == 404
+    assert v.get("/accounts/acct-1/services").status_code == 404  # non-canonical id
+
+
+def test_metrics_values_and_determinism(start: Callable[..., Vendor]) -> None:
+    a = start("--seed", "11", "--accounts", "2", "--services", "4", "--metrics", "x,y")
+    b = start("--seed", "11", "--accounts", "2", "--services", "4", "--metrics", "x,y")
+    other = start("--seed", "12", "--accounts", "2", "--services", "4", "--metrics", "x,y")
+    differs = False
+    for acct in ("acct-001", "acct-002"):
+        for svc in ("svc-001", "svc-002", "svc-003", "svc-004"):
+            for day in ("2026-01-01", "2026-02-28"):
+                path = f"/accounts/{acct}/services/{svc}/metrics"
+                body = a.get(path, params={"day": day}).json()
+                assert body == {
+                    "account": acct,
+                    "service": svc,
+                    "metric": service_metric(11, acct, svc, ["x", "y"]),
+                    "day": day,
+                    "value": metric_value(11, acct, svc, day),
+                }
+                assert b.get(path, params={"day": day}).json() == body
+                differs |= other.get(path, params={"day": day}).json() != body
+    assert differs
+    path = "/accounts/acct-001/services/svc-001/metrics"
+    assert a.get(path).status_code == 400
+    assert a.get(path, params={"day": "2026-13-01"}).status_code == 400
+    assert a.get(path, params={"day": "yesterday"}).json()["error"].startswith("bad day")
+    for unknown in ("acct-001/services/svc-005", "acct-003/services/svc-001"):
+        assert a.get(f"/accounts/{unknown}/metrics", params={"day": DAY}).status_code == 404
+    stats = a.stats()
+    assert stats["by_path"][f"{path}?day=2026-01-01"] == 1
+    assert stats["by_endpoint"]["metrics"] == 16 + 5
+
+
+def test_fib_and_repos(start: Callable[..., Vendor]) -> None:
+    v = start()
+    for n, want in ((11, 89), (12, 144), (16, 987), (17, 1597)):
+        assert v.get(f"/fib/{n}").json() == {"n": n, "value": want}
+        assert v.post("/fib", {"nth": n}).json() == {"n": n, "value": want}
+    assert v.get("/fib/0").status_code == 400
+    assert v.get("/fib/abc").status_code == 400
+    assert v.post("/fib", {"nth": "x"}).status_code == 400
+    assert v.client.post("/fib", content=b"not json").status_code == 400
+    assert v.get("/repos/octo/cat").json() == {
+        "full_name": "octo/cat",
+        "stargazers_count": stars(7, "octo", "cat"),
+    }
+    r = v.get("/no/such/route")
+    assert r.status_code == 404 and r.json() == {"error": "not found"}
+    assert r.headers["content-type"] == "application/json"
+    stats = v.stats()
+    assert stats["by_endpoint"]["fib"] == 12
+    assert stats["by_path"]["/fib"] == 6
+    assert stats["by_path"]["/fib/11"] == 1
+
+
+def test_reports(start: Callable[..., Vendor]) -> None:
+    v = start("--report-polls", "3", "--services", "6", "--seed", "5")
+    r = v.post("/reports", {"account": "acct-002", "day": DAY})
+    assert r.status_code == 202
+    rid = r.json()["report_id"]
+    assert r.json() == {"report_id": rid, "status": "pending"}
+    assert v.post("/reports", {"account": "acct-002", "day": DAY}).json()["report_id"] == rid
+    for _ in range(3):
+        assert v.get(f"/reports/{rid}").json() == {"report_id": rid, "status": "pending"}
+    ready = v.get(f"/reports/{rid}").json()
+    assert ready == {
+        "report_id": rid,
+        "status": "ready",
+        "account": "acct-002",
+        "day": DAY,
+        "rows": report_rows(5, "acct-002", DAY, 6, ["requests", "cpu_seconds", "storage_gb"]),
+    }
+    assert [row["service"] for row in ready["rows"]] == [f"svc-{i:03d}" for i in range(1, 7)]
+    assert v.get(f"/reports/{rid}").json()["status"] == "ready"  # stays ready
+    assert v.get("/reports/rpt-nope").status_code == 404
+    assert v.post("/reports", {"account": "acct-009", "day": DAY}).status_code == 404
+    assert v.post("/reports", {"account": "acct-001", "day": "01/01/2026"}).status_code == 400
+    assert v.post("/reports", [1, 2]).status_code == 400
+    assert v.stats()["by_endpoint"]["reports_poll"] == 6
+    # reset clears poll counters: the report is pending again
+    v.post("/_admin/reset")
+    assert v.get(f"/reports/{rid}").json()["status"] == "pending"
+
+
+# -- fault injection ------------------------------------------------------------
+
+
+def test_fail_paths(start: Callable[..., Vendor]) -> None:
+    v = start()
+    assert v.configure(fail_paths={"/fib/5": 1})["fail_paths"] == {"/fib/5": 1}
+    first = v.get("/fib/5")
+    assert first.status_code == 500 and first.json() == {"error": "injected failure"}
+    assert v.get("/fib/5").json() == {"n": 5, "value": 5}
+    stats = v.stats()
+    assert stats["by_path"]["/fib/5"] == 2
+    assert stats["status"] == {"200": 1, "500": 1}
+    assert stats["sent_5xx"] == 1
+    assert v.get("/_admin/config").json()["fail_paths"] == {"/fib/5": 0}
+
+
+def _fib_round(v: Vendor, n: int = 40) -> set[str]:
+    failed = set()
+    for i in range(1, n + 1):
+        r = v.get(f"/fib/{i}")
+        assert r.status_code in (200, 500)
+        if r.status_code == 500:
+            failed.add(f"/fib/{i}")
+    return failed
+
+
+def test_error_rate_permanent(start: Callable[..., Vendor]) -> None:
+    v = start("--error-rate", "0.5", "--error-times", "0", "--seed", "9")
+    expected = {f"/fib/{i}" for i in range(1, 41) if fault_hit(9, "err", f"/fib/{i}", 0.5)}
+    assert 0 < len(expected) < 40
+    assert _fib_round(v) == expected
+    assert _fib_round(v) == expected  # permanent: same paths fail again
+    assert v.stats()["sent_5xx"] == 2 * len(expected)
+
+
+def test_error_rate_transient(start: Callable[..., Vendor]) -> None:
+    v = start("--error-rate", "0.5", "--error-times", "1", "--seed", "9")
+    expected = {f"/fib/{i}" for i in range(1, 41) if fault_hit(9, "err", f"/fib/{i}", 0.5)}
+    assert _fib_round(v) == expected
+    assert _fib_round(v) == set()  # transient: each faulty path failed once
+    v.post("/_admin/reset")  # reset re-arms the transient faults
+    assert _fib_round(v) == expected
+
+
+def test_latency_and_stall(start: Callable[..., Vendor]) -> None:
+    v = start("--latency-ms", "150")
+    t0 = time.monotonic()
+    assert v.get("/fib/3").status_code == 200
+    assert time.monotonic() - t0 >= 0.15
+    v.configure(latency_ms=0, stall_rate=1.0, stall_ms=60_000)
+    with pytest.raises(httpx.ReadTimeout):
+        v.client.get("/fib/4", timeout=0.3)
+    # Admin is never stalled; the stalled request was counted on arrival.
+    assert v.stats()["by_path"]["/fib/4"] == 1
+    # SIGTERM (in the fixture) must still exit 0 with a stalled connection open.
+
+
+# -- rate limiting ----------------------------------------------------------------
+
+
+def test_rate_limit_sequential(start: Callable[..., Vendor]) -> None:
+    v = start("--rate-limit-rps", "5")
+    codes = [v.get("/fib/2").status_code for _ in range(5)]
+    assert codes == [200] * 5
+    r = v.get("/fib/2")
+    assert r.status_code == 429 and r.json() == {"error": "rate limited"}
+    retry_after = float(r.headers["retry-after"])
+    assert 0 < retry_after <= 1
+    assert re.fullmatch(r"\d+\.\d\d", r.headers["retry-after"])
+    v.configure(retry_after_integer=True)
+    assert v.get("/fib/2").headers["retry-after"] == "1"
+    time.sleep(1.05)  # the window has slid past all five accepted requests
+    assert v.get("/fib/2").status_code == 200
+    stats = v.stats()
+    assert stats["sent_429"] == 2 and stats["status"] == {"200": 6, "429": 2}
+    # admin is never rate limited
+    assert all(v.get("/_admin/stats").status_code == 200 for _ in range(20))
+
+
+def test_rate_limit_burst(start: Callable[..., Vendor]) -> None:
+    v = start("--rate-limit-rps", "50")
+
+    async def burst() -> tuple[list[httpx.Response], float]:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=v.url, limits=limits, timeout=10) as client:
+            t0 = time.monotonic()
+            responses = await asyncio.gather(*(client.get(f"/fib/{i}") for i in range(1, 201)))
+            return list(responses), time.monotonic() - t0
+
+    responses, elapsed = asyncio.run(burst())
+    ok = [r for r in responses if r.status_code == 200]
+    limited = [r for r in responses if r.status_code == 429]
+    assert len(ok) + len(limited) == 200
+    # The limiter is an exact sliding window: at most 50 accepted in any 1 s
+    # window, and the first 50 arrivals are always accepted.
+    assert len(ok) >= 50
+    if elapsed < 1.0:
+        assert len(ok) == 50
+    else:  # a slow machine: any span T is covered by ceil(T) + 1 windows
+        assert len(ok) <= 50 * (math.ceil(elapsed) + 1)
+    assert limited, "a 200-request burst must hit the 50 rps limit"
+    assert all(0 < float(r.headers["retry-after"]) <= 1 for r in limited)
+    stats = v.stats()
+    assert stats["sent_429"] == len(limited)
+    assert stats["status"] == {"200": len(ok), "429": len(limited)}
+    assert stats["total"] == 200
+    # max_rps_1s counts every arrival, 429s included.
+    assert 50 <= stats["max_rps_1s"] <= 200
+
+
+def test_max_rps_sliding_window(start: Callable[..., Vendor]) -> None:
+    v = start()
+    for _ in range(10):
+        v.get("/accounts")
+    for _ in range(5):
+        v.get("/_admin/stats")
+    stats = v.stats()
+    assert stats["max_rps_1s"] == 10
+    assert stats["total"] == 10
+
+
+# -- admin ------------------------------------------------------------------------
+
+
+def test_admin_reset_and_config(start: Callable[..., Vendor]) -> None:
+    v = start()
+    v.get("/accounts")
+    v.get("/fib/3")
+    v.get("/nope")
+    assert v.stats()["total"] == 3
+    assert v.post("/_admin/reset").json() == {"ok": True}
+    assert v.stats() == {
+        "total": 0,
+        "by_endpoint": {
+            "accounts": 0,
+            "services": 0,
+            "metrics": 0,
+            "reports_create": 0,
+            "reports_poll": 0,
+            "fib": 0,
+            "repos": 0,
+        },
+        "by_path": {},
+        "status": {},
+        "sent_429": 0,
+        "sent_5xx": 0,
+        "max_rps_1s": 0,
+    }
+    before = v.get("/_admin/config").json()
+    bad_updates: list[dict[str, object]] = [
+        {"error_rate": 2},
+        {"accounts": -1},
+        {"page_size": 0},
+        {"latency_ms": "fast"},
+        {"no_such_knob": 1},
+        {"fail_paths": {"/fib/1": -1}},
+        {"metrics": []},
+        {"services": 10, "error_rate": 1.5},  # all-or-nothing
+    ]
+    for bad in bad_updates:
+        r = v.post("/_admin/config", bad)
+        assert r.status_code == 400, bad
+        assert isinstance(r.json()["error"], str)
+    assert v.client.post("/_admin/config", content=b"[").status_code == 400
+    assert v.get("/_admin/config").json() == before
+    after = v.configure(accounts=5, metrics=["a"], seed=1)
+    assert (after["accounts"], after["metrics"], after["seed"]) == (5, ["a"], 1)
+    assert len(v.get("/accounts").json()["accounts"]) == 5
+
+
+# -- HTTP/1.1 wire behaviour ---------------------------------------------------------
+
+
+def _read_response(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes, bytes]:
+    """Read one response -> (head, body, leftover bytes)."""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed mid-response"
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head, rest[:length], rest[length:]
+
+
+def test_keep_alive_pipelining_and_close(start: Callable[..., Vendor]) -> None:
+    v = start()
+    host, port = v.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        body = b'{"nth": 7}'
+        sock.sendall(
+            b"GET /fib/6 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /fib HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        head, payload, rest = _read_response(sock, b"")
+        assert head.startswith(b"HTTP/1.1 200 OK") and payload == b'{"n":6,"value":8}'
+        assert b"Content-Type: application/json" in head
+        head, payload, rest = _read_response(sock, rest)
+        assert payload == b'{"n":7,"value":13}' and b"Connection: close" not in head
+        sock.sendall(b"GET /fib/8 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, payload, rest = _read_response(sock, rest)
+        assert payload == b'{"n":8,"value":21}' and b"Connection: close" in head
+        assert rest == b"" and sock.recv(1) == b""  # server closed the connection
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"garbage\r\n\r\n")
+        head, payload, _ = _read_response(sock, b"")
+        assert head.startswith(b"HTTP/1.1 400") and b'"error"' in payload
+
+
+def test_ready_file_and_sigint(tmp_path: Path) -> None:
+    ready = tmp_path / "ready.txt"
+    v = Vendor("--ready-file", str(ready))
+    try:
+        assert ready.read_text() == v.url
+        assert v.get("/accounts").status_code == 200
+    finally:
+        assert v.stop(signal.SIGINT) == 0
+
+
+# -- CLI errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--error-rate", "2"],
+        ["--accounts", "-1"],
+        ["--stall-rate", "nan"],
+        ["--port", "abc"],
+        ["--no-such-option"],
+        ["--metrics", ","],
+    ],
+)
+def test_cli_bad_input(args: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "demo_vendor", "serve", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("demo_vendor: error: ")
+    assert "Traceback" not in proc.stderr
+
+
+def test_main_returns_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    assert vendor_main(["serve", "--error-rate", "-0.1"]) == 2
+    assert vendor_main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "Traceback" not in err
