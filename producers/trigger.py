@@ -35,7 +35,8 @@ def start_run(pipeline_name: str, params: dict[str, Any]) -> str:
         raise TriggerError(f"cannot list the root items of {pipeline_name!r}: {exc}") from exc
     run_id = new_run_id()
     stage = pipeline.stages[pipeline.root_stage]
-    ids = [item_id(stage.name, run_id, index, root) for index, root in enumerate(roots)]
-    get_ledger().create_run(run_id, pipeline.name, params, stage.name, ids)
-    publish(stage, run_id, list(zip(ids, roots, strict=True)))
+    entries = [(item_id(stage.name, run_id, i, root), root) for i, root in enumerate(roots)]
+    get_ledger().create_run(run_id, pipeline.name, params, stage.name, entries)
+    # Should this process die here, the reaper publishes the roots from the ledger.
+    publish(stage, run_id, entries)
     return run_id

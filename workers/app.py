@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 
 from celery import Celery
-from kombu import Queue
+from celery.signals import worker_ready
+from kombu import Exchange, Queue
 
 from workers.connections import resolve_broker_url
 from workers.settings import get_settings
@@ -17,14 +18,25 @@ from workers.settings import get_settings
 BUILTIN_PIPELINES = ("workers.pipelines.demo",)
 
 
+def transport_options(visibility_timeout_s: int) -> dict[str, int]:
+    """Redis transport options. kombu sweeps for expired unacked messages every
+    interval x throttle seconds (100 s by default); sweep a few times per visibility
+    timeout instead, so a killed worker's messages come back soon after it expires."""
+    return {
+        "visibility_timeout": visibility_timeout_s,
+        "unacked_restore_interval": max(1, min(10, visibility_timeout_s // 3)),
+        "unacked_restore_throttle": 1,
+    }
+
+
 def _configure(app: Celery) -> None:
     settings = get_settings()
     # Resolved when Celery first needs it, so importing `workers` never starts a server.
-    app.add_defaults(lambda: {"broker_url": resolve_broker_url(settings)})
+    app.add_defaults(lambda: {"broker_url": resolve_broker_url()})
     app.conf.update(
         broker_connection_retry_on_startup=True,
         # A message unacked this long is given to another worker; it must exceed the longest task.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options=transport_options(settings.visibility_timeout_s),
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
@@ -59,14 +71,22 @@ def _declare_queues(app: Celery) -> None:
     """One queue per stage, named after it, so a worker can be pointed at some stages only."""
     from workers.pipeline import all_pipelines
 
-    queues = [Queue(stage.queue) for p in all_pipelines() for stage in p.stages.values()]
-    app.conf.task_queues = queues
+    # The default exchange ("") routes by queue name alone: no binding table to look up
+    # on every publish, and nothing to lose if Redis is flushed under a running producer.
+    direct = Exchange("")
+    stages = [stage for p in all_pipelines() for stage in p.stages.values()]
+    app.conf.task_queues = [Queue(s.queue, direct, routing_key=s.queue) for s in stages]
     app.conf.task_default_queue = "fanout.default"
     app.conf.task_routes = {
-        stage.task_name: {"queue": stage.queue}
-        for p in all_pipelines()
-        for stage in p.stages.values()
+        s.task_name: {"queue": s.queue, "exchange": "", "routing_key": s.queue} for s in stages
     }
+
+
+@worker_ready.connect
+def _start_reaper(**_: object) -> None:
+    from workers import reaper
+
+    reaper.start(get_settings().visibility_timeout_s)
 
 
 app = Celery("fanout")

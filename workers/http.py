@@ -84,7 +84,7 @@ def request_json(
 ) -> Any:
     """Call the vendor and return its JSON, retrying what is worth retrying."""
     client = client or http_client()
-    backoff = wait_exponential_jitter(initial=backoff_initial_s, max=backoff_max_s)
+    backoff = wait_exponential_jitter(multiplier=backoff_initial_s, max=backoff_max_s)
     for attempt in Retrying(
         stop=stop_after_attempt(retries + 1),
         retry=retry_if_exception(is_retryable),

@@ -11,7 +11,10 @@ Run ledger, for run R:
 - ``fanout:run:R:items``    hash: item id -> state (``p`` pending, ``s`` succeeded, ``f`` failed)
 - ``fanout:run:R:failed``   hash: item id -> JSON {stage, item, error_type, message, attempts}
 - ``fanout:run:R:done``     list: one element pushed when the run finishes (BLPOP wakes waiters)
+- ``fanout:run:R:payloads`` hash: item id -> payload JSON, while the item is pending (so the
+                            reaper can publish a lost message again)
 - ``fanout:runs``           sorted set: run id -> created time (for ``fanout status``)
+- ``fanout:reaper:lock``    string: held by the one worker sweeping for lost messages
 
 Queues (kombu's own keys): one list per stage queue, named ``fanout.PIPELINE.STAGE``.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 PREFIX = "fanout"
 RUNS_INDEX = f"{PREFIX}:runs"
+REAPER_LOCK = f"{PREFIX}:reaper:lock"
 
 
 def run(run_id: str) -> str:
@@ -42,10 +46,15 @@ def run_done(run_id: str) -> str:
     return f"{PREFIX}:run:{run_id}:done"
 
 
+def run_payloads(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}:payloads"
+
+
 def run_keys(run_id: str) -> list[str]:
     """The keys of one run, in the order the ledger's Lua scripts take them."""
     return [
-        run(run_id), run_counts(run_id), run_items(run_id), run_failed(run_id), run_done(run_id)
+        run(run_id), run_counts(run_id), run_items(run_id), run_failed(run_id), run_done(run_id),
+        run_payloads(run_id),
     ]
 
 

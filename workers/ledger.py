@@ -39,6 +39,13 @@ def item_id(stage: str, parent_id: str, index: int, args: Any) -> str:
     return f"{stage}:{digest}"
 
 
+def _pairs(entries: Sequence[tuple[str, Any]]) -> list[str]:
+    flat: list[str] = []
+    for entry_id, payload in entries:
+        flat += [entry_id, canonical_json(payload)]
+    return flat
+
+
 def _load(name: str) -> str:
     return resources.files("workers").joinpath("lua", name).read_text()
 
@@ -96,22 +103,25 @@ class Ledger:
         pipeline: str,
         params: dict[str, Any],
         root_stage: str,
-        root_ids: Sequence[str],
+        roots: Sequence[tuple[str, Any]],
     ) -> int:
         run_keys = keys.run_keys(run_id)
         args: list[str | float] = [
             run_id, pipeline, canonical_json(params), time.time(), self.ttl_s, root_stage,
-            *root_ids,
+            *_pairs(roots),
         ]
         return int(self._create(keys=[*run_keys, keys.RUNS_INDEX], args=args))
 
-    def register(self, run_id: str, stage: str, ids: Sequence[str]) -> int:
-        """Register child ids as pending before they are published. Returns how many were new."""
-        run_keys = keys.run_keys(run_id)[:3]
+    def register(self, run_id: str, stage: str, entries: Sequence[tuple[str, Any]]) -> int:
+        """Register children (id, payload) as pending before they are published.
+        Returns how many were new."""
+        k = keys.run_keys(run_id)
+        run_keys = [k[0], k[1], k[2], k[5]]
         new = 0
-        for start in range(0, len(ids), _REGISTER_CHUNK):
-            chunk = ids[start : start + _REGISTER_CHUNK]
-            new += int(self._register(keys=run_keys, args=[stage, self.ttl_s, *chunk]))
+        for start in range(0, len(entries), _REGISTER_CHUNK):
+            chunk = entries[start : start + _REGISTER_CHUNK]
+            args: list[str | float] = [stage, self.ttl_s, time.time(), *_pairs(chunk)]
+            new += int(self._register(keys=run_keys, args=args))
         return new
 
     def finish(
@@ -139,6 +149,27 @@ class Ledger:
                 ],
             )
         )
+
+    def pending_payloads(self, run_id: str) -> dict[str, Any]:
+        """Payloads of the items not yet terminal."""
+        raw = self.redis.hgetall(keys.run_payloads(run_id))
+        return {str(k): json.loads(v) for k, v in raw.items()}
+
+    def running_runs(self) -> list[tuple[str, str, float]]:
+        """(run id, pipeline, time of its last progress) for every run still running."""
+        ids = [str(i) for i in self.redis.zrange(keys.RUNS_INDEX, 0, -1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.hmget(keys.run(run_id), "status", "pipeline", "progress_at")
+        running = []
+        for run_id, (status, pipeline, progress_at) in zip(ids, pipe.execute(), strict=True):
+            if status == "running" and progress_at:
+                running.append((run_id, str(pipeline), float(progress_at)))
+        return running
+
+    def touch(self, run_id: str) -> None:
+        """Count as progress (the reaper just acted on this run)."""
+        self.redis.hset(keys.run(run_id), "progress_at", time.time())
 
     def item_state(self, run_id: str, item: str) -> str | None:
         state = self.redis.hget(keys.run_items(run_id), item)
@@ -194,12 +225,17 @@ class Ledger:
     def wait(self, run_id: str, timeout_s: float) -> str | None:
         """Block until the run finishes (BLPOP on its done list) or ``timeout_s`` passes."""
         done_key = keys.run_done(run_id)
-        popped = self.redis.blpop([done_key], timeout=timeout_s)
-        if popped is None:
-            return None
-        status = str(popped[1])
-        self.redis.rpush(done_key, status)  # put it back for other waiters
-        return status
+        deadline = time.monotonic() + timeout_s
+        while True:
+            # Short slices: the client's socket timeout (redis-py: 5 s) bounds one BLPOP.
+            slice_s = max(0.01, min(2.0, deadline - time.monotonic()))
+            popped = self.redis.blpop([done_key], timeout=slice_s)
+            if popped is not None:
+                status = str(popped[1])
+                self.redis.rpush(done_key, status)  # put it back for other waiters
+                return status
+            if time.monotonic() >= deadline:
+                return None
 
     def latest_run(self) -> str | None:
         ids = self.redis.zrevrange(keys.RUNS_INDEX, 0, 0)

@@ -83,12 +83,12 @@ class StageContext:
 
 def publish_children(stage: Stage, run_id: str, parent_id: str, items: Sequence[Any]) -> int:
     """Register the children in the ledger, then publish them in bulk. Returns the count."""
-    ids = [item_id(stage.name, parent_id, index, item) for index, item in enumerate(items)]
-    if not ids:
+    entries = [(item_id(stage.name, parent_id, i, item), item) for i, item in enumerate(items)]
+    if not entries:
         return 0
-    get_ledger().register(run_id, stage.name, ids)
-    publish(stage, run_id, list(zip(ids, items, strict=True)))
-    return len(ids)
+    get_ledger().register(run_id, stage.name, entries)
+    publish(stage, run_id, entries)
+    return len(entries)
 
 
 def publish(stage: Stage, run_id: str, entries: Sequence[tuple[str, Any]]) -> None:
@@ -101,7 +101,6 @@ def publish(stage: Stage, run_id: str, entries: Sequence[tuple[str, Any]]) -> No
                 (run_id, child_id, item),
                 producer=producer,
                 task_id=f"{run_id}.{child_id}",
-                queue=stage.queue,
             )
 
 
@@ -155,5 +154,5 @@ def make_task(stage: Stage) -> Task:
 
     run_item.__name__ = stage.name
     run_item.__qualname__ = stage.task_name
-    task: Task = app.task(name=stage.task_name, bind=True, queue=stage.queue)(run_item)
+    task: Task = app.task(name=stage.task_name, bind=True)(run_item)
     return task

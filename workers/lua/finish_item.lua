@@ -1,5 +1,6 @@
 -- Move one item to a terminal state, exactly once, and finish the run when it was the last.
--- KEYS: [1] run hash, [2] counts hash, [3] items hash, [4] failed hash, [5] done list
+-- KEYS: [1] run hash, [2] counts hash, [3] items hash, [4] failed hash, [5] done list,
+--       [6] payloads hash
 -- ARGV: [1] item id, [2] stage, [3] outcome: s succeeded | f failed | c cached | k skipped,
 --       [4] sink rows written, [5] failure JSON or '', [6] now (epoch seconds), [7] ttl_s
 -- Returns 0 when the item was already terminal (a duplicate delivery), 1 when counted,
@@ -11,6 +12,7 @@ end
 if state ~= 'p' then return 0 end
 local counters = {s = 'succeeded', f = 'failed', c = 'cached', k = 'skipped'}
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('HDEL', KEYS[6], ARGV[1])
 redis.call('HINCRBY', KEYS[2], ARGV[2] .. ':' .. counters[ARGV[3]], 1)
 local rows = tonumber(ARGV[4])
 if rows > 0 then redis.call('HINCRBY', KEYS[2], 'rows', rows) end
@@ -18,6 +20,7 @@ if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
   redis.call('EXPIRE', KEYS[4], tonumber(ARGV[7]))
 end
+redis.call('HSET', KEYS[1], 'progress_at', ARGV[6])
 local pending = redis.call('HINCRBY', KEYS[1], 'pending', -1)
 if pending > 0 then return 1 end
 -- The last terminal item finishes the run. A run already killed or cancelled keeps that status.
