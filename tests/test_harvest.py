@@ -1,0 +1,195 @@
+"""The accounts -> services -> metric-days harvest, end to end: real Redis, real worker
+processes, the demo vendor as a real HTTP server."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import redis
+from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
+
+from demo_vendor.data import fault_hit, metric_value, service_metric
+from producers.trigger import start_run
+from workers.keys import queue_name
+from workers.pipelines.demo import metric_days
+from workers.runtime import get_ledger
+
+END_DAY = "2026-01-31"
+METRICS = ("requests", "cpu_seconds", "storage_gb")
+
+
+def run_demo(vendor: VendorHandle, days: int, **params: Any) -> str:
+    return start_run(
+        "demo",
+        {"days": days, "end_day": END_DAY, "vendor_url": vendor.url, "http_retries": 0, **params},
+    )
+
+
+def finish(run_id: str, timeout_s: float = 90) -> dict[str, Any]:
+    status = get_ledger().wait(run_id, timeout_s)
+    assert status is not None, f"run {run_id} did not finish in {timeout_s}s"
+    snap = get_ledger().snapshot(run_id, ["accounts", "services", "metric_day"])
+    assert snap is not None
+    return snap.summary()
+
+
+def expected_rows(accounts: int, services: int, days: int, seed: int = 7) -> list[tuple[Any, ...]]:
+    rows = []
+    for a in range(1, accounts + 1):
+        account = f"acct-{a:03d}"
+        for s in range(1, services + 1):
+            service = f"svc-{s:03d}"
+            metric = service_metric(seed, account, service, METRICS)
+            for day in metric_days(END_DAY, days):
+                rows.append(("demo", account, service, metric, day,
+                             metric_value(seed, account, service, day)))
+    return sorted(rows)
+
+
+def test_small_harvest_writes_exact_rows_and_counts(
+    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path
+) -> None:
+    start_worker()
+    run_id = run_demo(vendor, days=4)
+    summary = finish(run_id)
+
+    assert summary["status"] == "succeeded"
+    stages = summary["stages"]
+    assert [stages[s]["enqueued"] for s in ("accounts", "services", "metric_day")] == [2, 6, 24]
+    assert [stages[s]["succeeded"] for s in ("accounts", "services", "metric_day")] == [2, 6, 24]
+    assert all(stages[s]["failed"] == 0 for s in stages)
+    assert summary["rows_written"] == 24
+
+    rows = sink_rows(sink_path)
+    assert [r[:6] for r in rows] == expected_rows(2, 3, 4)
+    assert {r[6] for r in rows} == {run_id}
+
+    stats = vendor.stats()
+    assert stats["by_endpoint"]["accounts"] == 1
+    assert stats["by_endpoint"]["services"] == 2
+    assert stats["by_endpoint"]["metrics"] == 24
+
+
+def test_nested_fan_out_follows_every_page(
+    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path
+) -> None:
+    vendor.configure(accounts=3, services=45, page_size=20)
+    start_worker(concurrency=8)
+    summary = finish(run_demo(vendor, days=2))
+
+    assert summary["status"] == "succeeded"
+    assert summary["stages"]["services"]["enqueued"] == 3 * 45
+    assert summary["stages"]["metric_day"]["succeeded"] == 3 * 45 * 2
+    assert len(sink_rows(sink_path)) == 270
+    # 45 services at 20 a page: 3 pages per account, each fetched once.
+    assert vendor.stats()["by_endpoint"]["services"] == 9
+
+
+def test_worker_sigkilled_mid_run_loses_nothing(
+    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path
+) -> None:
+    vendor.configure(accounts=2, services=10, latency_ms=40)
+    short_visibility = {"FANOUT_VISIBILITY_TIMEOUT_S": "3"}
+    victim = start_worker(short_visibility, concurrency=8)
+    run_id = run_demo(vendor, days=10)
+    ledger = get_ledger()
+
+    def leaves_done() -> int:
+        snap = ledger.snapshot(run_id)
+        return snap.stages.get("metric_day", {}).get("succeeded", 0) if snap else 0
+
+    wait_for(lambda: leaves_done() >= 40, what="40 leaves done before the kill")
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    done_at_kill = leaves_done()
+    assert done_at_kill < 200, "the run finished before the worker was killed"
+
+    start_worker(short_visibility, concurrency=8)
+    summary = finish(run_id)
+
+    assert summary["status"] == "succeeded"
+    assert summary["stages"]["metric_day"]["enqueued"] == 200
+    assert summary["stages"]["metric_day"]["succeeded"] == 200
+    assert summary["rows_written"] == 200
+    rows = sink_rows(sink_path)
+    assert [r[:6] for r in rows] == expected_rows(2, 10, 10)
+    # The killed worker's in-flight messages came back and were fetched again.
+    assert vendor.stats()["by_endpoint"]["metrics"] >= 200
+
+
+def test_message_delivered_twice_is_counted_once(
+    vendor: VendorHandle,
+    start_worker: WorkerFactory,
+    redis_client: redis.Redis,
+    sink_path: Path,
+) -> None:
+    # Fan out with a worker that does not consume the leaf queue, then duplicate every leaf
+    # message on the queue before a leaf worker starts.
+    leaf_queue = queue_name("demo", "metric_day")
+    start_worker(queues=[queue_name("demo", "accounts"), queue_name("demo", "services")])
+    run_id = run_demo(vendor, days=4)
+    wait_for(lambda: redis_client.llen(leaf_queue) == 24, what="24 leaf messages queued")
+    messages = redis_client.lrange(leaf_queue, 0, -1)
+    redis_client.rpush(leaf_queue, *messages)
+    assert redis_client.llen(leaf_queue) == 48
+
+    # One thread: each copy runs after its original has finished.
+    start_worker(queues=[leaf_queue], concurrency=1)
+    summary = finish(run_id)
+
+    assert summary["status"] == "succeeded"
+    assert summary["stages"]["metric_day"] == {
+        "enqueued": 24, "succeeded": 24, "failed": 0, "cached": 0,
+        "retried": 0, "throttled": 0, "skipped": 0,
+    }
+    assert summary["rows_written"] == 24
+    assert len(sink_rows(sink_path)) == 24
+    wait_for(lambda: redis_client.llen(leaf_queue) == 0, what="the copies consumed")
+    # The copies were recognised before any HTTP call: the vendor saw each metric-day once.
+    assert vendor.stats()["by_endpoint"]["metrics"] == 24
+
+
+def _lists_cleanly(seed: int, rate: float) -> bool:
+    """Whether, for this seed, the listings (accounts, services) are free of injected 5xx."""
+    listings = ["/accounts", "/accounts/acct-001/services", "/accounts/acct-002/services"]
+    return not any(fault_hit(seed, "err", path, rate) for path in listings)
+
+
+def test_vendor_5xx_fails_only_those_items(
+    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path
+) -> None:
+    rate = 0.2
+    seed = next(s for s in range(1, 100) if _lists_cleanly(s, rate))
+    vendor.configure(accounts=2, services=5, seed=seed, error_rate=rate, error_times=0)
+    faulty = {
+        (f"acct-{a:03d}", f"svc-{s:03d}", day)
+        for a in (1, 2) for s in range(1, 6) for day in metric_days(END_DAY, 6)
+        if fault_hit(seed, "err",
+                     f"/accounts/acct-{a:03d}/services/svc-{s:03d}/metrics?day={day}", rate)
+    }
+    assert 0 < len(faulty) < 60
+
+    start_worker(concurrency=8)
+    run_id = run_demo(vendor, days=6)
+    summary = finish(run_id)
+
+    assert summary["status"] == "partial"
+    leaf = summary["stages"]["metric_day"]
+    assert leaf["failed"] == len(faulty)
+    assert leaf["succeeded"] == 60 - len(faulty)
+    assert summary["rows_written"] == 60 - len(faulty)
+    assert {(r[1], r[2], r[4]) for r in sink_rows(sink_path)}.isdisjoint(faulty)
+
+    failures = get_ledger().failures(run_id)
+    assert {(f["item"]["account"], f["item"]["service"], f["item"]["day"])
+            for f in failures.values()} == faulty
+    for failure in failures.values():
+        assert failure["stage"] == "metric_day"
+        assert failure["error_type"] == "VendorHTTPError"
+        assert "HTTP 500" in failure["message"]
+        assert failure["attempts"] == 1
+    # No retries configured: every faulty metric-day was asked for exactly once.
+    assert vendor.stats()["status"]["500"] == len(faulty)
