@@ -1,5 +1,8 @@
 # `make demo` and `make test` work on a fresh clone with only Python 3.11+ and make.
-PYTHON ?= $(shell command -v python3.13 || command -v python3.12 || command -v python3.11 || command -v python3)
+# The first interpreter on PATH that runs and is 3.11+ (a pyenv shim may exist and not run).
+PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; break; }; \
+	done)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
@@ -7,7 +10,7 @@ STAMP := $(VENV)/.installed-dev
 .PHONY: setup demo test lint bench clean down
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fanout needs Python 3.11+, found " + sys.version.split()[0])'
+	@test -n "$(PYTHON)" || { echo "fanout needs Python 3.11+ on PATH"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
