@@ -29,10 +29,18 @@ def transport_options(visibility_timeout_s: int) -> dict[str, int]:
     }
 
 
+def _broker_defaults() -> dict[str, str | None]:
+    from workers.broker import TRANSPORT
+
+    url = resolve_broker_url()
+    redis_broker = url.startswith(("redis://", "rediss://"))
+    return {"broker_url": url, "broker_transport": TRANSPORT if redis_broker else None}
+
+
 def _configure(app: Celery) -> None:
     settings = get_settings()
     # Resolved when Celery first needs it, so importing `workers` never starts a server.
-    app.add_defaults(lambda: {"broker_url": resolve_broker_url()})
+    app.add_defaults(_broker_defaults)
     app.conf.update(
         broker_connection_retry_on_startup=True,
         # A message unacked this long is given to another worker; it must exceed the longest task.
