@@ -29,8 +29,19 @@ def _connect() -> str:
     return url
 
 
+_FAILURES_SHOWN = 5
+
+
 def _finish(snap: RunSnapshot, *, as_json: bool, console: Console) -> int:
     console.print(summary_table(snap))
+    if snap.failed_items:
+        failures = sorted(get_ledger().failures(snap.run_id).items())
+        for item, failure in failures[:_FAILURES_SHOWN]:
+            console.print(f"failed {failure['stage']} {item}: {failure['error_type']}: "
+                          f"{failure['message']}")
+        if len(failures) > _FAILURES_SHOWN:
+            console.print(f"... and {len(failures) - _FAILURES_SHOWN} more: "
+                          f"fanout failures {snap.run_id}")
     if as_json:
         print(json.dumps(snap.summary()), flush=True)
     return exit_code(snap.status)

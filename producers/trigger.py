@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from workers.ledger import item_id
@@ -20,21 +21,34 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-def start_run(pipeline_name: str, params: dict[str, Any]) -> str:
-    """Start a run and return its id. Root items are published only after the run exists."""
+def start_run(
+    pipeline_name: str,
+    params: dict[str, Any],
+    *,
+    roots: Sequence[Any] | None = None,
+    root_stage: str | None = None,
+) -> str:
+    """Start a run and return its id. Root items come from the pipeline's roots function,
+    or are given (``roots`` for ``root_stage``: Prefect's ``task.map(items)``). They are
+    published only after the run exists."""
     pipeline = get_pipeline(pipeline_name)
-    if pipeline.list_roots is None or pipeline.root_stage is None:
-        raise ConfigError(f"pipeline {pipeline_name!r} has no roots function")
     if pipeline.check_params:
         params = pipeline.check_params(params)
-    try:
-        roots = list(pipeline.list_roots(params))
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise TriggerError(f"cannot list the root items of {pipeline_name!r}: {exc}") from exc
+    if roots is None:
+        if pipeline.list_roots is None or pipeline.root_stage is None:
+            raise ConfigError(f"pipeline {pipeline_name!r} has no roots function")
+        root_stage = pipeline.root_stage
+        try:
+            roots = list(pipeline.list_roots(params))
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise TriggerError(f"cannot list the root items of {pipeline_name!r}: {exc}") from exc
+    root_stage = root_stage or pipeline.root_stage
+    if root_stage not in pipeline.stages:
+        raise ConfigError(f"pipeline {pipeline_name!r} has no stage {root_stage!r}")
     run_id = new_run_id()
-    stage = pipeline.stages[pipeline.root_stage]
+    stage = pipeline.stages[root_stage]
     entries = [(item_id(stage.name, run_id, i, root), root) for i, root in enumerate(roots)]
     get_ledger().create_run(run_id, pipeline.name, params, stage.name, entries)
     # Should this process die here, the reaper publishes the roots from the ledger.

@@ -91,10 +91,11 @@ def _declare_queues(app: Celery) -> None:
 
 
 @worker_ready.connect
-def _start_reaper(**_: object) -> None:
-    from workers import reaper
+def _start_background_threads(**_: object) -> None:
+    from workers import looping, reaper
 
     reaper.start(get_settings().visibility_timeout_s)
+    looping.start_mover()
 
 
 app = Celery("fanout")

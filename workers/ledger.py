@@ -96,6 +96,7 @@ class Ledger:
         self._create = client.register_script(_load("create_run.lua"))
         self._register = client.register_script(_load("register_items.lua"))
         self._finish = client.register_script(_load("finish_item.lua"))
+        self._advance = client.register_script(_load("advance_loop.lua"))
 
     def create_run(
         self,
@@ -116,7 +117,7 @@ class Ledger:
         """Register children (id, payload) as pending before they are published.
         Returns how many were new."""
         k = keys.run_keys(run_id)
-        run_keys = [k[0], k[1], k[2], k[5]]
+        run_keys = [k[0], k[1], k[2], k[5]]  # run, counts, items, payloads
         new = 0
         for start in range(0, len(entries), _REGISTER_CHUNK):
             chunk = entries[start : start + _REGISTER_CHUNK]
@@ -133,11 +134,14 @@ class Ledger:
         *,
         rows: int = 0,
         failure: dict[str, Any] | None = None,
+        result: Any = None,
+        iteration: int = 1,
     ) -> int:
-        """Terminal transition: 0 duplicate, 1 counted, 2 counted and the run finished."""
+        """Terminal transition: 0 duplicate (or a stale loop iteration), 1 counted,
+        2 counted and the run finished."""
         return int(
             self._finish(
-                keys=keys.run_keys(run_id),
+                keys=keys.run_keys(run_id)[:8],
                 args=[
                     item,
                     stage,
@@ -146,9 +150,40 @@ class Ledger:
                     canonical_json(failure) if failure else "",
                     time.time(),
                     self.ttl_s,
+                    "" if result is None else canonical_json(result),
+                    iteration,
                 ],
             )
         )
+
+    def advance_loop(
+        self, run_id: str, stage: str, item: str, iteration: int, payload: Any
+    ) -> bool:
+        """Move a looping item from ``iteration`` to the next, exactly once."""
+        k = keys.run_keys(run_id)
+        state = canonical_json({"iteration": iteration + 1, "payload": payload})
+        args: list[str | float] = [item, stage, iteration, state, time.time(), self.ttl_s]
+        return bool(self._advance(keys=[k[0], k[1], k[2], k[7]], args=args))
+
+    def loop_states(self, run_id: str) -> dict[str, dict[str, Any]]:
+        """Loop state {iteration, payload} of every item that is looping."""
+        raw = self.redis.hgetall(keys.run_loops(run_id))
+        return {str(k): json.loads(v) for k, v in raw.items()}
+
+    def item_progress(self, run_id: str, item: str) -> tuple[str | None, int]:
+        """(state, current loop iteration) of one item, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys.run_items(run_id), item)
+        pipe.hget(keys.run_loops(run_id), item)
+        state, loop = pipe.execute()
+        iteration = int(json.loads(loop)["iteration"]) if loop else 1
+        return (None if state is None else str(state)), iteration
+
+    def results(self, run_id: str) -> list[Any]:
+        """What each root item returned, in the order the roots were given."""
+        roots = self.redis.lrange(keys.run_roots(run_id), 0, -1)
+        values = self.redis.hmget(keys.run_results(run_id), roots) if roots else []
+        return [None if v is None else json.loads(v) for v in values]
 
     def pending_payloads(self, run_id: str) -> dict[str, Any]:
         """Payloads of the items not yet terminal."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from workers import keys
+from workers.looping import DEFAULT_MAX_ITERATIONS
 
 if TYPE_CHECKING:
     from celery import Task
@@ -28,11 +29,25 @@ _PIPELINES: dict[str, Pipeline] = {}
 
 @dataclass
 class Stage:
+    """One stage. ``retries`` re-run a failed item (one iteration, for a loop) after
+    ``retry_delay_s`` (a number, or a list indexed by attempt); ``max_iterations`` bounds a
+    looping item."""
+
     pipeline: str
     name: str
     fn: StageFn
     maps_to: str | None = None
+    retries: int = 0
+    retry_delay_s: float | Sequence[float] = 1.0
+    max_iterations: int = DEFAULT_MAX_ITERATIONS
     task: Task | None = None
+
+    def retry_delay_for(self, attempt: int) -> float:
+        """Delay before attempt ``attempt + 1``."""
+        if isinstance(self.retry_delay_s, int | float):
+            return float(self.retry_delay_s)
+        delays = list(self.retry_delay_s)
+        return float(delays[min(attempt - 1, len(delays) - 1)]) if delays else 0.0
 
     @property
     def task_name(self) -> str:
@@ -72,11 +87,19 @@ class Pipeline:
         self.check_params = fn
         return fn
 
-    def stage(self, name: str, *, maps_to: str | None = None) -> Callable[[StageFn], StageFn]:
+    def stage(
+        self,
+        name: str,
+        *,
+        maps_to: str | None = None,
+        retries: int = 0,
+        retry_delay_s: float | Sequence[float] = 1.0,
+        max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    ) -> Callable[[StageFn], StageFn]:
         def register(fn: StageFn) -> StageFn:
             from workers.runtime import make_task
 
-            stage = Stage(self.name, name, fn, maps_to)
+            stage = Stage(self.name, name, fn, maps_to, retries, retry_delay_s, max_iterations)
             stage.task = make_task(stage)
             self.stages[name] = stage
             return fn
@@ -103,6 +126,12 @@ def get_pipeline(name: str) -> Pipeline:
         from workers.settings import ConfigError
 
         raise ConfigError(f"unknown pipeline {name!r} (known: {known})") from None
+
+
+def find_stage(task_name: str) -> Stage:
+    """The stage behind a task name ``PIPELINE.STAGE``."""
+    pipeline, _, stage = task_name.partition(".")
+    return get_pipeline(pipeline).stages[stage]
 
 
 def all_pipelines() -> list[Pipeline]:

@@ -20,9 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-import redis
-
-from workers import keys
+from workers import keys, looping
 from workers.ledger import Ledger
 
 log = logging.getLogger("fanout.reaper")
@@ -35,12 +33,14 @@ def _task_id(envelope: dict[str, Any]) -> str:
     return str(envelope.get("headers", {}).get("id", ""))
 
 
-def in_flight_items(client: redis.Redis, run_id: str, queues: Iterable[str]) -> set[str]:
-    """Item ids of ``run_id`` that have a message on a queue or unacked somewhere."""
-    prefix = f"{run_id}."
+def in_flight_items(ledger: Ledger, run_id: str, queues: Iterable[str]) -> set[str]:
+    """Item ids of ``run_id`` that have a message on a queue, unacked somewhere, or waiting
+    in the delayed set."""
+    client = ledger.redis
     task_ids = [_task_id(json.loads(raw)) for q in queues for raw in client.lrange(q, 0, -1)]
     task_ids += [_task_id(json.loads(raw)[0]) for raw in client.hvals(KOMBU_UNACKED)]
-    return {t.removeprefix(prefix) for t in task_ids if t.startswith(prefix)}
+    found = {looping.item_of_task_id(t)[1] for t in task_ids if t.startswith(f"{run_id}.")}
+    return found | looping.delayed_items(ledger, run_id)
 
 
 def sweep(ledger: Ledger, stall_s: float, now: float | None = None) -> int:
@@ -54,9 +54,10 @@ def sweep(ledger: Ledger, stall_s: float, now: float | None = None) -> int:
         if now - progress_at < stall_s:
             continue
         pending = ledger.pending_payloads(run_id)
+        loops = ledger.loop_states(run_id)
         pipeline = get_pipeline(pipeline_name)
         queues = [stage.queue for stage in pipeline.stages.values()]
-        flying = in_flight_items(ledger.redis, run_id, queues)
+        flying = in_flight_items(ledger, run_id, queues)
         lost: dict[str, list[tuple[str, Any]]] = defaultdict(list)
         for item, payload in pending.items():
             if item not in flying:
@@ -64,7 +65,9 @@ def sweep(ledger: Ledger, stall_s: float, now: float | None = None) -> int:
         for stage_name, entries in lost.items():
             log.warning("run %s: publishing %d lost %s items again", run_id, len(entries),
                         stage_name)
-            publish(pipeline.stages[stage_name], run_id, entries)
+            for item, payload in entries:  # a looping item resumes at its current iteration
+                state = looping.LoopState.from_message(loops.get(item))
+                publish(pipeline.stages[stage_name], run_id, [(item, payload)], loop=state)
             republished += len(entries)
         ledger.touch(run_id)
     return republished

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -24,9 +24,11 @@ from celery import Task
 from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 
+from workers import looping
 from workers.app import app
 from workers.connections import get_redis
 from workers.ledger import Ledger, item_id
+from workers.looping import Loop, LoopLimitExceeded, LoopState
 from workers.pipeline import Stage
 from workers.settings import get_settings
 from workers.sinks import Record, get_sink
@@ -72,13 +74,17 @@ class StageContext:
     stage: Stage
     params: dict[str, Any]
     attempt: int = 1
+    loop: LoopState = field(default_factory=LoopState)
 
     def map(self, stage_name: str, items: Sequence[Any]) -> int:
         """Fan out: one message per element of ``items`` for ``stage_name``."""
         from workers.pipeline import get_pipeline
 
         target = get_pipeline(self.stage.pipeline).stages[stage_name]
-        return publish_children(target, self.run_id, self.item_id, items)
+        # Each loop iteration is a parent of its own: page 2's first child is not page 1's.
+        k = self.loop.iteration
+        parent = self.item_id if k == 1 else f"{self.item_id}@{k}"
+        return publish_children(target, self.run_id, parent, items)
 
 
 def publish_children(stage: Stage, run_id: str, parent_id: str, items: Sequence[Any]) -> int:
@@ -91,66 +97,132 @@ def publish_children(stage: Stage, run_id: str, parent_id: str, items: Sequence[
     return len(entries)
 
 
-def publish(stage: Stage, run_id: str, entries: Sequence[tuple[str, Any]]) -> None:
+def publish(
+    stage: Stage,
+    run_id: str,
+    entries: Sequence[tuple[str, Any]],
+    *,
+    loop: LoopState | None = None,
+    retries: int = 0,
+) -> None:
     """Publish already-registered items: one Redis pipeline per batch, not a round trip each."""
     task = stage.task
     assert task is not None
+    state = loop or LoopState()
+    kwargs = {"loop": state.as_message()} if state.iteration > 1 else {}
     with app.producer_or_acquire() as producer, producer.batch(max_size=_PUBLISH_BATCH_COMMANDS):
         for child_id, item in entries:
             task.apply_async(
                 (run_id, child_id, item),
+                kwargs,
                 producer=producer,
-                task_id=f"{run_id}.{child_id}",
+                task_id=looping.task_id(run_id, child_id, state.iteration),
+                retries=retries,
+                # Routed here, not by task_routes: a pipeline defined after the app was
+                # configured (a script's own) still lands on its stage queue.
+                exchange="",
+                routing_key=stage.queue,
             )
 
 
-def _records(result: Any) -> list[Record]:
-    if result is None:
-        return []
+def _is_records(result: Any) -> bool:
     if isinstance(result, Record):
-        return [result]
-    records = list(result)
-    for record in records:
-        if not isinstance(record, Record):
-            raise TypeError(f"a leaf stage must return Records, got {type(record).__name__}")
-    return records
+        return True
+    return isinstance(result, list | tuple) and bool(result) and all(
+        isinstance(r, Record) for r in result
+    )
 
 
-def execute(task: Task, stage: Stage, run_id: str, item: str, payload: Any) -> str:
-    """Run one item of ``stage``; returns what happened, for the worker log and Flower."""
+def execute(
+    task: Task, stage: Stage, run_id: str, item: str, payload: Any,
+    loop_message: dict[str, Any] | None = None,
+) -> str:
+    """Run one item (one iteration of a looping item) of ``stage``; returns what happened,
+    for the worker log and Flower."""
     ledger = get_ledger()
-    if ledger.is_terminal(run_id, item):
+    state = LoopState.from_message(loop_message)
+    item_state, iteration = ledger.item_progress(run_id, item)
+    if item_state is None:
+        log.warning("%s %s: unknown item (run expired?), dropped", stage.task_name, item)
+        return "unknown"
+    if item_state != "p":
         return "duplicate"
+    if iteration != state.iteration:
+        return "stale iteration"  # the loop has moved on; this is an old copy
     attempt = int(task.request.retries or 0) + 1
-    ctx = StageContext(run_id, item, stage, run_params(run_id), attempt)
-    rows = 0
+    ctx = StageContext(run_id, item, stage, run_params(run_id), attempt, state)
+    rows, value = 0, None
     try:
-        result = stage.fn(ctx, payload)
+        try:
+            result = stage.fn(ctx, payload)
+        except Loop as signal:
+            result = signal
+        if isinstance(result, Loop):
+            return _next_iteration(ledger, ctx, payload, result)
         if stage.maps_to:
             ctx.map(stage.maps_to, list(result or []))
+        elif _is_records(result):
+            records = [result] if isinstance(result, Record) else list(result)
+            rows = get_sink().write(records, run_id)
         else:
-            rows = get_sink().write(_records(result), run_id)
+            value = result
     except INFRA_ERRORS as exc:
         log.warning("%s %s: infrastructure error, requeued: %s", stage.task_name, item, exc)
         raise Reject(str(exc), requeue=True) from exc
     except Exception as exc:
+        if attempt <= stage.retries and not isinstance(exc, LoopLimitExceeded):
+            return _retry(task, ledger, ctx, payload, exc)
         failure = {
             "stage": stage.name,
             "item": payload,
             "error_type": type(exc).__name__,
             "message": str(exc)[:500],
             "attempts": attempt,
+            "iteration": state.iteration,
         }
-        ledger.finish(run_id, stage.name, item, "failed", failure=failure)
+        ledger.finish(run_id, stage.name, item, "failed", failure=failure,
+                      iteration=state.iteration)
         log.info("%s %s failed: %s", stage.task_name, item, exc)
         return "failed"
-    ledger.finish(run_id, stage.name, item, "succeeded", rows=rows)
+    ledger.finish(run_id, stage.name, item, "succeeded", rows=rows, result=value,
+                  iteration=state.iteration)
     return "succeeded"
 
 
+def _next_iteration(ledger: Ledger, ctx: StageContext, payload: Any, signal: Loop) -> str:
+    stage, nxt = ctx.stage, ctx.loop.iteration + 1
+    if nxt > stage.max_iterations:
+        raise LoopLimitExceeded(
+            f"{stage.task_name} looped past max_iterations={stage.max_iterations}"
+        )
+    if ledger.advance_loop(ctx.run_id, stage.name, ctx.item_id, ctx.loop.iteration,
+                           signal.payload):
+        state = LoopState(nxt, signal.payload)
+        looping.schedule(ledger, stage, ctx.run_id, ctx.item_id, payload, state, signal.delay_s)
+    return f"looped to iteration {nxt}"
+
+
+def _retry(task: Task, ledger: Ledger, ctx: StageContext, payload: Any, exc: Exception) -> str:
+    """Run this item (this iteration) again after the stage's retry delay."""
+    stage = ctx.stage
+    delay_s = stage.retry_delay_for(ctx.attempt)
+    ledger.incr(ctx.run_id, stage.name, "retried")
+    log.info("%s %s attempt %d failed (%s), retrying in %.1fs", stage.task_name, ctx.item_id,
+             ctx.attempt, exc, delay_s)
+    if delay_s < get_settings().visibility_timeout_s / 2:
+        # Celery's own retry: Flower shows the RETRY state. Its countdown is an ETA held by
+        # a worker, safe only well inside the visibility timeout.
+        raise task.retry(countdown=delay_s, exc=exc, max_retries=stage.retries)
+    looping.schedule_retry(ledger, stage, ctx.run_id, ctx.item_id, payload, ctx.loop,
+                           delay_s, retries=ctx.attempt)
+    return f"retry {ctx.attempt} scheduled"
+
+
 def make_task(stage: Stage) -> Task:
-    def run_item(self: Task, run_id: str, item_id: str, item: Any) -> str:
-        return execute(self, stage, run_id, item_id, item)
+    def run_item(
+        self: Task, run_id: str, item_id: str, item: Any, loop: dict[str, Any] | None = None
+    ) -> str:
+        return execute(self, stage, run_id, item_id, item, loop)
 
     run_item.__name__ = stage.name
     run_item.__qualname__ = stage.task_name

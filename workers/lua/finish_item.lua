@@ -1,8 +1,9 @@
 -- Move one item to a terminal state, exactly once, and finish the run when it was the last.
 -- KEYS: [1] run hash, [2] counts hash, [3] items hash, [4] failed hash, [5] done list,
---       [6] payloads hash
+--       [6] payloads hash, [7] results hash, [8] loops hash
 -- ARGV: [1] item id, [2] stage, [3] outcome: s succeeded | f failed | c cached | k skipped,
---       [4] sink rows written, [5] failure JSON or '', [6] now (epoch seconds), [7] ttl_s
+--       [4] sink rows written, [5] failure JSON or '', [6] now (epoch seconds), [7] ttl_s,
+--       [8] result JSON or '', [9] the iteration that ended the item (1 unless it looped)
 -- Returns 0 when the item was already terminal (a duplicate delivery), 1 when counted,
 -- 2 when counted and it finished the run.
 local state = redis.call('HGET', KEYS[3], ARGV[1])
@@ -10,6 +11,19 @@ if not state then
   return redis.error_reply('NOITEM item ' .. ARGV[1] .. ' was never registered')
 end
 if state ~= 'p' then return 0 end
+local ttl = tonumber(ARGV[7])
+local iteration = tonumber(ARGV[9])
+if iteration > 0 then
+  -- A stale iteration (the loop already moved past it) must not end the loop.
+  local loop = redis.call('HGET', KEYS[8], ARGV[1])
+  local current = 1
+  if loop then current = cjson.decode(loop)['iteration'] end
+  if current ~= iteration then return 0 end
+  if loop then
+    redis.call('HDEL', KEYS[8], ARGV[1])
+    redis.call('HINCRBY', KEYS[2], ARGV[2] .. ':iterations', 1)
+  end
+end
 local counters = {s = 'succeeded', f = 'failed', c = 'cached', k = 'skipped'}
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('HDEL', KEYS[6], ARGV[1])
@@ -18,7 +32,11 @@ local rows = tonumber(ARGV[4])
 if rows > 0 then redis.call('HINCRBY', KEYS[2], 'rows', rows) end
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[7]))
+  redis.call('EXPIRE', KEYS[4], ttl)
+end
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[7], ARGV[1], ARGV[8])
+  redis.call('EXPIRE', KEYS[7], ttl)
 end
 redis.call('HSET', KEYS[1], 'progress_at', ARGV[6])
 local pending = redis.call('HINCRBY', KEYS[1], 'pending', -1)
@@ -32,6 +50,5 @@ if status == 'running' then
 end
 redis.call('HSET', KEYS[1], 'finished_at', ARGV[6])
 redis.call('RPUSH', KEYS[5], status)
-local ttl = tonumber(ARGV[7])
 for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
 return 2

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from workers.http import request_json
+from workers.looping import Loop
 from workers.pipeline import Pipeline
 from workers.runtime import StageContext
 from workers.settings import ConfigError
@@ -59,19 +60,16 @@ def list_accounts(params: dict[str, Any]) -> list[dict[str, str]]:
 
 
 @demo.stage("accounts", maps_to="services")
-def account(ctx: StageContext, item: dict[str, str]) -> list[dict[str, str]]:
-    """List every service of one account, following the cursor through all pages."""
-    services: list[dict[str, str]] = []
-    query: dict[str, str] = {}
-    while True:
-        page = _get(ctx.params, f"/accounts/{item['account']}/services", **query)
-        services += [
-            {"account": item["account"], "service": s["id"], "metric": s["metric"]}
-            for s in page["services"]
-        ]
-        if not page.get("next_cursor"):
-            return services
-        query = {"cursor": page["next_cursor"]}
+def account(ctx: StageContext, item: dict[str, str]) -> Loop | None:
+    """One page of an account's services per iteration: the page fans out at once, and the
+    cursor loops to the next page. A failed page is retried alone; earlier pages stay done."""
+    query = {"cursor": ctx.loop.payload} if ctx.loop.payload else {}
+    page = _get(ctx.params, f"/accounts/{item['account']}/services", **query)
+    ctx.map("services", [
+        {"account": item["account"], "service": s["id"], "metric": s["metric"]}
+        for s in page["services"]
+    ])
+    return Loop(page["next_cursor"]) if page.get("next_cursor") else None
 
 
 @demo.stage("services", maps_to="metric_day")
@@ -85,3 +83,34 @@ def metric_day(ctx: StageContext, item: dict[str, str]) -> Record:
     data = _get(ctx.params, path, day=item["day"])
     return Record("demo", item["account"], item["service"], data["metric"], item["day"],
                   float(data["value"]))
+
+
+# An async report per account and day: create it, then poll with a delay until it is ready.
+demo_report = Pipeline("demo_report", vendor="demo-report")
+demo_report.params(check_params)
+
+
+@demo_report.roots("accounts")
+def list_report_accounts(params: dict[str, Any]) -> list[dict[str, str]]:
+    return list(list_accounts(params))
+
+
+@demo_report.stage("accounts", maps_to="report")
+def report_days(ctx: StageContext, item: dict[str, str]) -> list[dict[str, str]]:
+    days = metric_days(ctx.params["end_day"], ctx.params["days"])
+    return [{"account": item["account"], "day": day} for day in days]
+
+
+@demo_report.stage("report")
+def report(ctx: StageContext, item: dict[str, str]) -> Loop | list[Record]:
+    """Iteration 1 creates the report; later ones poll it until it is ready."""
+    base, delay_s = ctx.params["vendor_url"], float(ctx.params.get("poll_delay_s", 0.5))
+    retries = ctx.params["http_retries"]
+    if ctx.loop.payload is None:
+        created = request_json("POST", f"{base}/reports", json=item, retries=retries)
+        return Loop(created["report_id"], delay_s=delay_s)
+    polled = request_json("GET", f"{base}/reports/{ctx.loop.payload}", retries=retries)
+    if polled["status"] != "ready":
+        return Loop(ctx.loop.payload, delay_s=delay_s)
+    return [Record("demo-report", item["account"], row["service"], row["metric"], item["day"],
+                   float(row["value"])) for row in polled["rows"]]
