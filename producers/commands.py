@@ -6,19 +6,18 @@ import argparse
 import json
 import os
 import sys
-from contextlib import ExitStack
 from typing import Any
 
 from rich.console import Console
 
 from producers import processes
+from producers.local import local_system
 from producers.report import exit_code, summary_table, wait_for_run
 from producers.trigger import start_run
 from workers.connections import check_reachable, resolve_redis_url
 from workers.ledger import RunSnapshot
 from workers.pipeline import get_pipeline
 from workers.runtime import get_ledger
-from workers.settings import get_settings
 
 
 def _connect() -> str:
@@ -50,26 +49,15 @@ def _finish(snap: RunSnapshot, *, as_json: bool, console: Console) -> int:
 def demo(args: argparse.Namespace) -> int:
     """Embedded Redis + the demo vendor + one worker + one run, with progress and a summary."""
     console = Console(stderr=args.json)
-    redis_url = _connect()
-    settings = get_settings()
     vendor_options = [
         "--accounts", str(args.accounts), "--services", str(args.services),
         "--latency-ms", str(args.latency_ms), "--error-rate", str(args.error_rate),
     ]
-    with ExitStack() as stack:
-        vendor = processes.start_vendor(vendor_options)
-        stack.callback(vendor.stop)
-        settings.home.mkdir(parents=True, exist_ok=True)
-        worker = processes.start_worker(
-            {"FANOUT_REDIS_URL": redis_url, "FANOUT_SINK_URL": settings.sink_url},
-            concurrency=args.concurrency or processes.DEFAULT_CONCURRENCY,
-            name=f"demo-{os.getpid()}@%h",
-            log_path=str(settings.home / "demo-worker.log"),
-        )
-        stack.callback(processes.stop_process, worker)
-        console.print(f"demo vendor at {vendor.url} · Redis at {redis_url} · "
-                      f"sink {settings.sink_url}")
-        params = {"days": args.days, "vendor_url": vendor.url}
+    concurrency = args.concurrency or processes.DEFAULT_CONCURRENCY
+    with local_system(vendor_options=vendor_options, concurrency=concurrency) as system:
+        console.print(f"demo vendor at {system.vendor_url} · Redis at {system.redis_url} · "
+                      f"sink {system.sink_url}")
+        params = {"days": args.days, "vendor_url": system.vendor_url}
         run_id = start_run("demo", params)
         console.print(f"run {run_id}: {args.accounts} accounts x {args.services} services x "
                       f"{args.days} days = {args.accounts * args.services * args.days} metric-days")

@@ -84,7 +84,9 @@ def test_nested_fan_out_follows_every_page(
     assert summary["stages"]["services"]["enqueued"] == 3 * 45
     assert summary["stages"]["metric_day"]["succeeded"] == 3 * 45 * 2
     assert len(sink_rows(sink_path)) == 270
-    # 45 services at 20 a page: 3 pages per account, each fetched once.
+    # 45 services at 20 a page: 3 pages per account, one loop iteration each, fetched once.
+    assert summary["stages"]["accounts"]["iterations"] == 9
+    assert summary["stages"]["accounts"]["succeeded"] == 3
     assert vendor.stats()["by_endpoint"]["services"] == 9
 
 

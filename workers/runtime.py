@@ -120,8 +120,7 @@ def publish(
                 retries=retries,
                 # Routed here, not by task_routes: a pipeline defined after the app was
                 # configured (a script's own) still lands on its stage queue.
-                exchange="",
-                routing_key=stage.queue,
+                queue=stage.queue,
             )
 
 
