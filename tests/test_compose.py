@@ -1,0 +1,140 @@
+"""compose.yaml: well-formed, and each service's command runs natively (Docker cannot run
+here), with the test Redis in place of the redis service and free ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from conftest import wait_for
+
+from workers.embedded_redis import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+SERVICES: dict[str, Any] = COMPOSE["services"]
+
+
+def test_compose_file_is_well_formed() -> None:
+    assert set(SERVICES) == {"redis", "vendor", "worker", "flower", "producer"}
+    for name, service in SERVICES.items():
+        assert "image" in service or "build" in service, name
+        command = service["command"]
+        assert isinstance(command, list) and all(isinstance(a, str) for a in command), name
+        for dependency in service.get("depends_on", {}):
+            assert dependency in SERVICES, (name, dependency)
+        for mapping in service.get("ports", []):
+            host, container = mapping.split(":")
+            assert int(host) > 0 and int(container) > 0
+        for volume in service.get("volumes", []):
+            assert volume.split(":")[0] in COMPOSE["volumes"], (name, volume)
+        if name != "redis":
+            assert command[0] == "fanout", name
+            assert service["environment"]["FANOUT_REDIS_URL"] == "redis://redis:6379/0"
+    redis_command = SERVICES["redis"]["command"]
+    assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
+    assert redis_command[redis_command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert (ROOT / SERVICES["worker"]["build"] / "Dockerfile").exists()
+
+
+def native(service: str, **option_values: str) -> list[str]:
+    """The service's command as run here: `fanout` from this checkout, options replaced."""
+    command = list(SERVICES[service]["command"])
+    for option, value in option_values.items():
+        flag = "--" + option.replace("_", "-")
+        command[command.index(flag) + 1] = value
+    return [sys.executable, "-m", "producers.cli", *command[1:]]
+
+
+@pytest.fixture
+def compose_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(SERVICES["worker"]["environment"])
+    env.update({"FANOUT_REDIS_URL": redis_url, "FANOUT_HOME": str(tmp_path / "data"),
+                "FANOUT_SINK_URL": f"sqlite:///{tmp_path / 'data' / 'fanout.db'}"})
+    return env
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[str]]]:
+    processes: list[subprocess.Popen[str]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_compose_service_commands_run_natively(
+    compose_env: dict[str, str], started: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    def start(command: list[str], env: dict[str, str], log: str) -> subprocess.Popen[str]:
+        out = open(tmp_path / log, "w")  # noqa: SIM115 (closed with the process)
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   text=True, start_new_session=True)
+        started.append(process)
+        return process
+
+    vendor_port = free_port()
+    start(native("vendor", host="127.0.0.1", port=str(vendor_port)), compose_env, "vendor.log")
+    vendor_url = f"http://127.0.0.1:{vendor_port}"
+
+    def vendor_up() -> bool:
+        try:
+            return httpx.get(f"{vendor_url}/accounts").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(vendor_up, what="the vendor service")
+    assert len(httpx.get(f"{vendor_url}/accounts").json()["accounts"]) == 10
+
+    start(native("worker"), compose_env, "worker.log")
+    wait_for(lambda: " ready." in (tmp_path / "worker.log").read_text(), what="the worker")
+
+    flower_port = free_port()
+    flower_env = {**compose_env, "FLOWER_BASIC_AUTH": "admin:s3cret"}
+    start(native("flower", port=str(flower_port)), flower_env, "flower.log")
+    metrics = f"http://127.0.0.1:{flower_port}/metrics"
+
+    def flower_up() -> bool:
+        try:
+            return httpx.get(metrics, auth=("admin", "s3cret")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(flower_up, timeout_s=60, what="Flower")
+    # Basic auth from the environment guards the UI; Prometheus scrapes /metrics.
+    dashboard = f"http://127.0.0.1:{flower_port}/workers"
+    assert httpx.get(dashboard).status_code == 401
+    assert httpx.get(dashboard, auth=("admin", "s3cret")).status_code == 200
+    assert "flower_" in httpx.get(metrics).text
+
+    producer_env = {**compose_env, "FANOUT_DEMO_VENDOR_URL": vendor_url}
+    producer = subprocess.run([*native("producer", days="2"), "--json"], env=producer_env,
+                              capture_output=True, text=True, timeout=300)
+    assert producer.returncode == 0, producer.stderr
+    summary = json.loads(producer.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "succeeded"
+    assert summary["rows_written"] == 10 * 50 * 2
+
+
+@pytest.mark.skipif(
+    subprocess.run(["sh", "-c", "command -v docker-compose"], capture_output=True).returncode,
+    reason="docker-compose (Debian's package) is not installed",
+)
+def test_docker_compose_accepts_the_file() -> None:
+    result = subprocess.run(["docker-compose", "-f", str(ROOT / "compose.yaml"), "config", "-q"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
