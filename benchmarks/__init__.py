@@ -1,0 +1,1 @@
+"""Benchmarks of fanout against baselines on the same machine, in the same run: see README."""

@@ -1,0 +1,37 @@
+"""The Dramatiq baseline: the same three-stage shape on Dramatiq's RedisBroker (same Redis).
+
+Worker: ``python -m dramatiq benchmarks.dramatiq_baseline --processes P --threads T``.
+Stock middleware; ``max_retries=0`` so a failure shows at once instead of being retried for
+minutes (the driver refuses to report a number when anything failed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+
+from benchmarks import baseline_common as common
+
+QUEUE = "bench_dramatiq"
+
+broker = RedisBroker(url=os.environ.get("FANOUT_REDIS_URL", "redis://127.0.0.1:6379/0"))
+dramatiq.set_broker(broker)
+
+
+@dramatiq.actor(queue_name=QUEUE, max_retries=0)
+def account(tag: str, vendor_url: str, account_id: str, end_day: str, days: int) -> None:
+    for item in common.list_services(vendor_url, account_id):
+        service.send(tag, vendor_url, item, end_day, days)
+
+
+@dramatiq.actor(queue_name=QUEUE, max_retries=0)
+def service(tag: str, vendor_url: str, item: dict[str, str], end_day: str, days: int) -> None:
+    for day in common.metric_days(end_day, days):
+        metric_day.send(tag, vendor_url, {**item, "day": day})
+
+
+@dramatiq.actor(queue_name=QUEUE, max_retries=0)
+def metric_day(tag: str, vendor_url: str, item: dict[str, str]) -> None:
+    common.harvest_leaf(tag, vendor_url, item)
