@@ -9,7 +9,8 @@ from typing import Any
 
 from workers.ledger import item_id
 from workers.pipeline import get_pipeline
-from workers.runtime import get_ledger, publish
+from workers.publish import publish
+from workers.runtime import get_ledger
 from workers.settings import ConfigError
 
 

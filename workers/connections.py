@@ -49,6 +49,13 @@ def _client_for(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
 
 
+def broker_redis(broker_url: str) -> redis.Redis | None:
+    """A client for the broker when it is Redis (fanout then publishes to it directly)."""
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return None
+    return _client_for(broker_url)
+
+
 def get_redis() -> redis.Redis:
     """The process-wide Redis client for the ledger (strings in, strings out)."""
     return _client_for(resolve_redis_url())

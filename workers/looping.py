@@ -95,7 +95,7 @@ def schedule_retry(
     delay_s: float, *, retries: int,
 ) -> None:
     """Enqueue (iteration ``state`` of) an item after ``delay_s``, as attempt ``retries + 1``."""
-    from workers.runtime import publish
+    from workers.publish import publish
 
     if delay_s <= 0:
         publish(stage, run_id, [(item_id, item)], loop=state, retries=retries)
@@ -123,7 +123,7 @@ def delayed_items(ledger: Ledger, run_id: str) -> set[str]:
 def move_due(ledger: Ledger, now: float | None = None) -> int:
     """Publish the delayed iterations that are due. Returns how many."""
     from workers.pipeline import find_stage
-    from workers.runtime import publish
+    from workers.publish import publish
 
     now = time.time() if now is None else now
     due = _pop_due_script(ledger.redis)(keys=[keys.DELAYED], args=[now, _MOVER_BATCH])

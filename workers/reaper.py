@@ -46,7 +46,7 @@ def in_flight_items(ledger: Ledger, run_id: str, queues: Iterable[str]) -> set[s
 def sweep(ledger: Ledger, stall_s: float, now: float | None = None) -> int:
     """Republish the lost items of every run stalled for ``stall_s``. Returns how many."""
     from workers.pipeline import get_pipeline
-    from workers.runtime import publish
+    from workers.publish import publish
 
     now = time.time() if now is None else now
     republished = 0

@@ -30,6 +30,7 @@ from workers.connections import get_redis
 from workers.ledger import Ledger, item_id
 from workers.looping import Loop, LoopLimitExceeded, LoopState
 from workers.pipeline import Stage
+from workers.publish import publish
 from workers.settings import get_settings
 from workers.sinks import Record, get_sink
 
@@ -37,7 +38,6 @@ log = logging.getLogger("fanout")
 
 # Errors of fanout's own infrastructure: the item did not fail, the message goes back.
 INFRA_ERRORS = (redis.RedisError, OperationalError)
-_PUBLISH_BATCH_COMMANDS = 2000
 
 
 @functools.cache
@@ -95,33 +95,6 @@ def publish_children(stage: Stage, run_id: str, parent_id: str, items: Sequence[
     get_ledger().register(run_id, stage.name, entries)
     publish(stage, run_id, entries)
     return len(entries)
-
-
-def publish(
-    stage: Stage,
-    run_id: str,
-    entries: Sequence[tuple[str, Any]],
-    *,
-    loop: LoopState | None = None,
-    retries: int = 0,
-) -> None:
-    """Publish already-registered items: one Redis pipeline per batch, not a round trip each."""
-    task = stage.task
-    assert task is not None
-    state = loop or LoopState()
-    kwargs = {"loop": state.as_message()} if state.iteration > 1 else {}
-    with app.producer_or_acquire() as producer, producer.batch(max_size=_PUBLISH_BATCH_COMMANDS):
-        for child_id, item in entries:
-            task.apply_async(
-                (run_id, child_id, item),
-                kwargs,
-                producer=producer,
-                task_id=looping.task_id(run_id, child_id, state.iteration),
-                retries=retries,
-                # Routed here, not by task_routes: a pipeline defined after the app was
-                # configured (a script's own) still lands on its stage queue.
-                queue=stage.queue,
-            )
 
 
 def _is_records(result: Any) -> bool:
