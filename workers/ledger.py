@@ -31,10 +31,21 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
+class RawJSON(str):
+    """Text that is already (canonical) JSON: a fan-out serializes each child once and uses
+    the text for its id, its ledger payload and its message."""
+
+    __slots__ = ()
+
+
+def to_json(value: Any) -> str:
+    return value if isinstance(value, RawJSON) else canonical_json(value)
+
+
 def item_id(stage: str, parent_id: str, index: int, args: Any) -> str:
     """Deterministic id of one item: the same child of the same parent always gets the same id."""
     digest = hashlib.blake2b(
-        f"{parent_id}|{stage}|{index}|{canonical_json(args)}".encode(), digest_size=8
+        f"{parent_id}|{stage}|{index}|{to_json(args)}".encode(), digest_size=8
     ).hexdigest()
     return f"{stage}:{digest}"
 
@@ -42,7 +53,7 @@ def item_id(stage: str, parent_id: str, index: int, args: Any) -> str:
 def _pairs(entries: Sequence[tuple[str, Any]]) -> list[str]:
     flat: list[str] = []
     for entry_id, payload in entries:
-        flat += [entry_id, canonical_json(payload)]
+        flat += [entry_id, to_json(payload)]
     return flat
 
 

@@ -27,7 +27,7 @@ from kombu.exceptions import OperationalError
 from workers import looping
 from workers.app import app
 from workers.connections import get_redis
-from workers.ledger import Ledger, item_id
+from workers.ledger import Ledger, RawJSON, canonical_json, item_id
 from workers.looping import Loop, LoopLimitExceeded, LoopState
 from workers.pipeline import Stage
 from workers.publish import publish
@@ -89,7 +89,8 @@ class StageContext:
 
 def publish_children(stage: Stage, run_id: str, parent_id: str, items: Sequence[Any]) -> int:
     """Register the children in the ledger, then publish them in bulk. Returns the count."""
-    entries = [(item_id(stage.name, parent_id, i, item), item) for i, item in enumerate(items)]
+    texts = [RawJSON(canonical_json(item)) for item in items]
+    entries = [(item_id(stage.name, parent_id, i, text), text) for i, text in enumerate(texts)]
     if not entries:
         return 0
     get_ledger().register(run_id, stage.name, entries)
