@@ -189,8 +189,9 @@ def _verify(checks: dict[str, Any], wants: dict[str, tuple[Any, Any]]) -> None:
 class FanoutHarness:
     name = "fanout"
 
-    def __init__(self) -> None:
+    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
         self.names: list[str] = []
+        self.extra_env = extra_env or {}
 
     def start(
         self, env: BenchEnv, config: WorkerConfig, suite_dir: Path
@@ -202,7 +203,8 @@ class FanoutHarness:
         return [
             env.track(
                 start_worker(
-                    env.worker_env(suite_dir), pool=config.pool, concurrency=config.concurrency,
+                    {**env.worker_env(suite_dir), **self.extra_env},
+                    pool=config.pool, concurrency=config.concurrency,
                     name=f"{name}@%h", log_path=str(suite_dir / f"{name}.log"),
                 )
             )

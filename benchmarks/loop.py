@@ -1,22 +1,61 @@
-"""Loop overhead — STUB, not wired up yet.
+"""Loop overhead: iterations per second of looping items at 0 ms vendor latency.
 
-Looping (issue 3) is not merged: while ``workers.looping`` does not import, this suite is
-skipped with that reason. If it imports, the suite is still skipped (to be wired up by hand).
+Every iteration is its own message (delivery, ledger advance in Lua, one vendor call,
+publish of the next iteration), so this is the per-iteration cost of fanout's looping.
 """
 
 from __future__ import annotations
 
-import importlib
+import time
+from typing import Any
 
-from benchmarks.core import Context, SuiteResult
+from benchmarks.core import BenchmarkError, Context, SuiteResult, Table
 
 
 def loop(ctx: Context) -> SuiteResult:
+    import benchmarks.loop_pipeline  # noqa: F401  (registers the pipeline here too)
+    from benchmarks.harvest import FanoutHarness, WorkerConfig
+    from producers.processes import default_processes
+    from producers.trigger import start_run
+    from workers.runtime import get_ledger
+
+    items, iterations = (20, 25) if ctx.quick else (50, 100)
+    config = WorkerConfig(processes=default_processes(), pool="threads", concurrency=64)
+    env = ctx.env
+    env.flush()
+    vendor = env.vendor_handle
+    vendor.configure(latency_ms=0)
+    suite_dir = env.suite_dir("loop")
+    harness = FanoutHarness({"FANOUT_PIPELINES": "benchmarks.loop_pipeline"})
+    procs = harness.start(env, config, suite_dir)
     try:
-        importlib.import_module("workers.looping")
-    except ImportError:
-        return SuiteResult("loop", status="skipped", reason="looping (issue 3) not merged yet")
-    return SuiteResult(
-        "loop", status="skipped",
-        reason="workers.looping imports, but this suite is not wired up yet (stub)",
-    )
+        harness.wait_ready(procs, suite_dir, 60)
+        vendor.reset()
+        started = time.perf_counter()
+        run_id = start_run("benchloop", {"vendor_url": vendor.url}, roots=[iterations] * items,
+                           root_stage="count")
+        status = get_ledger().wait(run_id, 600)
+        wall_s = time.perf_counter() - started
+    finally:
+        env.stop_processes(procs)
+        vendor.configure(latency_ms=env.latency_ms)
+    snap = get_ledger().snapshot(run_id)
+    total = items * iterations
+    calls = vendor.stats()["by_endpoint"]["fib"]
+    if status != "succeeded" or snap is None or snap.stages["count"].get("iterations") != total:
+        raise BenchmarkError(f"loop run {run_id} ended {status}: {snap and snap.stages}")
+    if calls != total:
+        raise BenchmarkError(f"the vendor saw {calls} calls for {total} iterations")
+    per_s = total / wall_s
+    figures: dict[str, Any] = {"iterations_per_s": round(per_s, 1), "wall_s": round(wall_s, 3),
+                               "items": items, "iterations_each": iterations}
+    table = Table("Loop overhead (0 ms vendor latency)", ["what", "value"], [
+        ["looping items x iterations", f"{items} x {iterations} = {total:,}"],
+        ["workers", f"{config.processes} proc x threads {config.concurrency}"],
+        ["iterations/s", f"{per_s:,.0f}"],
+        ["wall s", f"{wall_s:.2f}"],
+    ])
+    return SuiteResult("loop", settings={"items": items, "iterations": iterations,
+                                         "processes": config.processes,
+                                         "concurrency": config.concurrency},
+                       figures=figures, tables=[table])

@@ -68,7 +68,10 @@ def build_parser() -> Parser:
     demo.add_argument("--days", type=_positive_int, default=7)
     demo.add_argument("--latency-ms", type=_non_negative_float, default=20.0)
     demo.add_argument("--error-rate", type=_rate, default=0.0)
-    demo.add_argument("--concurrency", type=_positive_int, default=None)
+    demo.add_argument("--processes", type=_positive_int, default=None,
+                      help="worker processes (default: one per core)")
+    demo.add_argument("--concurrency", type=_positive_int, default=None,
+                      help="threads per worker process")
     demo.add_argument("--json", action="store_true", help="print the JSON summary last")
 
     run = sub.add_parser("run", help="trigger one run of a pipeline")
@@ -91,7 +94,10 @@ def build_parser() -> Parser:
     failures.add_argument("--json", action="store_true")
 
     worker = sub.add_parser("worker", help="start a worker (celery worker with fanout defaults)")
-    worker.add_argument("--concurrency", type=_positive_int, default=None)
+    worker.add_argument("--processes", type=_positive_int, default=None,
+                        help="worker processes (default: one per core)")
+    worker.add_argument("--concurrency", type=_positive_int, default=None,
+                        help="threads (or children) per process")
     worker.add_argument("--pool", default=None, choices=["threads", "prefork", "solo"])
     worker.add_argument("--queues", default=None, help="comma-separated stage queues")
     worker.add_argument("--loglevel", default="INFO")
@@ -169,17 +175,21 @@ def _broker_env() -> dict[str, str]:
     return {**os.environ, "FANOUT_REDIS_URL": url}
 
 
-def _worker(args: argparse.Namespace) -> NoReturn:
-    from producers.processes import DEFAULT_CONCURRENCY, DEFAULT_POOL, worker_command
+def _worker(args: argparse.Namespace) -> int:
+    from producers import processes
 
     env = _broker_env()
-    cmd = worker_command(
-        pool=args.pool or DEFAULT_POOL,
-        concurrency=args.concurrency or DEFAULT_CONCURRENCY,
-        queues=args.queues.split(",") if args.queues else (),
-        loglevel=args.loglevel,
-    )
-    os.execvpe(cmd[0], cmd, env)  # the worker replaces this process: signals go to Celery
+    options = {
+        "pool": args.pool or processes.DEFAULT_POOL,
+        "concurrency": args.concurrency or processes.DEFAULT_CONCURRENCY,
+        "queues": args.queues.split(",") if args.queues else (),
+        "loglevel": args.loglevel,
+    }
+    count = args.processes or processes.default_processes()
+    if count == 1:
+        cmd = processes.worker_command(**options)
+        os.execvpe(cmd[0], cmd, env)  # the worker replaces this process: signals go to Celery
+    return processes.supervise_workers(count, env, options)
 
 
 def _flower(args: argparse.Namespace) -> int:

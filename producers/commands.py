@@ -54,7 +54,8 @@ def demo(args: argparse.Namespace) -> int:
         "--latency-ms", str(args.latency_ms), "--error-rate", str(args.error_rate),
     ]
     concurrency = args.concurrency or processes.DEFAULT_CONCURRENCY
-    with local_system(vendor_options=vendor_options, concurrency=concurrency) as system:
+    with local_system(vendor_options=vendor_options, concurrency=concurrency,
+                      worker_processes=args.processes) as system:
         console.print(f"demo vendor at {system.vendor_url} · Redis at {system.redis_url} · "
                       f"sink {system.sink_url}")
         params = {"days": args.days, "vendor_url": system.vendor_url}

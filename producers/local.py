@@ -27,6 +27,7 @@ def local_system(
     pipelines: Sequence[str] = (),
     pythonpath: Sequence[str] = (),
     concurrency: int = processes.DEFAULT_CONCURRENCY,
+    worker_processes: int | None = None,
 ) -> Iterator[LocalSystem]:
     """Start the vendor and a worker that also imports ``pipelines`` (modules found on
     ``pythonpath``); stop both on exit. The embedded Redis keeps running (``fanout down``)."""
@@ -43,11 +44,12 @@ def local_system(
     with ExitStack() as stack:
         vendor = processes.start_vendor(vendor_options)
         stack.callback(vendor.stop)
-        worker = processes.start_worker(
-            env,
-            concurrency=concurrency,
-            name=f"local-{os.getpid()}@%h",
-            log_path=str(settings.home / "worker.log"),
-        )
-        stack.callback(processes.stop_process, worker)
+        for n in range(1, (worker_processes or processes.default_processes()) + 1):
+            worker = processes.start_worker(
+                env,
+                concurrency=concurrency,
+                name=f"local{n}-{os.getpid()}@%h",
+                log_path=str(settings.home / "worker.log"),
+            )
+            stack.callback(processes.stop_process, worker)
         yield LocalSystem(redis_url, vendor.url, settings.sink_url)

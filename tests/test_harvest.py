@@ -195,3 +195,27 @@ def test_vendor_5xx_fails_only_those_items(
         assert failure["attempts"] == 1
     # No retries configured: every faulty metric-day was asked for exactly once.
     assert vendor.stats()["status"]["500"] == len(faulty)
+
+
+def test_claimed_batch_of_a_dead_worker_goes_back_on_the_queue(
+    vendor: VendorHandle, start_worker: WorkerFactory, redis_client: redis.Redis,
+    sink_path: Path,
+) -> None:
+    """A worker that claimed leaf messages for a batch and died never released them: the
+    reaper puts them back after the visibility timeout, and nothing is lost or doubled."""
+    from workers import claiming
+
+    leaf_queue = queue_name("demo", "metric_day")
+    start_worker(queues=[queue_name("demo", "accounts"), queue_name("demo", "services")])
+    run_id = run_demo(vendor, days=4)
+    wait_for(lambda: redis_client.llen(leaf_queue) == 24, what="24 leaf messages queued")
+    taken = claiming.claim(redis_client, leaf_queue, 10, ttl_s=600)  # ... and "dies"
+    assert len(taken) == 10 and redis_client.llen(leaf_queue) == 14
+
+    start_worker({"FANOUT_VISIBILITY_TIMEOUT_S": "2"}, queues=[leaf_queue])
+    summary = finish(run_id)
+    assert summary["status"] == "succeeded"
+    assert summary["stages"]["metric_day"]["succeeded"] == 24
+    assert [r[:6] for r in sink_rows(sink_path)] == expected_rows(2, 3, 4)
+    assert redis_client.zcard(f"fanout:claimed:{leaf_queue}") == 0
+    assert vendor.stats()["by_endpoint"]["metrics"] == 24

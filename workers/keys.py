@@ -23,6 +23,8 @@ Run ledger, for run R:
                             a mover in every worker publishes what is due
 
 Queues (kombu's own keys): one list per stage queue, named ``fanout.PIPELINE.STAGE``.
+- ``fanout:claimed:QUEUE``  sorted set: messages of QUEUE a worker claimed to run in a batch
+                            -> claim time (``claiming.py``); put back if never released
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ def run_keys(run_id: str) -> list[str]:
         run(run_id), run_counts(run_id), run_items(run_id), run_failed(run_id), run_done(run_id),
         run_payloads(run_id), run_results(run_id), run_loops(run_id), run_roots(run_id),
     ]
+
+
+def claimed(queue: str) -> str:
+    return f"{PREFIX}:claimed:{queue}"
 
 
 def queue_name(pipeline: str, stage: str) -> str:

@@ -167,6 +167,35 @@ class Ledger:
             )
         )
 
+    def finish_many(self, successes: Sequence[tuple[str, str, str, int, Any, int]]) -> None:
+        """Move many items to succeeded in one round trip: (run, stage, item, rows, result,
+        iteration) each, with the same exactly-once script as ``finish``."""
+        if not successes:
+            return
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id, stage, item, rows, result, iteration in successes:
+            self._finish(
+                keys=keys.run_keys(run_id)[:8],
+                args=[item, stage, "s", rows, "", now, self.ttl_s,
+                      "" if result is None else canonical_json(result), iteration],
+                client=pipe,
+            )
+        pipe.execute()
+
+    def progress_many(self, items: Sequence[tuple[str, str]]) -> list[tuple[str | None, int]]:
+        """``item_progress`` of many (run id, item id) in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id, item in items:
+            pipe.hget(keys.run_items(run_id), item)
+            pipe.hget(keys.run_loops(run_id), item)
+        replies = pipe.execute()
+        progress = []
+        for state, loop in zip(replies[::2], replies[1::2], strict=True):
+            iteration = int(json.loads(loop)["iteration"]) if loop else 1
+            progress.append((None if state is None else str(state), iteration))
+        return progress
+
     def advance_loop(
         self, run_id: str, stage: str, item: str, iteration: int, payload: Any
     ) -> bool:

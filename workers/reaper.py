@@ -20,7 +20,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from workers import keys, looping
+import redis
+
+from workers import claiming, keys, looping
 from workers.ledger import Ledger
 
 log = logging.getLogger("fanout.reaper")
@@ -33,11 +35,15 @@ def _task_id(envelope: dict[str, Any]) -> str:
     return str(envelope.get("headers", {}).get("id", ""))
 
 
-def in_flight_items(ledger: Ledger, run_id: str, queues: Iterable[str]) -> set[str]:
-    """Item ids of ``run_id`` that have a message on a queue, unacked somewhere, or waiting
-    in the delayed set."""
-    client = ledger.redis
-    task_ids = [_task_id(json.loads(raw)) for q in queues for raw in client.lrange(q, 0, -1)]
+def in_flight_items(
+    ledger: Ledger, broker: redis.Redis, run_id: str, queues: Iterable[str]
+) -> set[str]:
+    """Item ids of ``run_id`` that have a message on a queue, claimed or unacked somewhere,
+    or waiting in the delayed set."""
+    client = broker
+    queued = [raw for q in queues for raw in client.lrange(q, 0, -1)]
+    queued += [raw for q in queues for raw in claiming.claimed_messages(client, q)]
+    task_ids = [_task_id(json.loads(raw)) for raw in queued]
     task_ids += [_task_id(json.loads(raw)[0]) for raw in client.hvals(KOMBU_UNACKED)]
     found = {looping.item_of_task_id(t)[1] for t in task_ids if t.startswith(f"{run_id}.")}
     return found | looping.delayed_items(ledger, run_id)
@@ -48,7 +54,11 @@ def sweep(ledger: Ledger, stall_s: float, now: float | None = None) -> int:
     from workers.pipeline import get_pipeline
     from workers.publish import publish
 
+    broker = claiming.broker_client()
+    if broker is None:
+        return 0  # not a Redis broker: no pop-before-unacked gap, and no queue to scan
     now = time.time() if now is None else now
+    restore_claimed(broker, now - stall_s)
     republished = 0
     for run_id, pipeline_name, progress_at in ledger.running_runs():
         if now - progress_at < stall_s:
@@ -57,7 +67,7 @@ def sweep(ledger: Ledger, stall_s: float, now: float | None = None) -> int:
         loops = ledger.loop_states(run_id)
         pipeline = get_pipeline(pipeline_name)
         queues = [stage.queue for stage in pipeline.stages.values()]
-        flying = in_flight_items(ledger, run_id, queues)
+        flying = in_flight_items(ledger, broker, run_id, queues)
         lost: dict[str, list[tuple[str, Any]]] = defaultdict(list)
         for item, payload in pending.items():
             if item not in flying:
@@ -71,6 +81,20 @@ def sweep(ledger: Ledger, stall_s: float, now: float | None = None) -> int:
             republished += len(entries)
         ledger.touch(run_id)
     return republished
+
+
+def restore_claimed(broker: redis.Redis, claimed_before: float) -> int:
+    """Put back batch-claimed messages whose worker died before releasing them."""
+    from workers.pipeline import all_pipelines
+
+    restored = 0
+    for pipeline in all_pipelines():
+        for stage in pipeline.stages.values():
+            if stage.batch > 1:
+                restored += claiming.restore(broker, stage.queue, claimed_before)
+    if restored:
+        log.warning("put %d claimed messages back on their queues", restored)
+    return restored
 
 
 def _loop(interval_s: float, stall_s: float) -> None:

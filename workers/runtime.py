@@ -24,7 +24,7 @@ from celery import Task
 from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 
-from workers import looping
+from workers import claiming, looping
 from workers.app import app
 from workers.connections import get_redis
 from workers.ledger import Ledger, RawJSON, canonical_json, item_id
@@ -98,6 +98,26 @@ def publish_children(stage: Stage, run_id: str, parent_id: str, items: Sequence[
     return len(entries)
 
 
+def record_successes(successes: Sequence[Success]) -> None:
+    """Write the records of deferred successes (one sink commit per run), then move the items
+    to succeeded in one ledger round trip. Records first: a counted item has its rows."""
+    by_run: dict[str, list[Success]] = {}
+    for success in successes:
+        by_run.setdefault(success.run_id, []).append(success)
+    sink = get_sink()
+    for run_id, group in by_run.items():
+        sink.write([r for s in group for r in s.records], run_id)
+    get_ledger().finish_many([
+        (s.run_id, s.stage, s.item_id, len(s.records), s.value, s.iteration) for s in successes
+    ])
+
+
+def _as_records(result: Any) -> list[Record]:
+    if not _is_records(result):
+        return []
+    return [result] if isinstance(result, Record) else list(result)
+
+
 def _is_records(result: Any) -> bool:
     if isinstance(result, Record):
         return True
@@ -110,11 +130,39 @@ def execute(
     task: Task, stage: Stage, run_id: str, item: str, payload: Any,
     loop_message: dict[str, Any] | None = None,
 ) -> str:
-    """Run one item (one iteration of a looping item) of ``stage``; returns what happened,
-    for the worker log and Flower."""
+    """The Celery task body: run this message's item, then (``batch`` stages) a batch of
+    claimed ones. Returns what happened, for the worker log and Flower."""
+    attempt = int(task.request.retries or 0) + 1
+    outcome = run_item(stage, run_id, item, payload, loop_message, attempt, task)
+    return outcome + claiming.run_claimed(stage)
+
+
+@dataclass
+class Success:
+    """A leaf item done but not yet recorded: a batch writes its records and moves its items
+    to succeeded together (one sink commit, one round trip to the ledger)."""
+
+    run_id: str
+    stage: str
+    item_id: str
+    records: list[Record]
+    value: Any
+    iteration: int
+
+
+def run_item(
+    stage: Stage, run_id: str, item: str, payload: Any, loop_message: dict[str, Any] | None,
+    attempt: int, task: Task | None = None, *,
+    progress: tuple[str | None, int] | None = None,
+    deferred: list[Success] | None = None,
+) -> str:
+    """Run one item (one iteration of a looping item) of ``stage``; returns what happened.
+
+    ``progress``: the item's ledger state if the caller already read it. ``deferred``: where
+    to put a plain success instead of recording it (``record_successes`` does it later)."""
     ledger = get_ledger()
     state = LoopState.from_message(loop_message)
-    item_state, iteration = ledger.item_progress(run_id, item)
+    item_state, iteration = progress or ledger.item_progress(run_id, item)
     if item_state is None:
         log.warning("%s %s: unknown item (run expired?), dropped", stage.task_name, item)
         return "unknown"
@@ -122,7 +170,6 @@ def execute(
         return "duplicate"
     if iteration != state.iteration:
         return "stale iteration"  # the loop has moved on; this is an old copy
-    attempt = int(task.request.retries or 0) + 1
     ctx = StageContext(run_id, item, stage, run_params(run_id), attempt, state)
     rows, value = 0, None
     try:
@@ -134,9 +181,13 @@ def execute(
             return _next_iteration(ledger, ctx, payload, result)
         if stage.maps_to:
             ctx.map(stage.maps_to, list(result or []))
+        elif deferred is not None:
+            records = _as_records(result)
+            value = None if records else result
+            deferred.append(Success(run_id, stage.name, item, records, value, state.iteration))
+            return "succeeded"
         elif _is_records(result):
-            records = [result] if isinstance(result, Record) else list(result)
-            rows = get_sink().write(records, run_id)
+            rows = get_sink().write(_as_records(result), run_id)
         else:
             value = result
     except INFRA_ERRORS as exc:
@@ -175,14 +226,16 @@ def _next_iteration(ledger: Ledger, ctx: StageContext, payload: Any, signal: Loo
     return f"looped to iteration {nxt}"
 
 
-def _retry(task: Task, ledger: Ledger, ctx: StageContext, payload: Any, exc: Exception) -> str:
+def _retry(
+    task: Task | None, ledger: Ledger, ctx: StageContext, payload: Any, exc: Exception
+) -> str:
     """Run this item (this iteration) again after the stage's retry delay."""
     stage = ctx.stage
     delay_s = stage.retry_delay_for(ctx.attempt)
     ledger.incr(ctx.run_id, stage.name, "retried")
     log.info("%s %s attempt %d failed (%s), retrying in %.1fs", stage.task_name, ctx.item_id,
              ctx.attempt, exc, delay_s)
-    if delay_s < get_settings().visibility_timeout_s / 2:
+    if task is not None and stage.batch == 1 and delay_s < get_settings().visibility_timeout_s / 2:
         # Celery's own retry: Flower shows the RETRY state. Its countdown is an ETA held by
         # a worker, safe only well inside the visibility timeout.
         raise task.retry(countdown=delay_s, exc=exc, max_retries=stage.retries)

@@ -77,7 +77,7 @@ def service(ctx: StageContext, item: dict[str, str]) -> list[dict[str, str]]:
     return [{**item, "day": day} for day in metric_days(ctx.params["end_day"], ctx.params["days"])]
 
 
-@demo.stage("metric_day")
+@demo.stage("metric_day", batch=16)
 def metric_day(ctx: StageContext, item: dict[str, str]) -> Record:
     path = f"/accounts/{item['account']}/services/{item['service']}/metrics"
     data = _get(ctx.params, path, day=item["day"])

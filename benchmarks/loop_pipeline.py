@@ -1,0 +1,21 @@
+"""A looping stage for the loop-overhead benchmark; bench workers import this module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.http import request_json
+from workers.looping import Loop
+from workers.pipeline import Pipeline
+from workers.runtime import StageContext
+
+benchloop = Pipeline("benchloop")
+
+
+@benchloop.stage("count")
+def count(ctx: StageContext, iterations: int) -> Any:
+    """One vendor call per iteration, ``iterations`` times, then return the last value."""
+    value = request_json("GET", f"{ctx.params['vendor_url']}/fib/1", retries=0)["value"]
+    if ctx.loop.iteration < iterations:
+        raise Loop(ctx.loop.iteration)
+    return value
