@@ -32,6 +32,7 @@ from benchmarks.core import (
     fmt_ratio,
 )
 from benchmarks.env import BenchEnv, cpu_seconds, machine_cpu_seconds, python, rss_bytes
+from producers.processes import DEFAULT_CONCURRENCY, DEFAULT_POOL, default_processes
 
 END_DAY = "2026-01-31"
 LATENCY_MS = 20.0
@@ -74,7 +75,9 @@ class WorkerConfig:
         return f"{self.processes} proc x {self.pool} {self.concurrency}"
 
 
-MAIN_CONFIG = WorkerConfig(2, "threads", 32)
+# fanout's own defaults (`fanout worker`): one process per core, 64 threads each; every
+# contender runs with the same processes x threads.
+MAIN_CONFIG = WorkerConfig(default_processes(), DEFAULT_POOL, DEFAULT_CONCURRENCY)
 POOL_CONFIGS = (
     WorkerConfig(1, "threads", 32),
     WorkerConfig(2, "threads", 32),

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import os
+import threading
 
 from workers.settings import ConfigError, get_settings
 from workers.sinks.base import NATURAL_KEY, Record, Sink
@@ -19,11 +19,19 @@ def open_sink(url: str) -> Sink:
     raise ConfigError(f"unsupported FANOUT_SINK_URL {url!r} (expected sqlite:///PATH)")
 
 
-@functools.cache
-def _sink_for(url: str, pid: int) -> Sink:
-    return open_sink(url)
+_sinks: dict[tuple[str, int], Sink] = {}
+_sinks_lock = threading.Lock()
 
 
 def get_sink() -> Sink:
-    """This process's sink (a forked worker child opens its own connection)."""
-    return _sink_for(get_settings().sink_url, os.getpid())
+    """This process's sink (a forked worker child opens its own connection). Opened once:
+    32 threads starting at once must not each open one (on a new SQLite file, their
+    concurrent schema and WAL setup fail with "database is locked")."""
+    key = (os.environ.get("FANOUT_SINK_URL") or get_settings().sink_url, os.getpid())
+    sink = _sinks.get(key)
+    if sink is None:
+        with _sinks_lock:
+            sink = _sinks.get(key)
+            if sink is None:
+                sink = _sinks[key] = open_sink(key[0])
+    return sink
