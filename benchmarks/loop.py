@@ -15,12 +15,12 @@ from benchmarks.core import BenchmarkError, Context, SuiteResult, Table
 def loop(ctx: Context) -> SuiteResult:
     import benchmarks.loop_pipeline  # noqa: F401  (registers the pipeline here too)
     from benchmarks.harvest import FanoutHarness, WorkerConfig
-    from producers.processes import default_processes
+    from producers.processes import DEFAULT_CONCURRENCY, DEFAULT_POOL, default_processes
     from producers.trigger import start_run
     from workers.runtime import get_ledger
 
     items, iterations = (20, 25) if ctx.quick else (50, 100)
-    config = WorkerConfig(processes=default_processes(), pool="threads", concurrency=64)
+    config = WorkerConfig(default_processes(), DEFAULT_POOL, DEFAULT_CONCURRENCY)
     env = ctx.env
     env.flush()
     vendor = env.vendor_handle

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import socket
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,16 +25,16 @@ if TYPE_CHECKING:
 _PIPELINE_CHUNK = 1000
 _ARGSREPR_CHARS = 200
 _EMBED = '{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
-_ORIGIN = json.dumps(f"fanout@{socket.gethostname()}:{os.getpid()}")
 # The envelope kombu's Redis transport stores, with the constant parts written once; each
 # %s is a JSON value. (Publishing is on the fan-out hot path: json.dumps of a whole dict per
 # message cost more than everything else together.)
+# Headers Celery's worker only reads with a default (root_id, timelimit, origin, lang,
+# ignore_result, correlation_id, an empty kwargsrepr) are left out: the message is ~15%
+# smaller than Celery's own for the same task.
 _ENVELOPE = (
     '{"body": %s, "content-encoding": "utf-8", "content-type": "application/json", '
-    '"headers": {"lang": "py", "task": %s, "id": %s, "root_id": %s, "retries": %d, '
-    '"timelimit": [null, null], "argsrepr": %s, "kwargsrepr": %s, "origin": ' + _ORIGIN + ', '
-    '"ignore_result": true}, '
-    '"properties": {"correlation_id": %s, "delivery_mode": 2, '
+    '"headers": {"task": %s, "id": %s, "retries": %d, "argsrepr": %s%s}, '
+    '"properties": {"delivery_mode": 2, '
     '"delivery_info": {"exchange": "", "routing_key": %s}, "priority": 0, '
     '"delivery_tag": %s}}'
 )
@@ -55,11 +53,11 @@ def celery_message(
     kwargs = json.dumps({"loop": loop} if loop else {})
     args = f"{json.dumps(run_id)}, {json.dumps(item_id)}, {to_json(item)}"
     body = f"[[{args}], {kwargs}, {_EMBED}]"
+    kwargsrepr = f', "kwargsrepr": {json.dumps(kwargs[:_ARGSREPR_CHARS])}' if loop else ""
     return _ENVELOPE % (
-        json.dumps(body), json.dumps(stage.task_name), tid, tid, retries,
-        json.dumps(f"({args})"[:_ARGSREPR_CHARS]),
-        json.dumps(kwargs[:_ARGSREPR_CHARS]),
-        tid, json.dumps(stage.queue), f'"{_TAG_PREFIX}{next(_TAGS)}"',
+        json.dumps(body), json.dumps(stage.task_name), tid, retries,
+        json.dumps(f"({args})"[:_ARGSREPR_CHARS]), kwargsrepr,
+        json.dumps(stage.queue), f'"{_TAG_PREFIX}{next(_TAGS)}"',
     )
 
 
