@@ -20,6 +20,15 @@ from workers.pipeline import get_pipeline
 from workers.runtime import get_ledger
 
 
+def make_console(*, stderr: bool = False) -> Console:
+    """A console for summaries; piped to a file or a CI log it is 120 columns wide, so the
+    summary table's eight columns are not cut (rich assumes 80)."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console.width = 120
+    return console
+
+
 def _connect() -> str:
     """Resolve Redis (starting the embedded one if needed) and fail in one line if it is down."""
     url = resolve_redis_url()
@@ -48,7 +57,7 @@ def _finish(snap: RunSnapshot, *, as_json: bool, console: Console) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     """Embedded Redis + the demo vendor + one worker + one run, with progress and a summary."""
-    console = Console(stderr=args.json)
+    console = make_console(stderr=args.json)
     vendor_options = [
         "--accounts", str(args.accounts), "--services", str(args.services),
         "--latency-ms", str(args.latency_ms), "--error-rate", str(args.error_rate),
@@ -75,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             params[key] = value
     run_id = start_run(args.pipeline, params)
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     if not args.wait:
         print(run_id)
         return 0
@@ -112,7 +121,7 @@ def status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(snap.summary()))
     else:
-        Console().print(summary_table(snap))
+        make_console().print(summary_table(snap))
     return exit_code(snap.status) if snap.finished else 0
 
 
@@ -123,7 +132,7 @@ def failures(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(failed))
         return 0
-    console = Console()
+    console = make_console()
     for item, failure in sorted(failed.items()):
         console.print(f"{failure['stage']} {item} {failure['error_type']}: {failure['message']} "
                       f"(attempts {failure['attempts']}) {json.dumps(failure['item'])}")

@@ -92,11 +92,14 @@ def _update(progress: Progress, bars: dict[str, TaskID], snap: RunSnapshot) -> N
 
 def summary_table(snap: RunSnapshot) -> Table:
     table = Table(title=f"run {snap.run_id} ({snap.pipeline}): {snap.status}")
+    counters = list(COUNTERS)
+    if any(counts.get("iterations") for counts in snap.stages.values()):
+        counters.append("iterations")  # loop iterations, for stages that loop
     table.add_column("stage")
-    for counter in COUNTERS:
+    for counter in counters:
         table.add_column(counter, justify="right")
     for stage, counts in snap.stages.items():
-        table.add_row(stage, *(str(counts.get(c, 0)) for c in COUNTERS))
+        table.add_row(stage, *(str(counts.get(c, 0)) for c in counters))
     leaves = list(snap.stages.values())[-1]["succeeded"] if snap.stages else 0
     rate = leaves / snap.wall_s if snap.wall_s > 0 else 0.0
     table.caption = (
