@@ -282,18 +282,7 @@ class CeleryBaselineHarness:
     def run(self, env: BenchEnv, shape: Shape, suite_dir: Path) -> RunOutcome:
         from benchmarks.celery_baseline import account
 
-        tag = f"celery-{secrets.token_hex(4)}"
-        url = env.vendor_handle.url
-        started = time.perf_counter()
-        for account_id in common.list_accounts(url):
-            account.delay(tag, url, account_id, END_DAY, shape.days)
-        _wait_counter(env, tag, shape.total, _run_timeout_s(shape))
-        wall = time.perf_counter() - started
-        checks: dict[str, Any] = {"tag": tag}
-        _verify(checks, {
-            "sink_rows": (common.sink_count(suite_dir / "baseline-sink.db", tag), shape.total),
-        })
-        return RunOutcome(wall, checks)
+        return _run_baseline("celery", account.delay, env, shape, suite_dir)
 
 
 class DramatiqHarness:
@@ -330,18 +319,26 @@ class DramatiqHarness:
     def run(self, env: BenchEnv, shape: Shape, suite_dir: Path) -> RunOutcome:
         from benchmarks.dramatiq_baseline import account
 
-        tag = f"dramatiq-{secrets.token_hex(4)}"
-        url = env.vendor_handle.url
-        started = time.perf_counter()
-        for account_id in common.list_accounts(url):
-            account.send(tag, url, account_id, END_DAY, shape.days)
-        _wait_counter(env, tag, shape.total, _run_timeout_s(shape))
-        wall = time.perf_counter() - started
-        checks: dict[str, Any] = {"tag": tag}
-        _verify(checks, {
-            "sink_rows": (common.sink_count(suite_dir / "baseline-sink.db", tag), shape.total),
-        })
-        return RunOutcome(wall, checks)
+        return _run_baseline("dramatiq", account.send, env, shape, suite_dir)
+
+
+def _run_baseline(
+    name: str, send: Any, env: BenchEnv, shape: Shape, suite_dir: Path
+) -> RunOutcome:
+    """Send one message per account (``send``: the baseline's enqueue call), then wait for
+    the baseline's completion counter and check its sink."""
+    tag = f"{name}-{secrets.token_hex(4)}"
+    url = env.vendor_handle.url
+    started = time.perf_counter()
+    for account_id in common.list_accounts(url):
+        send(tag, url, account_id, END_DAY, shape.days)
+    _wait_counter(env, tag, shape.total, _run_timeout_s(shape))
+    wall = time.perf_counter() - started
+    checks: dict[str, Any] = {"tag": tag}
+    _verify(checks, {
+        "sink_rows": (common.sink_count(suite_dir / "baseline-sink.db", tag), shape.total),
+    })
+    return RunOutcome(wall, checks)
 
 
 # -- measuring ----------------------------------------------------------------------------------
