@@ -1,4 +1,4 @@
-"""A looping stage for the loop-overhead benchmark; bench workers import this module."""
+"""Looping stages for the loop-overhead benchmark; bench workers import this module."""
 
 from __future__ import annotations
 
@@ -12,10 +12,14 @@ from workers.runtime import StageContext
 benchloop = Pipeline("benchloop")
 
 
-@benchloop.stage("count")
 def count(ctx: StageContext, iterations: int) -> Any:
     """One vendor call per iteration, ``iterations`` times, then return the last value."""
     value = request_json("GET", f"{ctx.params['vendor_url']}/fib/1", retries=0)["value"]
     if ctx.loop.iteration < iterations:
         raise Loop(ctx.loop.iteration)
     return value
+
+
+# Every iteration its own Celery task, and the same with batched consumption (batch=16).
+benchloop.stage("count")(count)
+benchloop.stage("count_batched", batch=16)(count)
