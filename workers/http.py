@@ -37,20 +37,12 @@ class VendorHTTPError(Exception):
         super().__init__(f"HTTP {status} from {url}: {self.body_excerpt}")
 
 
-_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=128)
 # A worker thread makes one call at a time: a few keep-alive connections (one per vendor
 # host) are all it needs, and a small pool is cheap to scan (httpcore scans its whole pool
 # on every request and release: 35% of a call's CPU with one 32-connection pool per process).
 _THREAD_LIMITS = httpx.Limits(max_connections=8, max_keepalive_connections=8)
 _HEADERS = {"accept": "application/json", "user-agent": "fanout"}
 _local = threading.local()
-
-
-def http_client() -> httpx.Client:
-    """A full httpx client (cookies, redirects, auth) for code that wants one."""
-    timeout_s = get_settings().http_timeout_s
-    return httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
-                        limits=_LIMITS)
 
 
 def _transport() -> tuple[httpx.HTTPTransport, dict[str, Any]]:

@@ -246,14 +246,6 @@ class Ledger:
         """Count as progress (the reaper just acted on this run)."""
         self.redis.hset(keys.run(run_id), "progress_at", time.time())
 
-    def item_state(self, run_id: str, item: str) -> str | None:
-        state = self.redis.hget(keys.run_items(run_id), item)
-        return None if state is None else str(state)
-
-    def is_terminal(self, run_id: str, item: str) -> bool:
-        state = self.item_state(run_id, item)
-        return state is not None and state != "p"
-
     def incr(self, run_id: str, stage: str, counter: str, by: int = 1) -> None:
         self.redis.hincrby(keys.run_counts(run_id), f"{stage}:{counter}", by)
 

@@ -19,7 +19,7 @@ def open_sink(url: str) -> Sink:
     raise ConfigError(f"unsupported FANOUT_SINK_URL {url!r} (expected sqlite:///PATH)")
 
 
-_sinks: dict[tuple[str, int], Sink] = {}
+_sinks: dict[tuple[str | None, str | None, int], Sink] = {}
 _sinks_lock = threading.Lock()
 
 
@@ -27,11 +27,12 @@ def get_sink() -> Sink:
     """This process's sink (a forked worker child opens its own connection). Opened once:
     32 threads starting at once must not each open one (on a new SQLite file, their
     concurrent schema and WAL setup fail with "database is locked")."""
-    key = (os.environ.get("FANOUT_SINK_URL") or get_settings().sink_url, os.getpid())
+    # Keyed by what decides the URL, so the hot path reads two variables, not all settings.
+    key = (os.environ.get("FANOUT_SINK_URL"), os.environ.get("FANOUT_HOME"), os.getpid())
     sink = _sinks.get(key)
     if sink is None:
         with _sinks_lock:
             sink = _sinks.get(key)
             if sink is None:
-                sink = _sinks[key] = open_sink(key[0])
+                sink = _sinks[key] = open_sink(get_settings().sink_url)
     return sink
