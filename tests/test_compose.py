@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import wait_for
+from conftest import require_service, wait_for
 
 from workers.embedded_redis import free_port
 
@@ -130,11 +131,9 @@ def test_compose_service_commands_run_natively(
     assert summary["rows_written"] == 10 * 50 * 2
 
 
-@pytest.mark.skipif(
-    subprocess.run(["sh", "-c", "command -v docker-compose"], capture_output=True).returncode,
-    reason="docker-compose (Debian's package) is not installed",
-)
 def test_docker_compose_accepts_the_file() -> None:
+    if shutil.which("docker-compose") is None:
+        require_service("docker-compose (Debian's package) is not installed")
     result = subprocess.run(["docker-compose", "-f", str(ROOT / "compose.yaml"), "config", "-q"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

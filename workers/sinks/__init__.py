@@ -7,16 +7,28 @@ import threading
 
 from workers.settings import ConfigError, get_settings
 from workers.sinks.base import NATURAL_KEY, Record, Sink
+from workers.sinks.sqlite import SqliteSink
 
 __all__ = ["NATURAL_KEY", "Record", "Sink", "get_sink", "open_sink"]
 
 
 def open_sink(url: str) -> Sink:
     if url.startswith("sqlite:///"):
-        from workers.sinks.sqlite import SqliteSink
-
         return SqliteSink(url.removeprefix("sqlite:///"))
-    raise ConfigError(f"unsupported FANOUT_SINK_URL {url!r} (expected sqlite:///PATH)")
+    if url.startswith(("postgresql://", "postgres://")):
+        try:  # imported on use: psycopg is an optional dependency (fanout[postgres])
+            from workers.sinks.postgres import PostgresSink
+        except ImportError as exc:  # psycopg or its pool missing, or psycopg without libpq
+            if exc.name is not None and not exc.name.startswith("psycopg"):
+                raise
+            raise ConfigError(
+                "a PostgreSQL sink needs psycopg 3 and psycopg_pool: "
+                "pip install 'fanout[postgres]'"
+            ) from exc
+        return PostgresSink(url)
+    raise ConfigError(
+        f"unsupported FANOUT_SINK_URL {url!r} (expected sqlite:///PATH or postgresql://...)"
+    )
 
 
 _sinks: dict[tuple[str | None, str | None, int], Sink] = {}

@@ -1,0 +1,227 @@
+"""The contract every sink keeps, run against each of them: SQLite and PostgreSQL.
+
+PostgreSQL: ``FANOUT_TEST_POSTGRES_URL`` (default: the local server, database ``test``). Each
+test gets a schema of its own, dropped afterwards. Without a server these cases skip, unless
+``FANOUT_REQUIRE_SERVICES`` is set (as in CI): then they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import pytest
+from conftest import require_service
+
+from workers.settings import ConfigError
+from workers.sinks import Record, Sink, open_sink
+
+POSTGRES_URL = os.environ.get(
+    "FANOUT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+Row = tuple[str, str, str, str, str, float, str]
+
+
+@cache
+def postgres_problem() -> str | None:
+    """Why PostgreSQL cannot be used for these tests, or None."""
+    try:
+        import psycopg
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        return f"psycopg or psycopg_pool not installed ({exc})"
+    from workers.sinks.postgres import redact
+
+    try:
+        psycopg.connect(POSTGRES_URL, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        reason = " ".join(str(exc).split())
+        return f"PostgreSQL not reachable at {redact(POSTGRES_URL)}: {reason}"
+    return None
+
+
+def with_search_path(url: str, schema: str) -> str:
+    parts = urlsplit(url)
+    query = [*parse_qsl(parts.query), ("options", f"-csearch_path={schema}")]
+    return parts._replace(query=urlencode(query)).geturl()
+
+
+def postgres_admin(statement: str) -> None:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sink_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'contract.db'}"
+        return
+    problem = postgres_problem()
+    if problem:
+        require_service(problem)
+    schema = f"fanout_test_{uuid.uuid4().hex[:12]}"
+    postgres_admin(f"CREATE SCHEMA {schema}")
+    try:
+        yield with_search_path(POSTGRES_URL, schema)
+    finally:
+        postgres_admin(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def sink(sink_url: str) -> Iterator[Sink]:
+    sink = open_sink(sink_url)
+    yield sink
+    sink.close()
+
+
+def stored_rows(url: str) -> list[Row]:
+    """Every row in the sink at ``url``, in natural-key order, read past the sink."""
+    query = (
+        "SELECT vendor, account, service, metric, day, value, run_id FROM metrics "
+        "ORDER BY vendor, account, service, metric, day"
+    )
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            return conn.execute(query).fetchall()
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return conn.execute(query).fetchall()
+
+
+def record(i: int, value: float) -> Record:
+    # Zero-padded, so natural-key order is numeric order in every collation.
+    return Record("demo", f"acct-{i % 3}", f"svc-{i:04d}", "calls", "2024-01-01", value)
+
+
+def as_row(r: Record, run_id: str) -> Row:
+    return (r.vendor, r.account, r.service, r.metric, r.day, r.value, run_id)
+
+
+def by_key(rows: list[Row]) -> list[Row]:
+    return sorted(rows, key=lambda row: row[:5])
+
+
+def test_write_reads_back_every_row(sink: Sink, sink_url: str) -> None:
+    records = [record(i, i * 1.5) for i in range(50)]
+    assert sink.write(records, "run-1") == 50
+    assert sink.count() == 50
+    assert sink.count("run-1") == 50
+    assert stored_rows(sink_url) == by_key([as_row(r, "run-1") for r in records])
+
+
+def test_writing_keys_again_upserts(sink: Sink, sink_url: str) -> None:
+    first = [record(i, 1.0) for i in range(40)]
+    # Keys 30..49: ten already written by run-1 and ten new ones.
+    second = [record(i, 2.0) for i in range(30, 50)]
+    assert sink.write(first, "run-1") == 40
+    assert sink.write(second, "run-2") == 20
+    assert sink.count() == 50
+    assert sink.count("run-1") == 30
+    assert sink.count("run-2") == 20
+    expected = [as_row(r, "run-1") for r in first[:30]] + [as_row(r, "run-2") for r in second]
+    assert stored_rows(sink_url) == by_key(expected)
+
+
+def test_duplicate_key_in_one_batch_keeps_the_last(sink: Sink, sink_url: str) -> None:
+    batch = [record(1, 1.0), record(2, 2.0), record(1, 3.0), record(1, 4.0)]
+    assert sink.write(batch, "run-1") == 4  # records given, as written in turn
+    assert sink.count() == 2
+    expected = [as_row(record(1, 4.0), "run-1"), as_row(record(2, 2.0), "run-1")]
+    assert stored_rows(sink_url) == expected
+
+
+def test_concurrent_writers_of_overlapping_keys(sink: Sink, sink_url: str) -> None:
+    """8 threads each upsert keys 20t .. 20t+59 (shared with the next two threads), in
+    batches of 10 taken in their own random order: the shape that deadlocks writers that lock
+    rows in the order given."""
+    threads, rounds = 8, 3
+    start = threading.Barrier(threads)
+
+    def writer(t: int) -> int:
+        rng = random.Random(t)
+        keys = list(range(20 * t, 20 * t + 60))
+        start.wait()
+        written = 0
+        for _ in range(rounds):
+            rng.shuffle(keys)
+            for k in range(0, len(keys), 10):
+                batch = [record(i, float(t)) for i in keys[k : k + 10]]
+                written += sink.write(batch, f"run-{t}")
+        return written
+
+    with ThreadPoolExecutor(threads) as pool:
+        written = list(pool.map(writer, range(threads)))
+
+    assert written == [60 * rounds] * threads
+    union = 20 * (threads - 1) + 60
+    assert sink.count() == union
+    assert sum(sink.count(f"run-{t}") for t in range(threads)) == union
+    rows = stored_rows(sink_url)
+    assert [row[:5] for row in rows] == sorted(as_row(record(i, 0), "")[:5] for i in range(union))
+    # No torn rows: each row's value and run id come from one write.
+    assert all(row[6] == f"run-{int(row[5])}" for row in rows)
+
+
+def test_empty_write_returns_zero_without_the_database(sink: Sink) -> None:
+    assert sink.write([], "run-1") == 0
+    assert sink.count() == 0
+    sink.close()  # a write that touched the database would fail now
+    assert sink.write([], "run-1") == 0
+
+
+def test_count_of_an_unknown_run_is_zero(sink: Sink) -> None:
+    assert sink.write([record(i, 1.0) for i in range(5)], "run-1") == 5
+    assert sink.count("no-such-run") == 0
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_unreachable_postgres_names_the_redacted_url(scheme: str) -> None:
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        require_service(f"psycopg or psycopg_pool not installed ({exc})")
+    url = f"{scheme}://fanout:s3cret-pw@127.0.0.1:1/test"
+    with pytest.raises(ConfigError) as raised:
+        open_sink(url)
+    message = str(raised.value)
+    assert f"{scheme}://fanout:***@127.0.0.1:1/test" in message
+    assert "\n" not in message
+    assert "s3cret" not in message
+
+
+def test_postgres_sink_without_psycopg_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # makes `import psycopg` fail
+    monkeypatch.delitem(sys.modules, "workers.sinks.postgres", raising=False)
+    with pytest.raises(ConfigError, match=r"pip install 'fanout\[postgres\]'"):
+        open_sink(POSTGRES_URL)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:pw@h:5432/db", "postgresql://u:***@h:5432/db"),
+        (
+            "postgresql://u@h/db?password=pw&sslmode=require",
+            "postgresql://u@h/db?password=***&sslmode=require",
+        ),
+        ("postgresql://h/db", "postgresql://h/db"),
+    ],
+)
+def test_redact_hides_the_password(url: str, shown: str) -> None:
+    postgres = pytest.importorskip("workers.sinks.postgres")
+    assert postgres.redact(url) == shown

@@ -1,0 +1,133 @@
+"""PostgreSQL sink: a connection pool shared by the worker threads of one process.
+
+Each ``write`` is one transaction, committed before it returns, so a task's rows are durable
+before its message is acked. Concurrent writers of overlapping keys cannot deadlock: every
+transaction upserts its rows in natural-key order, so no two take row locks in opposite orders.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from workers.settings import ConfigError
+from workers.sinks.base import Record
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS metrics (
+    vendor TEXT NOT NULL,
+    account TEXT NOT NULL,
+    service TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    day TEXT NOT NULL,
+    value DOUBLE PRECISION NOT NULL,
+    run_id TEXT NOT NULL,
+    fetched_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (vendor, account, service, metric, day)
+)
+"""
+# Any constant: processes that start together take turns creating the table, since two
+# concurrent CREATE TABLE IF NOT EXISTS can both miss it and one then fails.
+_SCHEMA_LOCK_ID = 0x66616E6F7574  # "fanout"
+_UPSERT = """
+INSERT INTO metrics (vendor, account, service, metric, day, value, run_id, fetched_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (vendor, account, service, metric, day) DO UPDATE SET
+    value = excluded.value, run_id = excluded.run_id, fetched_at = excluded.fetched_at
+"""
+_CONNECT_TIMEOUT_S = 10  # unless the URL sets connect_timeout; libpq's default is forever
+
+Row = tuple[str, str, str, str, str, float, str, float]
+
+
+class PostgresSink:
+    def __init__(self, url: str, *, max_connections: int = 8, timeout_s: float = 30.0) -> None:
+        self.url = url
+        self._timeout_s = timeout_s
+        # Autocommit: a write opens its one transaction itself; a count needs none.
+        kwargs: dict[str, Any] = {"autocommit": True}
+        # A direct connection first: a bad URL fails now with libpq's reason, where the pool
+        # would retry in the background and report only a timeout.
+        try:
+            if "connect_timeout" not in conninfo_to_dict(url):
+                kwargs["connect_timeout"] = _CONNECT_TIMEOUT_S
+            with psycopg.connect(url, **kwargs) as conn:
+                _create_table(conn)
+        except psycopg.Error as exc:
+            raise ConfigError(f"cannot open sink {redact(url)}: {_one_line(exc)}") from exc
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            url, kwargs=kwargs, min_size=1, max_size=max_connections, open=True,
+            timeout=timeout_s, name="fanout-sink",
+        )
+
+    def write(self, records: Sequence[Record], run_id: str) -> int:
+        if not records:
+            return 0
+        rows = _sorted_unique(records, run_id, time.time())
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                cur.executemany(_UPSERT, rows)  # pipelined: one round trip for the batch
+        except PoolTimeout:
+            raise _unavailable(self.url, self._timeout_s) from None
+        return len(records)
+
+    def count(self, run_id: str | None = None) -> int:
+        try:
+            with self._pool.connection() as conn:
+                if run_id is None:
+                    row = conn.execute("SELECT COUNT(*) FROM metrics").fetchone()
+                else:
+                    query = "SELECT COUNT(*) FROM metrics WHERE run_id = %s"
+                    row = conn.execute(query, (run_id,)).fetchone()
+        except PoolTimeout:
+            raise _unavailable(self.url, self._timeout_s) from None
+        assert row is not None
+        return int(row[0])
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _create_table(conn: psycopg.Connection[Any]) -> None:
+    # Check first: CREATE ... IF NOT EXISTS needs CREATE on the schema even when the table
+    # exists, and a sink's role may only have been granted rights on the table.
+    if conn.execute("SELECT to_regclass('metrics')").fetchone() == (None,):
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
+            conn.execute(_SCHEMA)
+
+
+def _sorted_unique(records: Sequence[Record], run_id: str, fetched_at: float) -> list[Row]:
+    """One row per natural key, the last record winning (as when upserted in turn), in key
+    order: the order every writer locks rows in."""
+    latest = {(r.vendor, r.account, r.service, r.metric, r.day): r.value for r in records}
+    return [(*key, value, run_id, fetched_at) for key, value in sorted(latest.items())]
+
+
+def _unavailable(url: str, timeout_s: float) -> psycopg.OperationalError:
+    return psycopg.OperationalError(
+        f"sink {redact(url)}: no database connection within {timeout_s:g}s"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def redact(url: str) -> str:
+    """``url`` fit for an error line: its password, in the user part or the query, is ***."""
+    parts = urlsplit(url)
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostinfo}"
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(name == "password" for name, _ in pairs):
+        query = urlencode([(n, "***" if n == "password" else v) for n, v in pairs], safe="*")
+    return parts._replace(netloc=netloc, query=query).geturl()
