@@ -38,11 +38,11 @@ def metric_day_items(n: int) -> list[dict[str, str]]:
 
 def fresh_run(ctx: Context, label: str) -> str:
     """A FLUSHALL, then a run with one registered root (a run with no roots is born finished)."""
-    from workers.runtime import get_ledger
+    from workers.engine.services import services
 
     ctx.env.flush()
     run_id = f"bench-{label}-{secrets.token_hex(3)}"
-    get_ledger().create_run(run_id, "demo", PARAMS, "accounts", [(ROOT_ID, {"account": "x"})])
+    services().ledger.create_run(run_id, "demo", PARAMS, "accounts", [(ROOT_ID, {"account": "x"})])
     return run_id
 
 
@@ -54,14 +54,20 @@ def _check_queue(ctx: Context, queue: str, n: int) -> None:
 
 def enqueue(ctx: Context) -> SuiteResult:
     from benchmarks import celery_baseline
-    from workers.ledger import item_id
-    from workers.pipeline import get_pipeline
-    from workers.runtime import get_ledger, publish, publish_children
+    from producers.trigger import load_configured_pipelines
+    from workers.api import get_pipeline
+    from workers.celery import app
+    from workers.engine.runner import publish_children
+    from workers.engine.services import services
+    from workers.ids import item_id
+    from workers.message import Delivery
 
+    load_configured_pipelines()
     n = QUICK_N if ctx.quick else FULL_N
     stage = get_pipeline("demo").stages["metric_day"]
-    assert stage.task is not None
-    ledger = get_ledger()
+    task = app.tasks[stage.task_name]
+    svc = services()
+    ledger = svc.ledger
     items = metric_day_items(n)
     result = SuiteResult("enqueue", settings={
         "children": n, "stage": stage.task_name, "fanout_repeats": FANOUT_REPEATS,
@@ -70,14 +76,14 @@ def enqueue(ctx: Context) -> SuiteResult:
 
     # Warm-up: connections, the Lua scripts' SHA cache, the producer pool.
     run_id = fresh_run(ctx, "warmup")
-    publish_children(stage, run_id, ROOT_ID, items[:200])
+    publish_children(svc, stage, run_id, ROOT_ID, items[:200])
 
     ctx.log(f"  fanout publish_children x{FANOUT_REPEATS}: {n:,} children")
     fanout_runs: list[float] = []
     for _ in range(FANOUT_REPEATS):
         run_id = fresh_run(ctx, "fanout")
         started = time.perf_counter()
-        count = publish_children(stage, run_id, ROOT_ID, items)
+        count = publish_children(svc, stage, run_id, ROOT_ID, items)
         elapsed = time.perf_counter() - started
         if count != n:
             raise BenchmarkError(f"publish_children returned {count}, expected {n}")
@@ -96,7 +102,7 @@ def enqueue(ctx: Context) -> SuiteResult:
     t1 = time.perf_counter()
     ledger.register(run_id, stage.name, entries)
     t2 = time.perf_counter()
-    publish(stage, run_id, entries)
+    svc.transport.publish([Delivery(stage.task_name, run_id, i, item) for i, item in entries])
     t3 = time.perf_counter()
     _check_queue(ctx, stage.queue, n)
     parts = {"item_ids_s": t1 - t0, "ledger_register_s": t2 - t1, "bulk_publish_s": t3 - t2}
@@ -105,7 +111,7 @@ def enqueue(ctx: Context) -> SuiteResult:
     run_id = fresh_run(ctx, "one-by-one")
     started = time.perf_counter()
     for child_id, item in entries:
-        stage.task.apply_async((run_id, child_id, item), task_id=f"{run_id}.{child_id}")
+        task.apply_async((run_id, child_id, item), task_id=f"{run_id}.{child_id}")
     one_by_one_rate = n / (time.perf_counter() - started)
     _check_queue(ctx, stage.queue, n)
 

@@ -223,11 +223,11 @@ class FanoutHarness:
 
     def run(self, env: BenchEnv, shape: Shape, suite_dir: Path) -> RunOutcome:
         from producers.trigger import start_run
-        from workers.runtime import get_ledger
+        from workers.engine.services import services
 
         params = {"days": shape.days, "end_day": END_DAY, "vendor_url": env.vendor_handle.url,
                   "http_retries": 0}
-        ledger = get_ledger()
+        ledger = services().ledger
         started = time.perf_counter()
         run_id = start_run("demo", params)
         status = ledger.wait(run_id, _run_timeout_s(shape))

@@ -51,15 +51,15 @@ def loop(ctx: Context) -> SuiteResult:
 def _measure(vendor: Any, stage: str, items: int, iterations: int) -> tuple[float, float]:
     """(iterations/s, wall s) of ``items`` looping items of ``stage``, verified."""
     from producers.trigger import start_run
-    from workers.runtime import get_ledger
+    from workers.engine.services import services
 
     vendor.reset()
     started = time.perf_counter()
     run_id = start_run("benchloop", {"vendor_url": vendor.url}, roots=[iterations] * items,
                        root_stage=stage)
-    status = get_ledger().wait(run_id, 600)
+    status = services().ledger.wait(run_id, 600)
     wall_s = time.perf_counter() - started
-    snap = get_ledger().snapshot(run_id)
+    snap = services().ledger.snapshot(run_id)
     total = items * iterations
     calls = vendor.stats()["by_endpoint"]["fib"]
     if status != "succeeded" or snap is None or snap.stages[stage].get("iterations") != total:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from workers.api import Loop, Pipeline, StageContext
 from workers.http import request_json
-from workers.looping import Loop
-from workers.pipeline import Pipeline
-from workers.runtime import StageContext
 
 benchloop = Pipeline("benchloop")
 
@@ -20,6 +18,6 @@ def count(ctx: StageContext, iterations: int) -> Any:
     return value
 
 
-# Every iteration its own Celery task, and the same with batched consumption (batch=16).
+# Every iteration its own Celery task, and the same with batched consumption (claim_batch=16).
 benchloop.stage("count")(count)
-benchloop.stage("count_batched", batch=16)(count)
+benchloop.stage("count_batched", claim_batch=16)(count)

@@ -51,13 +51,17 @@ def _measure_publish(
 
 def memory(ctx: Context) -> SuiteResult:
     from benchmarks import celery_baseline
-    from workers.ledger import item_id
-    from workers.pipeline import get_pipeline
-    from workers.runtime import get_ledger, publish
+    from producers.trigger import load_configured_pipelines
+    from workers.api import get_pipeline
+    from workers.engine.services import services
+    from workers.ids import item_id
+    from workers.message import Delivery
 
+    load_configured_pipelines()
     n = QUICK_N if ctx.quick else FULL_N
     stage = get_pipeline("demo").stages["metric_day"]
-    ledger = get_ledger()
+    svc = services()
+    ledger = svc.ledger
     items = metric_day_items(n)
     entries = [(item_id(stage.name, ROOT_ID, i, item), item) for i, item in enumerate(items)]
     result = SuiteResult("memory", settings={"messages": n, "ledger_items": n,
@@ -69,7 +73,8 @@ def memory(ctx: Context) -> SuiteResult:
     before = ctx.env.used_memory()
     ledger.register(run_id, stage.name, entries)
     ledger_per_item = (ctx.env.used_memory() - before) / n
-    fanout = _measure_publish(ctx, stage.queue, n, lambda: publish(stage, run_id, entries))
+    fanout = _measure_publish(ctx, stage.queue, n, lambda: svc.transport.publish(
+        [Delivery(stage.task_name, run_id, i, item) for i, item in entries]))
 
     # Stock Celery: a small task, and the hand-written baseline's leaf message for the same item.
     ctx.env.flush()

@@ -17,10 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from workers.api import Loop, Pipeline, StageContext
 from workers.http import request_json
-from workers.looping import Loop
-from workers.pipeline import Pipeline
-from workers.runtime import StageContext
 
 flow = Pipeline("fibonacci")
 
@@ -43,7 +41,7 @@ def compute_large_fibonacci(ctx: StageContext, M: int) -> Any:
 def main(argv: list[str]) -> int:
     from producers.local import local_system
     from producers.trigger import start_run
-    from workers.runtime import get_ledger
+    from workers.engine.services import services
 
     try:
         ms = [int(arg) for arg in argv] or [100]
@@ -54,11 +52,11 @@ def main(argv: list[str]) -> int:
     with local_system(pipelines=["fibonacci"], pythonpath=[here]) as system:
         run_id = start_run("fibonacci", {"vendor_url": system.vendor_url},
                            roots=ms, root_stage="compute_large_fibonacci")
-        status = get_ledger().wait(run_id, timeout_s=300)
+        status = services().ledger.wait(run_id, timeout_s=300)
     if status != "succeeded":
         print(f"run {run_id} ended {status}: fanout failures {run_id}", file=sys.stderr)
         return 1
-    results = get_ledger().results(run_id)
+    results = services().ledger.results(run_id)
     print(results[0] if len(ms) == 1 else results)
     return 0
 

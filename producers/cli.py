@@ -9,11 +9,15 @@ import subprocess
 import sys
 from typing import Any, NoReturn
 
+from demo_vendor.__main__ import main as vendor_main
+from producers import commands, processes
+from producers.errors import CliError, UsageError
+from producers.trigger import load_configured_pipelines
+from workers import embedded_redis
+from workers.connections import check_reachable, resolve_redis_url
+from workers.settings import ConfigError, get_settings
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Bad usage: reported as one line, exit code 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -110,6 +114,11 @@ def build_parser() -> Parser:
     serve = vendor_sub.add_parser("serve", help="serve the demo vendor API", add_help=False)
     serve.add_argument("options", nargs=argparse.REMAINDER)
 
+    dead = sub.add_parser("dead-letters", help="messages set aside because they could not "
+                          "be decoded")
+    dead.add_argument("action", nargs="?", choices=["list", "purge"], default="list")
+    dead.add_argument("--json", action="store_true")
+
     sub.add_parser("down", help="stop the embedded Redis")
     return parser
 
@@ -118,23 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # `fanout vendor serve ...` hands its options to the vendor's own parser untouched.
     if argv[:2] == ["vendor", "serve"]:
-        from demo_vendor.__main__ import main as vendor_main
-
         return vendor_main(["serve", *argv[2:]])
     try:
         args = build_parser().parse_args(argv)
         return _dispatch(args)
-    except UsageError as exc:
+    except (CliError, ConfigError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:
-        from producers.trigger import TriggerError
-        from workers.settings import ConfigError
-
-        if isinstance(exc, ConfigError | TriggerError | LookupError):
-            return _fail(str(exc).strip("'\""))
-        raise
 
 
 def _fail(message: str) -> int:
@@ -146,21 +146,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     command: str = args.command
     if command == "down":
         return _down()
+    # Every other command needs the pipelines: a module that fails to import is one line.
+    load_configured_pipelines()
     if command == "worker":
         return _worker(args)
     if command == "flower":
         return _flower(args)
-    from producers import commands
-
     handler = {"demo": commands.demo, "run": commands.run, "status": commands.status,
-               "failures": commands.failures}[command]
+               "failures": commands.failures, "dead-letters": commands.dead_letters}[command]
     return handler(args)
 
 
 def _down() -> int:
-    from workers import embedded_redis
-    from workers.settings import get_settings
-
     stopped = embedded_redis.stop(get_settings().home)
     print("embedded Redis stopped" if stopped else "no embedded Redis running")
     return EXIT_OK
@@ -168,16 +165,12 @@ def _down() -> int:
 
 def _broker_env() -> dict[str, str]:
     """Resolve Redis once here so the child process does not have to."""
-    from workers.connections import check_reachable, resolve_redis_url
-
     url = resolve_redis_url()
     check_reachable(url)
     return {**os.environ, "FANOUT_REDIS_URL": url}
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from producers import processes
-
     env = _broker_env()
     options = {
         "pool": args.pool or processes.DEFAULT_POOL,

@@ -11,13 +11,15 @@ from typing import Any
 from rich.console import Console
 
 from producers import processes
+from producers.errors import RunNotFound
 from producers.local import local_system
 from producers.report import exit_code, summary_table, wait_for_run
 from producers.trigger import start_run
+from workers.api import get_pipeline
 from workers.connections import check_reachable, resolve_redis_url
-from workers.ledger import RunSnapshot
-from workers.pipeline import get_pipeline
-from workers.runtime import get_ledger
+from workers.engine.services import services
+from workers.ledger import Ledger, RunSnapshot
+from workers.settings import ConfigError
 
 
 def make_console(*, stderr: bool = False) -> Console:
@@ -40,10 +42,14 @@ def _connect() -> str:
 _FAILURES_SHOWN = 5
 
 
+def _ledger() -> Ledger:
+    return services().ledger
+
+
 def _finish(snap: RunSnapshot, *, as_json: bool, console: Console) -> int:
     console.print(summary_table(snap))
     if snap.failed_items:
-        failures = sorted(get_ledger().failures(snap.run_id).items())
+        failures = sorted(_ledger().failures(snap.run_id).items())
         for item, failure in failures[:_FAILURES_SHOWN]:
             console.print(f"failed {failure['stage']} {item}: {failure['error_type']}: "
                           f"{failure['message']}")
@@ -72,7 +78,7 @@ def demo(args: argparse.Namespace) -> int:
         console.print(f"run {run_id}: {args.accounts} accounts x {args.services} services x "
                       f"{args.days} days = {args.accounts * args.services * args.days} metric-days")
         order = get_pipeline("demo").stage_order()
-        snap = wait_for_run(get_ledger(), run_id, order, console=console)
+        snap = wait_for_run(_ledger(), run_id, order, console=console)
     return _finish(snap, as_json=args.json, console=console)
 
 
@@ -91,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"run {run_id} started")
     order = get_pipeline(args.pipeline).stage_order()
     show = None if args.json or not sys.stderr.isatty() else console
-    snap = wait_for_run(get_ledger(), run_id, order, console=show, timeout_s=args.timeout)
+    snap = wait_for_run(_ledger(), run_id, order, console=show, timeout_s=args.timeout)
     if not snap.finished:
         console.print(f"run {run_id} still {snap.status} after {args.timeout}s")
         if args.json:
@@ -101,16 +107,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _snapshot(run_id: str | None) -> RunSnapshot:
-    ledger = get_ledger()
+    ledger = _ledger()
     run_id = run_id or ledger.latest_run()
     if run_id is None:
-        raise LookupError("no runs yet")
+        raise RunNotFound("no runs yet")
     snap = ledger.snapshot(run_id)
     if snap is None:
-        raise LookupError(f"run {run_id} is unknown or expired")
+        raise RunNotFound(f"run {run_id} is unknown or expired")
     try:
         order = get_pipeline(snap.pipeline).stage_order()
-    except Exception:
+    except ConfigError:  # a pipeline this process does not load: counters in ledger order
         return snap
     return ledger.snapshot(run_id, order) or snap
 
@@ -128,7 +134,7 @@ def status(args: argparse.Namespace) -> int:
 def failures(args: argparse.Namespace) -> int:
     _connect()
     snap = _snapshot(args.run_id)
-    failed = get_ledger().failures(snap.run_id)
+    failed = _ledger().failures(snap.run_id)
     if args.json:
         print(json.dumps(failed))
         return 0
@@ -140,3 +146,18 @@ def failures(args: argparse.Namespace) -> int:
     return 0
 
 
+def dead_letters(args: argparse.Namespace) -> int:
+    _connect()
+    store = services().dead_letters
+    if args.action == "purge":
+        print(f"purged {store.purge()} dead letters")
+        return 0
+    letters = store.list()
+    if args.json:
+        print(json.dumps([letter.as_json() for letter in letters]))
+        return 0
+    console = make_console()
+    for letter in letters:
+        console.print(f"{letter.queue}: {letter.reason}: {letter.raw[:120]!r}", markup=False)
+    console.print(f"{len(letters)} dead letters")
+    return 0

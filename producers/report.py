@@ -17,6 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from producers.errors import RunNotFound
 from workers.ledger import COUNTERS, Ledger, RunSnapshot
 
 TERMINAL_COUNTERS = ("succeeded", "failed", "cached", "skipped")
@@ -52,7 +53,7 @@ def wait_for_run(
             status = ledger.wait(run_id, timeout_s=_REFRESH_S)
             snap = ledger.snapshot(run_id, stage_order)
             if snap is None:
-                raise LookupError(f"run {run_id} is unknown or expired")
+                raise RunNotFound(f"run {run_id} is unknown or expired")
             if progress:
                 _update(progress, bars, snap)
             if status is not None or snap.finished:

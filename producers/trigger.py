@@ -7,19 +7,25 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from workers.ledger import item_id
-from workers.pipeline import get_pipeline
-from workers.publish import publish
-from workers.runtime import get_ledger
-from workers.settings import ConfigError
+from producers.errors import CliError
+from workers.api import get_pipeline, load_pipelines
+from workers.engine.services import services
+from workers.ids import item_id
+from workers.message import Delivery
+from workers.settings import ConfigError, get_settings
 
 
-class TriggerError(Exception):
+class TriggerError(CliError):
     """The run could not start (e.g. the vendor would not list the root items)."""
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def load_configured_pipelines() -> None:
+    """Import the built-in pipelines and FANOUT_PIPELINES (a bad module: ConfigError)."""
+    load_pipelines(get_settings().pipeline_modules)
 
 
 def start_run(
@@ -28,10 +34,13 @@ def start_run(
     *,
     roots: Sequence[Any] | None = None,
     root_stage: str | None = None,
+    run_id: str | None = None,
 ) -> str:
     """Start a run and return its id. Root items come from the pipeline's roots function,
     or are given (``roots`` for ``root_stage``: Prefect's ``task.map(items)``). They are
-    published only after the run exists."""
+    published only after the run exists. With a ``run_id`` that exists already (a schedule
+    slot fired twice), nothing more happens."""
+    load_configured_pipelines()
     pipeline = get_pipeline(pipeline_name)
     if pipeline.check_params:
         params = pipeline.check_params(params)
@@ -48,10 +57,15 @@ def start_run(
     root_stage = root_stage or pipeline.root_stage
     if root_stage not in pipeline.stages:
         raise ConfigError(f"pipeline {pipeline_name!r} has no stage {root_stage!r}")
-    run_id = new_run_id()
+    run_id = run_id or new_run_id()
     stage = pipeline.stages[root_stage]
-    entries = [(item_id(stage.name, run_id, i, root), root) for i, root in enumerate(roots)]
-    get_ledger().create_run(run_id, pipeline.name, params, stage.name, entries)
-    # Should this process die here, the reaper publishes the roots from the ledger.
-    publish(stage, run_id, entries)
+    deliveries = [
+        Delivery(stage.task_name, run_id, item_id(stage.name, run_id, i, root), root)
+        for i, root in enumerate(roots)
+    ]
+    svc = services()
+    entries = [(d.item_id, d.payload) for d in deliveries]
+    if svc.ledger.create_run(run_id, pipeline.name, params, stage.name, entries):
+        # Should this process die here, the reaper publishes the roots from the ledger.
+        svc.transport.publish(deliveries)
     return run_id

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from workers.api import Loop, Pipeline, StageContext
 from workers.http import request_json
-from workers.looping import Loop
-from workers.pipeline import Pipeline
-from workers.runtime import StageContext
 
 looptest = Pipeline("looptest")
 

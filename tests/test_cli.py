@@ -47,6 +47,17 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], fragment: str) -> Non
     assert_one_line_error(fanout(*args), fragment)
 
 
+def test_a_pipeline_module_that_fails_to_import_is_one_line_and_exit_2() -> None:
+    result = fanout("status", env={"FANOUT_PIPELINES": "nosuch.module"})
+    assert_one_line_error(result, "cannot import pipeline module 'nosuch.module'")
+    assert "No module named 'nosuch'" in result.stderr
+
+
+def test_an_unknown_run_is_one_line_and_exit_2() -> None:
+    assert_one_line_error(fanout("status", "no-such-run"), "run no-such-run is unknown")
+    assert_one_line_error(fanout("failures", "no-such-run"), "run no-such-run is unknown")
+
+
 def test_unreachable_redis_is_one_line_and_exit_2() -> None:
     result = fanout("status", env={"FANOUT_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert_one_line_error(result, "cannot reach Redis at redis://127.0.0.1:1/0")

@@ -17,7 +17,7 @@ from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
 
 from demo_vendor.data import fib
 from producers.trigger import start_run
-from workers.runtime import get_ledger
+from workers.engine.services import services
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +30,8 @@ def run_stage(stage: str, roots: list[Any], vendor: VendorHandle, **params: Any)
 
 
 def finish(run_id: str, timeout_s: float = 90) -> dict[str, Any]:
-    assert get_ledger().wait(run_id, timeout_s) is not None, f"run {run_id} did not finish"
-    snap = get_ledger().snapshot(run_id)
+    assert services().ledger.wait(run_id, timeout_s) is not None, f"run {run_id} did not finish"
+    snap = services().ledger.snapshot(run_id)
     assert snap is not None
     return snap.summary()
 
@@ -50,7 +50,7 @@ def test_failed_iteration_is_retried_alone(
     summary = finish(run_id)
 
     assert summary["status"] == "succeeded"
-    assert get_ledger().results(run_id) == [89]
+    assert services().ledger.results(run_id) == [89]
     # Iterations 1..4 once each, iteration 5 twice (its retry), 6..12 once.
     assert fib_requests(vendor) == {n: (2 if n == 5 else 1) for n in range(1, 13)}
     stage = summary["stages"]["fib"]
@@ -63,7 +63,7 @@ def test_looping_combines_with_mapping(vendor: VendorHandle, start_worker: Worke
     run_id = run_stage("fib", [10, 100, 1000, 1500], vendor)
     summary = finish(run_id)
     assert summary["status"] == "succeeded"
-    assert get_ledger().results(run_id) == [8, 89, 987, 987]
+    assert services().ledger.results(run_id) == [8, 89, 987, 987]
     # The largest fib below M is fib(k), found by asking for fib(1)..fib(k+1): k+1 iterations.
     assert summary["stages"]["fib"]["iterations"] == 7 + 12 + 17 + 17
 
@@ -76,7 +76,7 @@ def test_sigkilled_loop_resumes_from_last_completed_iteration(
     victim = start_worker(short_visibility)
     target = fib(25)  # the loop asks for fib(1)..fib(26)
     run_id = run_stage("fib", [target], vendor)
-    ledger = get_ledger()
+    ledger = services().ledger
 
     def iteration() -> int:
         states = ledger.loop_states(run_id)
@@ -108,7 +108,7 @@ def test_max_iterations_fails_the_item_with_a_clear_error(
     assert summary["status"] == "partial"
     assert summary["stages"]["forever"]["failed"] == 1
     assert summary["stages"]["forever"]["iterations"] == 5
-    [failure] = get_ledger().failures(run_id).values()
+    [failure] = services().ledger.failures(run_id).values()
     assert failure["error_type"] == "LoopLimitExceeded"
     assert "max_iterations=5" in failure["message"]
     assert failure["iteration"] == 5
@@ -124,7 +124,7 @@ def test_delay_longer_than_visibility_timeout_runs_once(
     assert time.monotonic() - started >= 5  # the delay was honoured
     assert summary["status"] == "succeeded"
     assert summary["stages"]["wait_then_fetch"]["iterations"] == 2
-    assert get_ledger().results(run_id) == [1]
+    assert services().ledger.results(run_id) == [1]
     # A 5 s ETA past a 2 s visibility timeout would have been delivered twice.
     assert fib_requests(vendor) == {1: 1}
 

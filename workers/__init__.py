@@ -1,7 +1,8 @@
-"""What runs in a worker: the Celery app, the fanout primitives, pipelines and sinks."""
+"""What runs in a worker: the pipeline API, the engine, the Celery app and its parts.
 
-from workers.app import app, load_pipelines
-
-load_pipelines(app)
-
-__all__ = ["app"]
+Importing ``workers`` (or ``workers.api``) builds nothing; ``workers.celery`` builds the app
+for ``celery -A workers``. The layers, top down (each imports only from below it):
+``celery``/``app``/``consumer``/``broker`` -> ``engine`` -> ``api``/``hooks``/``context``/
+``looping`` -> ``transport``/``ledger``/``message``/``dead_letters``/``sinks``/``http`` ->
+``ids``/``keys``/``scripts``/``outcome``/``settings``/``connections``.
+"""

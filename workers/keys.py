@@ -1,82 +1,77 @@
 """Every Redis key fanout writes, in one place.
 
-All run keys expire (``Settings.ledger_ttl_s``, refreshed as the run progresses); only
-configuration (limits, schedules) would live without a TTL.
+Run keys carry the run id as a hash tag (``{R}``), so one run's keys share a Redis Cluster slot
+and its Lua scripts may touch them together. They all expire (``Settings.ledger_ttl_s``,
+refreshed as the run progresses); only configuration (limits, schedules) lives without a TTL.
 
-Run ledger, for run R:
-- ``fanout:run:R``          hash: pipeline, status, params (JSON), created/started/finished
-                            times, ``pending`` (items not yet terminal)
-- ``fanout:run:R:counts``   hash: ``STAGE:COUNTER`` -> int (enqueued, succeeded, failed, cached,
-                            retried, throttled, skipped), plus ``rows`` (sink rows written)
-- ``fanout:run:R:items``    hash: item id -> state (``p`` pending, ``s`` succeeded, ``f`` failed)
-- ``fanout:run:R:failed``   hash: item id -> JSON {stage, item, error_type, message, attempts}
-- ``fanout:run:R:done``     list: one element pushed when the run finishes (BLPOP wakes waiters)
-- ``fanout:run:R:payloads`` hash: item id -> payload JSON, while the item is pending (so the
-                            reaper can publish a lost message again)
-- ``fanout:run:R:results``  hash: item id -> JSON of what a stage returned that is neither
-                            children nor records (``run_results``, for small runs)
-- ``fanout:run:R:loops``    hash: item id -> JSON {iteration, payload} of a looping item
-- ``fanout:run:R:roots``    list: root item ids in the order they were given (result order)
-- ``fanout:runs``           sorted set: run id -> created time (for ``fanout status``)
-- ``fanout:reaper:lock``    string: held by the one worker sweeping for lost messages
-- ``fanout:delayed``        sorted set: due time -> message waiting for its delay (loops);
-                            a mover in every worker publishes what is due
+Run ledger, for run R (``RunKeys``):
+- ``fanout:run:{R}``          hash: pipeline, status, params (JSON), created/progress/finished
+                              times, ``pending`` (items not yet terminal)
+- ``fanout:run:{R}:counts``   hash: ``STAGE:COUNTER`` -> int (enqueued, succeeded, failed,
+                              cached, retried, throttled, skipped, iterations), ``rows``
+- ``fanout:run:{R}:items``    hash: item id -> state (``p`` pending, ``s`` ``f`` ``c`` ``k``)
+- ``fanout:run:{R}:failed``   hash: item id -> JSON {stage, item, error_type, message, attempts}
+- ``fanout:run:{R}:done``     list: one element pushed when the run finishes (BLPOP wakes waiters)
+- ``fanout:run:{R}:payloads`` hash: item id -> payload JSON while the item is pending (so the
+                              reaper can publish a lost message again)
+- ``fanout:run:{R}:results``  hash: item id -> JSON of what a stage returned that is neither
+                              children nor records (``Ledger.results``, for small runs)
+- ``fanout:run:{R}:loops``    hash: item id -> JSON {iteration, payload} of a looping item
+- ``fanout:run:{R}:roots``    list: root item ids in the order they were given (result order)
+- ``fanout:run:{R}:delayed``  sorted set: item id -> due time of its delayed message (the
+                              scheduler's per-run index: the reaper counts these in flight)
 
-Queues (kombu's own keys): one list per stage queue, named ``fanout.PIPELINE.STAGE``.
-- ``fanout:claimed:QUEUE``  sorted set: messages of QUEUE a worker claimed to run in a batch
-                            -> claim time (``claiming.py``); put back if never released
+Shared:
+- ``fanout:runs``             sorted set: run id -> created time (``fanout status``, the reaper)
+- ``fanout:reaper:lock``      string: held by the one worker sweeping for lost messages
+- ``fanout:delayed``          sorted set: encoded delivery -> due time (loops, retries); a mover
+                              in every worker publishes what is due (``engine/scheduler.py``)
+- ``fanout:dead:QUEUE``       list: messages of QUEUE that could not be decoded, with the reason
+- ``fanout:dead:queues``      set: the queues that have dead letters
+
+Broker side (kombu's own keys): one list per stage queue, named ``fanout.PIPELINE.STAGE``, and
+- ``fanout:claimed:QUEUE``    sorted set: messages of QUEUE a worker claimed to run in a batch
+                              -> claim time (``transport.py``); put back if never released
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 PREFIX = "fanout"
 RUNS_INDEX = f"{PREFIX}:runs"
 REAPER_LOCK = f"{PREFIX}:reaper:lock"
 DELAYED = f"{PREFIX}:delayed"
+DEAD_QUEUES = f"{PREFIX}:dead:queues"
 
 
-def run(run_id: str) -> str:
-    return f"{PREFIX}:run:{run_id}"
+@dataclass(frozen=True, slots=True)
+class RunKeys:
+    """The keys of one run, by name: Lua scripts are given them by name (``scripts.py``)."""
+
+    run: str
+    counts: str
+    items: str
+    failed: str
+    done: str
+    payloads: str
+    results: str
+    loops: str
+    roots: str
+    delayed: str
+
+    @classmethod
+    def of(cls, run_id: str) -> RunKeys:
+        base = f"{PREFIX}:run:{{{run_id}}}"
+        return cls(
+            run=base, counts=f"{base}:counts", items=f"{base}:items", failed=f"{base}:failed",
+            done=f"{base}:done", payloads=f"{base}:payloads", results=f"{base}:results",
+            loops=f"{base}:loops", roots=f"{base}:roots", delayed=f"{base}:delayed",
+        )
 
 
-def run_counts(run_id: str) -> str:
-    return f"{PREFIX}:run:{run_id}:counts"
-
-
-def run_items(run_id: str) -> str:
-    return f"{PREFIX}:run:{run_id}:items"
-
-
-def run_failed(run_id: str) -> str:
-    return f"{PREFIX}:run:{run_id}:failed"
-
-
-def run_done(run_id: str) -> str:
-    return f"{PREFIX}:run:{run_id}:done"
-
-
-def run_payloads(run_id: str) -> str:
-    return f"{PREFIX}:run:{run_id}:payloads"
-
-
-def run_results(run_id: str) -> str:
-    return f"{PREFIX}:run:{run_id}:results"
-
-
-def run_loops(run_id: str) -> str:
-    return f"{PREFIX}:run:{run_id}:loops"
-
-
-def run_roots(run_id: str) -> str:
-    return f"{PREFIX}:run:{run_id}:roots"
-
-
-def run_keys(run_id: str) -> list[str]:
-    """The keys of one run, in the order the ledger's Lua scripts take them."""
-    return [
-        run(run_id), run_counts(run_id), run_items(run_id), run_failed(run_id), run_done(run_id),
-        run_payloads(run_id), run_results(run_id), run_loops(run_id), run_roots(run_id),
-    ]
+def dead_letters(queue: str) -> str:
+    return f"{PREFIX}:dead:{queue}"
 
 
 def claimed(queue: str) -> str:

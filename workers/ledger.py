@@ -2,52 +2,36 @@
 
 Registering items and moving them to a terminal state are Lua scripts (``workers/lua/``), so
 a duplicate delivery never double-counts, and the item that brings ``pending`` to zero
-finishes the run, exactly once, without chords or polling.
+finishes the run, exactly once, without chords or polling. This module owns the keys named
+in ``keys.RunKeys`` and the runs index.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 import redis
 
-from workers import keys
+from workers import keys, scripts
+from workers.ids import canonical_json, to_json
+from workers.keys import RunKeys
+from workers.outcome import Outcome
+
+log = logging.getLogger("fanout.ledger")
 
 COUNTERS = ("enqueued", "succeeded", "failed", "cached", "retried", "throttled", "skipped")
 FINISHED = ("succeeded", "partial", "killed", "cancelled")
-Outcome = Literal["succeeded", "failed", "cached", "skipped"]
-_OUTCOME_CODES = {"succeeded": "s", "failed": "f", "cached": "c", "skipped": "k"}
 # Lua's register call takes its ids as ARGV; chunks keep one call's memory bounded.
 _REGISTER_CHUNK = 5000
 
 
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
-class RawJSON(str):
-    """Text that is already (canonical) JSON: a fan-out serializes each child once and uses
-    the text for its id, its ledger payload and its message."""
-
-    __slots__ = ()
-
-
-def to_json(value: Any) -> str:
-    return value if isinstance(value, RawJSON) else canonical_json(value)
-
-
-def item_id(stage: str, parent_id: str, index: int, args: Any) -> str:
-    """Deterministic id of one item: the same child of the same parent always gets the same id."""
-    digest = hashlib.blake2b(
-        f"{parent_id}|{stage}|{index}|{to_json(args)}".encode(), digest_size=8
-    ).hexdigest()
-    return f"{stage}:{digest}"
+class LedgerError(Exception):
+    """The ledger refused a transition (an item never registered, a run unknown)."""
 
 
 def _pairs(entries: Sequence[tuple[str, Any]]) -> list[str]:
@@ -57,8 +41,18 @@ def _pairs(entries: Sequence[tuple[str, Any]]) -> list[str]:
     return flat
 
 
-def _load(name: str) -> str:
-    return resources.files("workers").joinpath("lua", name).read_text()
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """One item's terminal transition: what ``Ledger.finish_many`` records."""
+
+    run_id: str
+    stage: str
+    item_id: str
+    outcome: Outcome
+    iteration: int = 1  # the iteration that ended the item (1 unless it looped)
+    rows: int = 0  # sink rows written for it
+    result: Any = None  # a JSON value kept for ``results`` (small runs)
+    failure: dict[str, Any] | None = None
 
 
 @dataclass
@@ -104,10 +98,10 @@ class Ledger:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
-        self._create = client.register_script(_load("create_run.lua"))
-        self._register = client.register_script(_load("register_items.lua"))
-        self._finish = client.register_script(_load("finish_item.lua"))
-        self._advance = client.register_script(_load("advance_loop.lua"))
+        self._create = scripts.load("create_run")
+        self._register = scripts.load("register_items")
+        self._finish = scripts.load("finish_item")
+        self._advance = scripts.load("advance_loop")
 
     def create_run(
         self,
@@ -116,79 +110,75 @@ class Ledger:
         params: dict[str, Any],
         root_stage: str,
         roots: Sequence[tuple[str, Any]],
-    ) -> int:
-        run_keys = keys.run_keys(run_id)
-        args: list[str | float] = [
-            run_id, pipeline, canonical_json(params), time.time(), self.ttl_s, root_stage,
-            *_pairs(roots),
-        ]
-        return int(self._create(keys=[*run_keys, keys.RUNS_INDEX], args=args))
+    ) -> bool:
+        """Create the run with its roots registered. Idempotent: False when it existed."""
+        now = time.time()
+        # Indexed first: a run is never in Redis without being findable by the reaper.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(keys.RUNS_INDEX, {run_id: now}, nx=True)  # a repeat keeps the first time
+        pipe.zremrangebyscore(keys.RUNS_INDEX, "-inf", now - self.ttl_s)  # expired runs
+        pipe.execute()
+        args = [run_id, pipeline, canonical_json(params), now, self.ttl_s, root_stage,
+                *_pairs(roots)]
+        return bool(self._create(self.redis, RunKeys.of(run_id), args))
 
     def register(self, run_id: str, stage: str, entries: Sequence[tuple[str, Any]]) -> int:
         """Register children (id, payload) as pending before they are published.
         Returns how many were new."""
-        k = keys.run_keys(run_id)
-        run_keys = [k[0], k[1], k[2], k[5]]  # run, counts, items, payloads
+        run_keys = RunKeys.of(run_id)
         new = 0
         for start in range(0, len(entries), _REGISTER_CHUNK):
             chunk = entries[start : start + _REGISTER_CHUNK]
-            args: list[str | float] = [stage, self.ttl_s, time.time(), *_pairs(chunk)]
-            new += int(self._register(keys=run_keys, args=args))
+            args = [stage, self.ttl_s, time.time(), *_pairs(chunk)]
+            try:
+                new += int(self._register(self.redis, run_keys, args))
+            except redis.ResponseError as exc:
+                raise LedgerError(f"run {run_id}: {exc}") from exc
         return new
 
-    def finish(
-        self,
-        run_id: str,
-        stage: str,
-        item: str,
-        outcome: Outcome,
-        *,
-        rows: int = 0,
-        failure: dict[str, Any] | None = None,
-        result: Any = None,
-        iteration: int = 1,
-    ) -> int:
-        """Terminal transition: 0 duplicate (or a stale loop iteration), 1 counted,
+    def finish(self, done: Finish) -> int:
+        """One terminal transition: 0 duplicate (or a stale loop iteration), 1 counted,
         2 counted and the run finished."""
-        return int(
-            self._finish(
-                keys=keys.run_keys(run_id)[:8],
-                args=[
-                    item,
-                    stage,
-                    _OUTCOME_CODES[outcome],
-                    rows,
-                    canonical_json(failure) if failure else "",
-                    time.time(),
-                    self.ttl_s,
-                    "" if result is None else canonical_json(result),
-                    iteration,
-                ],
-            )
-        )
+        return self.finish_many([done])[0]
 
-    def finish_many(self, successes: Sequence[tuple[str, str, str, int, Any, int]]) -> None:
-        """Move many items to succeeded in one round trip: (run, stage, item, rows, result,
-        iteration) each, with the same exactly-once script as ``finish``."""
-        if not successes:
-            return
+    def finish_many(self, done: Sequence[Finish]) -> list[int]:
+        """Terminal transitions of many items in one round trip, each exactly once (see
+        ``finish``). An item the ledger never registered is logged and answers -1."""
+        if not done:
+            return []
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        for run_id, stage, item, rows, result, iteration in successes:
-            self._finish(
-                keys=keys.run_keys(run_id)[:8],
-                args=[item, stage, "s", rows, "", now, self.ttl_s,
-                      "" if result is None else canonical_json(result), iteration],
-                client=pipe,
-            )
+        for f in done:
+            args = [
+                f.item_id, f.stage, f.outcome.ledger_code, f.rows,
+                canonical_json(f.failure) if f.failure else "", now, self.ttl_s,
+                "" if f.result is None else canonical_json(f.result), f.iteration,
+            ]
+            self._finish(self.redis, RunKeys.of(f.run_id), args, pipe=pipe)
+        codes = []
+        for f, reply in zip(done, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(reply, Exception):
+                log.error("run %s item %s: finish refused: %s", f.run_id, f.item_id, reply)
+                codes.append(-1)
+            else:
+                codes.append(int(reply))
+        return codes
+
+    def note(self, run_id: str, stage: str, counter: str, by: int = 1) -> None:
+        """Count a non-terminal event (a retry, a throttle) as progress of the run."""
+        run_keys = RunKeys.of(run_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(run_keys.counts, f"{stage}:{counter}", by)
+        pipe.hset(run_keys.run, "progress_at", time.time())
         pipe.execute()
 
     def progress_many(self, items: Sequence[tuple[str, str]]) -> list[tuple[str | None, int]]:
         """``item_progress`` of many (run id, item id) in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for run_id, item in items:
-            pipe.hget(keys.run_items(run_id), item)
-            pipe.hget(keys.run_loops(run_id), item)
+            run_keys = RunKeys.of(run_id)
+            pipe.hget(run_keys.items, item)
+            pipe.hget(run_keys.loops, item)
         replies = pipe.execute()
         progress = []
         for state, loop in zip(replies[::2], replies[1::2], strict=True):
@@ -200,34 +190,24 @@ class Ledger:
         self, run_id: str, stage: str, item: str, iteration: int, payload: Any
     ) -> bool:
         """Move a looping item from ``iteration`` to the next, exactly once."""
-        k = keys.run_keys(run_id)
         state = canonical_json({"iteration": iteration + 1, "payload": payload})
-        args: list[str | float] = [item, stage, iteration, state, time.time(), self.ttl_s]
-        return bool(self._advance(keys=[k[0], k[1], k[2], k[7]], args=args))
+        args = [item, stage, iteration, state, time.time(), self.ttl_s]
+        return bool(self._advance(self.redis, RunKeys.of(run_id), args))
 
     def loop_states(self, run_id: str) -> dict[str, dict[str, Any]]:
         """Loop state {iteration, payload} of every item that is looping."""
-        raw = self.redis.hgetall(keys.run_loops(run_id))
+        raw = self.redis.hgetall(RunKeys.of(run_id).loops)
         return {str(k): json.loads(v) for k, v in raw.items()}
-
-    def item_progress(self, run_id: str, item: str) -> tuple[str | None, int]:
-        """(state, current loop iteration) of one item, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hget(keys.run_items(run_id), item)
-        pipe.hget(keys.run_loops(run_id), item)
-        state, loop = pipe.execute()
-        iteration = int(json.loads(loop)["iteration"]) if loop else 1
-        return (None if state is None else str(state)), iteration
 
     def results(self, run_id: str) -> list[Any]:
         """What each root item returned, in the order the roots were given."""
-        roots = self.redis.lrange(keys.run_roots(run_id), 0, -1)
-        values = self.redis.hmget(keys.run_results(run_id), roots) if roots else []
+        roots = self.redis.lrange(RunKeys.of(run_id).roots, 0, -1)
+        values = self.redis.hmget(RunKeys.of(run_id).results, roots) if roots else []
         return [None if v is None else json.loads(v) for v in values]
 
     def pending_payloads(self, run_id: str) -> dict[str, Any]:
         """Payloads of the items not yet terminal."""
-        raw = self.redis.hgetall(keys.run_payloads(run_id))
+        raw = self.redis.hgetall(RunKeys.of(run_id).payloads)
         return {str(k): json.loads(v) for k, v in raw.items()}
 
     def running_runs(self) -> list[tuple[str, str, float]]:
@@ -235,7 +215,7 @@ class Ledger:
         ids = [str(i) for i in self.redis.zrange(keys.RUNS_INDEX, 0, -1)]
         pipe = self.redis.pipeline(transaction=False)
         for run_id in ids:
-            pipe.hmget(keys.run(run_id), "status", "pipeline", "progress_at")
+            pipe.hmget(RunKeys.of(run_id).run, "status", "pipeline", "progress_at")
         running = []
         for run_id, (status, pipeline, progress_at) in zip(ids, pipe.execute(), strict=True):
             if status == "running" and progress_at:
@@ -244,22 +224,19 @@ class Ledger:
 
     def touch(self, run_id: str) -> None:
         """Count as progress (the reaper just acted on this run)."""
-        self.redis.hset(keys.run(run_id), "progress_at", time.time())
-
-    def incr(self, run_id: str, stage: str, counter: str, by: int = 1) -> None:
-        self.redis.hincrby(keys.run_counts(run_id), f"{stage}:{counter}", by)
+        self.redis.hset(RunKeys.of(run_id).run, "progress_at", time.time())
 
     def params(self, run_id: str) -> dict[str, Any]:
-        raw = self.redis.hget(keys.run(run_id), "params")
+        raw = self.redis.hget(RunKeys.of(run_id).run, "params")
         if raw is None:
             raise KeyError(run_id)
         return dict(json.loads(str(raw)))
 
     def snapshot(self, run_id: str, stage_order: Iterable[str] = ()) -> RunSnapshot | None:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(keys.run(run_id))
-        pipe.hgetall(keys.run_counts(run_id))
-        pipe.hlen(keys.run_failed(run_id))
+        pipe.hgetall(RunKeys.of(run_id).run)
+        pipe.hgetall(RunKeys.of(run_id).counts)
+        pipe.hlen(RunKeys.of(run_id).failed)
         run, counts, failed = pipe.execute()
         if not run:
             return None
@@ -286,12 +263,12 @@ class Ledger:
         )
 
     def failures(self, run_id: str) -> dict[str, dict[str, Any]]:
-        raw = self.redis.hgetall(keys.run_failed(run_id))
+        raw = self.redis.hgetall(RunKeys.of(run_id).failed)
         return {str(item): json.loads(value) for item, value in raw.items()}
 
     def wait(self, run_id: str, timeout_s: float) -> str | None:
         """Block until the run finishes (BLPOP on its done list) or ``timeout_s`` passes."""
-        done_key = keys.run_done(run_id)
+        done_key = RunKeys.of(run_id).done
         deadline = time.monotonic() + timeout_s
         while True:
             # Short slices: the client's socket timeout (redis-py: 5 s) bounds one BLPOP.
@@ -299,7 +276,11 @@ class Ledger:
             popped = self.redis.blpop([done_key], timeout=slice_s)
             if popped is not None:
                 status = str(popped[1])
-                self.redis.rpush(done_key, status)  # put it back for other waiters
+                # Put it back for other waiters; the pop deleted the key, and its TTL with it.
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.rpush(done_key, status)
+                pipe.expire(done_key, self.ttl_s)
+                pipe.execute()
                 return status
             if time.monotonic() >= deadline:
                 return None

@@ -9,6 +9,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+#: Pipelines every worker and producer loads; FANOUT_PIPELINES=module,module adds more.
+BUILTIN_PIPELINES = ("workers.pipelines.demo",)
+
 
 class ConfigError(Exception):
     """Bad configuration: the CLI prints it as one line and exits 2."""
@@ -47,7 +50,11 @@ class Settings:
     ledger_ttl_s: int
     http_timeout_s: float
     prefetch_multiplier: int
-    pipelines: tuple[str, ...]
+    pipelines: tuple[str, ...]  # from FANOUT_PIPELINES, beside the built-in ones
+
+    @property
+    def pipeline_modules(self) -> tuple[str, ...]:
+        return (*BUILTIN_PIPELINES, *(p for p in self.pipelines if p not in BUILTIN_PIPELINES))
 
     @classmethod
     def from_env(cls) -> Settings:

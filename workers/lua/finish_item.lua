@@ -1,6 +1,5 @@
 -- Move one item to a terminal state, exactly once, and finish the run when it was the last.
--- KEYS: [1] run hash, [2] counts hash, [3] items hash, [4] failed hash, [5] done list,
---       [6] payloads hash, [7] results hash, [8] loops hash
+-- KEYS: run, counts, items, failed, done, payloads, results, loops, roots
 -- ARGV: [1] item id, [2] stage, [3] outcome: s succeeded | f failed | c cached | k skipped,
 --       [4] sink rows written, [5] failure JSON or '', [6] now (epoch seconds), [7] ttl_s,
 --       [8] result JSON or '', [9] the iteration that ended the item (1 unless it looped)
@@ -12,6 +11,11 @@ if not state then
 end
 if state ~= 'p' then return 0 end
 local ttl = tonumber(ARGV[7])
+-- The run's keys live while it progresses: refreshed once half their TTL is gone (one TTL
+-- read per finish), and all of them again when the run ends.
+local function refresh()
+  for i = 1, 9 do redis.call('EXPIRE', KEYS[i], ttl) end
+end
 local iteration = tonumber(ARGV[9])
 if iteration > 0 then
   -- A stale iteration (the loop already moved past it) must not end the loop.
@@ -40,7 +44,10 @@ if ARGV[8] ~= '' then
 end
 redis.call('HSET', KEYS[1], 'progress_at', ARGV[6])
 local pending = redis.call('HINCRBY', KEYS[1], 'pending', -1)
-if pending > 0 then return 1 end
+if pending > 0 then
+  if redis.call('TTL', KEYS[1]) < ttl / 2 then refresh() end
+  return 1
+end
 -- The last terminal item finishes the run. A run already killed or cancelled keeps that status.
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'running' then
@@ -50,5 +57,5 @@ if status == 'running' then
 end
 redis.call('HSET', KEYS[1], 'finished_at', ARGV[6])
 redis.call('RPUSH', KEYS[5], status)
-for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+refresh()
 return 2

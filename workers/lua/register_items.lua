@@ -1,7 +1,7 @@
 -- Register child items before they are published. An id seen before is not counted again,
 -- so a parent that is delivered twice publishes its children twice but registers them once.
 -- The payload is kept until the item is terminal, so a lost message can be published again.
--- KEYS: [1] run hash, [2] counts hash, [3] items hash, [4] payloads hash
+-- KEYS: run, counts, items, payloads
 -- ARGV: [1] stage, [2] ttl_s, [3] now, then pairs: [4] item id, [5] payload JSON, ...
 -- Returns the number of ids that were new.
 if redis.call('EXISTS', KEYS[1]) == 0 then

@@ -1,6 +1,6 @@
 -- Put back on their queue the claimed messages whose worker never released them (it died):
 -- the counterpart of kombu's restore of unacked messages after the visibility timeout.
--- KEYS: [1] claimed sorted set, [2] queue list
+-- KEYS: claimed, queue
 -- ARGV: [1] claimed before this time (epoch seconds)
 -- Returns how many were put back.
 local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])

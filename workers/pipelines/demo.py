@@ -6,12 +6,9 @@ import datetime as dt
 import os
 from typing import Any
 
+from workers.api import Loop, Pipeline, Record, StageContext
 from workers.http import request_json
-from workers.looping import Loop
-from workers.pipeline import Pipeline
-from workers.runtime import StageContext
 from workers.settings import ConfigError
-from workers.sinks import Record
 
 DEFAULT_VENDOR_URL = "http://127.0.0.1:8765"
 
@@ -77,7 +74,7 @@ def service(ctx: StageContext, item: dict[str, str]) -> list[dict[str, str]]:
     return [{**item, "day": day} for day in metric_days(ctx.params["end_day"], ctx.params["days"])]
 
 
-@demo.stage("metric_day", batch=16)
+@demo.stage("metric_day", claim_batch=16)
 def metric_day(ctx: StageContext, item: dict[str, str]) -> Record:
     path = f"/accounts/{item['account']}/services/{item['service']}/metrics"
     data = _get(ctx.params, path, day=item["day"])

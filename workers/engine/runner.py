@@ -1,0 +1,273 @@
+"""The stage runner: one path for a single delivery and for a claimed batch.
+
+For each delivery: ledger check -> hooks before -> stage call -> hooks after -> fan-out ->
+ledger. Order matters for at-least-once delivery with exactly-once accounting:
+1. an item already terminal in the ledger is a duplicate delivery (an old loop iteration is
+   stale): skip it before any vendor call;
+2. run the stage function (or take what a hook served);
+3. register and publish its children, or advance its loop;
+4. only then write its records to the sink and move it to its terminal state (Lua), which may
+   finish the run; a batch does both in one sink commit and one ledger round trip.
+A worker killed anywhere before 4 leaves the item pending; its message comes back and steps
+2-3 are repeated, which is harmless: registration and the sink are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from kombu.exceptions import OperationalError
+
+from workers.api import Stage, find_stage, get_pipeline
+from workers.context import StageContext
+from workers.engine.services import Services
+from workers.hooks import Defer, Hook, Serve, Skip, StageResult
+from workers.ids import RawJSON, canonical_json, item_id, loop_parent
+from workers.ledger import Finish
+from workers.looping import Loop, LoopLimitExceeded, LoopState
+from workers.message import BadMessage, Delivery, decode_redis
+from workers.outcome import Outcome
+from workers.sinks import Record
+
+log = logging.getLogger("fanout")
+
+#: Errors of fanout's own infrastructure: the item did not fail, its message goes back.
+INFRA_ERRORS = (redis.RedisError, OperationalError)
+
+
+def publish_children(
+    services: Services, stage: Stage, run_id: str, parent_id: str, items: Sequence[Any]
+) -> int:
+    """Register children in the ledger, then publish them in bulk. Returns how many."""
+    texts = [RawJSON(canonical_json(item)) for item in items]
+    deliveries = [
+        Delivery(stage.task_name, run_id, item_id(stage.name, parent_id, i, text), text)
+        for i, text in enumerate(texts)
+    ]
+    if deliveries:
+        services.ledger.register(run_id, stage.name, [(d.item_id, d.payload) for d in deliveries])
+        services.transport.publish(deliveries)
+    return len(deliveries)
+
+
+@dataclass
+class _Batch:
+    """Terminal transitions deferred to the end of a batch, with the records they wrote."""
+
+    finishes: list[Finish] = field(default_factory=list)
+    records: dict[str, list[Record]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, done: Finish, records: Sequence[Record] = ()) -> None:
+        self.finishes.append(done)
+        if records:
+            self.records[done.run_id].extend(records)
+
+
+class StageRunner:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._params: dict[str, dict[str, Any]] = {}
+        self._params_lock = threading.Lock()
+
+    # -- entry points ---------------------------------------------------------------------
+
+    def run_claimed(self, first: Delivery, stage: Stage) -> list[Outcome]:
+        """Run ``first`` and, for a ``claim_batch`` stage, up to N-1 more messages claimed
+        from its queue. A claimed message that does not decode is dead-lettered; the rest of
+        the batch goes on. Claims are released once their items are recorded."""
+        transport = self.services.transport
+        claimed = transport.claim(stage.queue, stage.claim_batch - 1) \
+            if stage.claim_batch > 1 else []
+        work = [(first, stage)]
+        for raw in claimed:
+            decoded = self._decode_claimed(raw, stage)
+            if decoded is not None:
+                work.append(decoded)
+        outcomes = self.run(work)
+        transport.release(stage.queue, claimed)
+        return outcomes
+
+    def run(self, work: Sequence[tuple[Delivery, Stage]]) -> list[Outcome]:
+        """Run deliveries (each with its stage); returns an outcome for each."""
+        ledger = self.services.ledger
+        progress = ledger.progress_many([(d.run_id, d.item_id) for d, _ in work])
+        batch = _Batch()
+        outcomes = []
+        seen: set[tuple[str, str, int]] = set()
+        for (delivery, stage), (state, iteration) in zip(work, progress, strict=True):
+            copy_of = (delivery.run_id, delivery.item_id, delivery.iteration)
+            if copy_of in seen:  # two copies of one message in this batch: run it once
+                outcomes.append(Outcome.DUPLICATE)
+                continue
+            seen.add(copy_of)
+            outcomes.append(self._run_one(delivery, stage, state, iteration, batch))
+        self._record(batch)
+        return outcomes
+
+    # -- one delivery ---------------------------------------------------------------------
+
+    def _decode_claimed(self, raw: str, stage: Stage) -> tuple[Delivery, Stage] | None:
+        try:
+            delivery = decode_redis(raw)
+        except BadMessage as exc:
+            self.services.dead_letters.add(stage.queue, raw, exc.reason)
+            return None
+        own = find_stage(delivery.task)
+        if own is None:
+            self.services.dead_letters.add(stage.queue, raw, f"unknown task {delivery.task!r}")
+            return None
+        return delivery, own
+
+    def _run_one(
+        self, delivery: Delivery, stage: Stage, state: str | None, iteration: int, batch: _Batch
+    ) -> Outcome:
+        if state is None:
+            log.warning("%s %s: unknown item (run expired?), dropped", stage.task_name,
+                        delivery.item_id)
+            return Outcome.UNKNOWN_ITEM
+        if state != "p":
+            return Outcome.DUPLICATE
+        if iteration != delivery.iteration:
+            return Outcome.STALE  # the loop has moved on; this is an old copy
+        pipeline = get_pipeline(stage.pipeline)
+        ctx = StageContext(
+            delivery.run_id, delivery.item_id, stage.pipeline, stage.name,
+            self._run_params(delivery.run_id), delivery.attempt,
+            LoopState(delivery.iteration, delivery.loop_payload), frozenset(pipeline.stages),
+        )
+        hooks = pipeline.hooks_of(stage)
+        try:
+            served = self._before(hooks, delivery, stage, ctx, batch)
+            if isinstance(served, Outcome):
+                return served
+            if served is not None:
+                return self._complete(delivery, stage, served, batch, Outcome.CACHED)
+            try:
+                returned = stage.fn(ctx, delivery.payload)
+            except Loop as signal:
+                returned = signal
+            result = self._result(stage, ctx, returned)
+            for hook in hooks:
+                hook.after(ctx, delivery.payload, result)
+            return self._complete(delivery, stage, result, batch, Outcome.SUCCEEDED)
+        except INFRA_ERRORS:
+            raise
+        except Exception as exc:
+            return self._failed(delivery, stage, ctx, hooks, exc, batch)
+
+    def _before(
+        self, hooks: Sequence[Hook], delivery: Delivery, stage: Stage, ctx: StageContext,
+        batch: _Batch,
+    ) -> StageResult | Outcome | None:
+        """Ask the hooks: an outcome ends the item here, a result replaces the call."""
+        for hook in hooks:
+            decision = hook.before(ctx, delivery.payload)
+            if isinstance(decision, Skip):
+                batch.add(Finish(delivery.run_id, stage.name, delivery.item_id,
+                                 Outcome.SKIPPED, delivery.iteration))
+                return Outcome.SKIPPED
+            if isinstance(decision, Defer):
+                self.services.ledger.note(delivery.run_id, stage.name, "throttled")
+                self.services.scheduler.later(delivery, decision.delay_s)
+                return Outcome.THROTTLED
+            if isinstance(decision, Serve):
+                return decision.result
+        return None
+
+    @staticmethod
+    def _result(stage: Stage, ctx: StageContext, returned: Any) -> StageResult:
+        result = StageResult(children={k: list(v) for k, v in ctx.children.items()})
+        if isinstance(returned, Loop):
+            result.next_loop = returned
+        elif stage.maps_to:
+            result.children.setdefault(stage.maps_to, []).extend(list(returned or []))
+        elif isinstance(returned, Record):
+            result.records = [returned]
+        elif (isinstance(returned, list | tuple) and returned
+              and all(isinstance(r, Record) for r in returned)):
+            result.records = list(returned)
+        else:
+            result.value = returned
+        return result
+
+    def _complete(
+        self, delivery: Delivery, stage: Stage, result: StageResult, batch: _Batch,
+        outcome: Outcome,
+    ) -> Outcome:
+        pipeline = get_pipeline(stage.pipeline)
+        parent = loop_parent(delivery.item_id, delivery.iteration)
+        for target, items in result.children.items():
+            publish_children(self.services, pipeline.stages[target], delivery.run_id, parent,
+                             items)
+        if result.next_loop is not None:
+            return self._advance(delivery, stage, result.next_loop)
+        batch.add(Finish(delivery.run_id, stage.name, delivery.item_id, outcome,
+                         delivery.iteration, rows=len(result.records), result=result.value),
+                  result.records)
+        return outcome
+
+    def _advance(self, delivery: Delivery, stage: Stage, signal: Loop) -> Outcome:
+        if delivery.iteration + 1 > stage.max_iterations:
+            raise LoopLimitExceeded(
+                f"{stage.task_name} looped past max_iterations={stage.max_iterations}"
+            )
+        advanced = self.services.ledger.advance_loop(
+            delivery.run_id, stage.name, delivery.item_id, delivery.iteration, signal.payload
+        )
+        if advanced:  # a duplicate of this iteration must not enqueue the next one twice
+            self.services.scheduler.later(delivery.next_iteration(signal.payload),
+                                          signal.delay_s)
+        return Outcome.LOOPED
+
+    def _failed(
+        self, delivery: Delivery, stage: Stage, ctx: StageContext, hooks: Sequence[Hook],
+        exc: Exception, batch: _Batch,
+    ) -> Outcome:
+        final = isinstance(exc, LoopLimitExceeded) or delivery.attempt > stage.retries
+        for hook in hooks:
+            hook.on_failure(ctx, delivery.payload, exc, final=final)
+        if not final:
+            delay_s = stage.retry_delay_for(delivery.attempt)
+            self.services.ledger.note(delivery.run_id, stage.name, "retried")
+            log.info("%s %s attempt %d failed (%s), retrying in %.1fs", stage.task_name,
+                     delivery.item_id, delivery.attempt, exc, delay_s)
+            self.services.scheduler.later(delivery.next_attempt(), delay_s)
+            return Outcome.RETRYING
+        failure = {
+            "stage": stage.name,
+            "item": delivery.payload,
+            "error_type": type(exc).__name__,
+            "message": str(exc)[:500],
+            "attempts": delivery.attempt,
+            "iteration": delivery.iteration,
+        }
+        batch.add(Finish(delivery.run_id, stage.name, delivery.item_id, Outcome.FAILED,
+                         delivery.iteration, failure=failure))
+        log.info("%s %s failed: %s", stage.task_name, delivery.item_id, exc)
+        return Outcome.FAILED
+
+    # -- the end of a batch ---------------------------------------------------------------
+
+    def _record(self, batch: _Batch) -> None:
+        """Records first, then the terminal transitions: a counted item has its rows."""
+        sink = self.services.sink()
+        for run_id, records in batch.records.items():
+            sink.write(records, run_id)
+        self.services.ledger.finish_many(batch.finishes)
+
+    def _run_params(self, run_id: str) -> dict[str, Any]:
+        """Run parameters, read from the ledger once per process (messages stay lean)."""
+        params = self._params.get(run_id)
+        if params is None:
+            params = self.services.ledger.params(run_id)
+            with self._params_lock:
+                if len(self._params) > 256:
+                    self._params.clear()
+                self._params[run_id] = params
+        return params

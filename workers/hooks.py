@@ -1,0 +1,87 @@
+"""Hook points around a stage call, the same for single and claimed-batch deliveries.
+
+A ``Hook`` may act before the call (skip the item, serve it from elsewhere, defer it) and
+after it (record, trip a switch), in the spirit of Dramatiq's middleware. Retries, limits,
+caching and kill switches plug in here; a pipeline lists its hooks (``Pipeline(hooks=...)``)
+and a stage may add its own. What a stage produced is a ``StageResult``: the engine fans it out
+the same way whether the stage ran, a hook served it, or a replay brought it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.context import StageContext
+from workers.looping import Loop
+from workers.sinks.base import Record
+
+
+@dataclass
+class StageResult:
+    """What one item of a stage produced."""
+
+    children: dict[str, list[Any]] = field(default_factory=dict)  # stage -> items to map
+    records: list[Record] = field(default_factory=list)  # for the sink
+    value: Any = None  # any other JSON value (kept for ``Ledger.results``)
+    next_loop: Loop | None = None  # run the item again
+
+    def to_json(self) -> dict[str, Any]:
+        loop = self.next_loop
+        return {
+            "children": self.children,
+            "records": [r.__dict__ for r in self.records],
+            "value": self.value,
+            "loop": None if loop is None else {"payload": loop.payload, "delay_s": loop.delay_s},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StageResult:
+        loop = data.get("loop")
+        return cls(
+            children={k: list(v) for k, v in (data.get("children") or {}).items()},
+            records=[Record(**r) for r in data.get("records") or []],
+            value=data.get("value"),
+            next_loop=None if loop is None else Loop(loop["payload"], loop["delay_s"]),
+        )
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Do not run the item: it ends ``skipped``."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Serve:
+    """Do not run the item: use this result instead; it ends ``cached`` and still fans out."""
+
+    result: StageResult
+
+
+@dataclass(frozen=True)
+class Defer:
+    """Do not run the item now: run it again after ``delay_s``, counted ``throttled``."""
+
+    delay_s: float
+    reason: str
+
+
+Decision = Skip | Serve | Defer
+
+
+class Hook:
+    """Override what you need; every method defaults to doing nothing."""
+
+    def before(self, ctx: StageContext, item: Any) -> Decision | None:
+        """Called before the stage function; a decision replaces the call."""
+        return None
+
+    def after(self, ctx: StageContext, item: Any, result: StageResult) -> None:
+        """Called after the stage function returned (not for a served or skipped item)."""
+
+    def on_failure(
+        self, ctx: StageContext, item: Any, exc: BaseException, *, final: bool
+    ) -> None:
+        """Called when the stage function raised; ``final`` when no retry follows."""

@@ -1,0 +1,51 @@
+"""The Lua scripts, loaded from ``lua/`` once per Redis client and called with named keys.
+
+Each script's header states its KEYS (by name, in order) and ARGV. A ``Script`` takes the key
+names from that header, so a caller passes a ``RunKeys`` (or a dict) and never a position.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis
+
+_KEYS_LINE = re.compile(r"^-- KEYS: (.+)$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    keys: tuple[str, ...]
+    source: str
+
+    def __call__(
+        self, client: redis.Redis, keys: Any, args: Sequence[Any], *, pipe: Any = None
+    ) -> Any:
+        """Run on ``client`` (or queue on ``pipe``). ``keys``: an object or mapping with an
+        attribute or entry for each of the script's key names."""
+        named = [_lookup(keys, k) for k in self.keys]
+        return _registered(client, self.name)(keys=named, args=list(args), client=pipe)
+
+
+def _lookup(keys: Any, name: str) -> str:
+    return str(keys[name] if isinstance(keys, Mapping) else getattr(keys, name))
+
+
+@functools.cache
+def load(name: str) -> Script:
+    source = resources.files("workers").joinpath("lua", f"{name}.lua").read_text()
+    match = _KEYS_LINE.search(source)
+    if match is None:
+        raise ValueError(f"lua/{name}.lua has no '-- KEYS: name, name' header")
+    return Script(name, tuple(k.strip() for k in match.group(1).split(",")), source)
+
+
+@functools.cache
+def _registered(client: redis.Redis, name: str) -> Any:
+    return client.register_script(load(name).source)

@@ -1,0 +1,139 @@
+"""The transport boundary: how deliveries reach the broker, and what the engine may ask of it.
+
+``RedisTransport`` is the fast path on a Redis broker: lean messages built by
+``message.encode_redis`` and LPUSHed in bulk (one round trip per 1,000), claims of queued
+messages for batched consumption (``lua/claim.lua``), and queue depths. ``KombuTransport``
+serves any other broker (RabbitMQ) through kombu's own producer with the same headers and
+body, and has no claims. Nothing above this module reads a queue's raw layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Protocol
+
+import redis
+from kombu import Connection, Exchange, Queue
+from kombu.pools import producers
+
+from workers import keys, scripts
+from workers.message import CONTENT_TYPE, Delivery, encode_redis
+
+log = logging.getLogger("fanout.transport")
+
+_PUBLISH_CHUNK = 1000
+
+
+class Transport(Protocol):
+    def publish(self, deliveries: Sequence[Delivery]) -> None:
+        """Put each delivery on its stage's queue."""
+
+    def claim(self, queue: str, count: int) -> list[str]:
+        """Take up to ``count`` raw messages off ``queue`` to run in a batch, recorded as
+        claimed until ``release``; [] where the broker cannot."""
+
+    def release(self, queue: str, raws: Sequence[str]) -> None:
+        """The claimed messages are done (or dead-lettered)."""
+
+    def restore_claims(self, queues: Sequence[str], claimed_before: float) -> int:
+        """Put back messages claimed before ``claimed_before`` and never released (their
+        worker died). Returns how many."""
+
+    def queue_depth(self, queue: str) -> int:
+        """Messages waiting on ``queue``, claimed ones included."""
+
+
+class RedisTransport:
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._claim = scripts.load("claim")
+        self._restore = scripts.load("restore_claimed")
+
+    def publish(self, deliveries: Sequence[Delivery]) -> None:
+        by_queue: dict[str, list[str]] = defaultdict(list)
+        for delivery in deliveries:
+            by_queue[delivery.queue].append(encode_redis(delivery))
+        pipe = self.redis.pipeline(transaction=False)
+        for queue, messages in by_queue.items():
+            for start in range(0, len(messages), _PUBLISH_CHUNK):
+                # kombu consumes with BRPOP, so LPUSH keeps FIFO order.
+                pipe.lpush(queue, *messages[start : start + _PUBLISH_CHUNK])
+                if len(pipe) >= 8:
+                    pipe.execute()
+        if len(pipe):
+            pipe.execute()
+
+    def claim(self, queue: str, count: int) -> list[str]:
+        keys_ = {"queue": queue, "claimed": keys.claimed(queue)}
+        taken = self._claim(self.redis, keys_, [count, time.time(), self.ttl_s])
+        return [str(m) for m in taken]
+
+    def release(self, queue: str, raws: Sequence[str]) -> None:
+        if raws:
+            self.redis.zrem(keys.claimed(queue), *raws)
+
+    def restore_claims(self, queues: Sequence[str], claimed_before: float) -> int:
+        restored = 0
+        for queue in queues:
+            keys_ = {"claimed": keys.claimed(queue), "queue": queue}
+            restored += int(self._restore(self.redis, keys_, [claimed_before]))
+        return restored
+
+    def queue_depth(self, queue: str) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(queue)
+        pipe.zcard(keys.claimed(queue))
+        return sum(int(n) for n in pipe.execute())
+
+
+class KombuTransport:
+    """Any broker kombu speaks (RabbitMQ): kombu's producer pool, no claims."""
+
+    def __init__(self, broker_url: str) -> None:
+        self.url = broker_url
+        self._connection = Connection(broker_url)
+        self._queues: dict[str, Queue] = {}
+
+    def _queue(self, name: str) -> Queue:
+        # The declaration Celery's worker makes: durable, on the default exchange.
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = Queue(name, Exchange(""), routing_key=name)
+        return queue
+
+    def publish(self, deliveries: Sequence[Delivery]) -> None:
+        with producers[self._connection].acquire(block=True) as producer:
+            for delivery in deliveries:
+                producer.publish(
+                    delivery.body(), exchange="", routing_key=delivery.queue,
+                    headers=delivery.headers(), content_type=CONTENT_TYPE,
+                    content_encoding="utf-8", delivery_mode=2,
+                    declare=[self._queue(delivery.queue)], retry=True,
+                )
+
+    def claim(self, queue: str, count: int) -> list[str]:
+        return []
+
+    def release(self, queue: str, raws: Sequence[str]) -> None:
+        return None
+
+    def restore_claims(self, queues: Sequence[str], claimed_before: float) -> int:
+        return 0
+
+    def queue_depth(self, queue: str) -> int:
+        with Connection(self.url) as connection, connection.channel() as channel:
+            try:
+                return int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except connection.channel_errors:
+                return 0  # never declared: nothing waits on it
+
+
+def open_transport(broker_url: str, client: redis.Redis | None, ttl_s: int) -> Transport:
+    """The Redis fast path when the broker is Redis (``client`` is then its client)."""
+    if client is not None and broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisTransport(client, ttl_s)
+    return KombuTransport(broker_url)
