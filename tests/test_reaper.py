@@ -1,0 +1,255 @@
+"""The reaper (``workers/engine/reaper.py``) on a real Redis, no worker running, with a fake
+clock: a run is set up in the ledger with its items registered but never published (their
+messages were "lost"), and the clock is moved past the stall time instead of sleeping."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import redis
+
+from producers.trigger import load_configured_pipelines
+from workers import keys
+from workers.api import Pipeline, get_pipeline
+from workers.engine.reaper import Reaper
+from workers.engine.scheduler import Scheduler
+from workers.engine.services import Services, build
+from workers.ids import item_id
+from workers.keys import RunKeys
+from workers.ledger import Finish
+from workers.message import Delivery, decode_redis, encode_redis
+from workers.outcome import Outcome
+from workers.settings import get_settings
+
+RUN = "run-lost"
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def svc() -> Services:
+    load_configured_pipelines()
+    return build(get_settings())
+
+
+@pytest.fixture
+def demo(svc: Services) -> Pipeline:
+    return get_pipeline("demo")
+
+
+@pytest.fixture
+def client(svc: Services) -> redis.Redis:
+    return svc.ledger.redis
+
+
+def vt(svc: Services) -> float:
+    return float(svc.settings.visibility_timeout_s)
+
+
+class LostRun:
+    """A demo run: account a1 finished, account a2 looping at iteration 2, two services and two
+    metric days registered; nothing on any queue. Five items are pending and lost."""
+
+    def __init__(self, svc: Services, demo: Pipeline) -> None:
+        ledger = svc.ledger
+        self.demo = demo
+        accounts = [{"account": "a1"}, {"account": "a2"}]
+        self.a1, self.a2 = (item_id("accounts", RUN, i, p) for i, p in enumerate(accounts))
+        services = [{"account": "a2", "service": f"s{i}", "metric": "cpu"} for i in (1, 2)]
+        days = [{**services[0], "day": f"2024-01-0{i}"} for i in (1, 2)]
+        self.payloads: dict[str, Any] = {self.a1: accounts[0], self.a2: accounts[1]}
+        self.services = [item_id("services", self.a2, i, p) for i, p in enumerate(services)]
+        self.days = [item_id("metric_day", self.services[0], i, p) for i, p in enumerate(days)]
+        self.payloads |= dict(zip(self.services, services, strict=True))
+        self.payloads |= dict(zip(self.days, days, strict=True))
+
+        roots = [(self.a1, accounts[0]), (self.a2, accounts[1])]
+        assert ledger.create_run(RUN, "demo", {"days": 2}, "accounts", roots) is True
+        assert ledger.register(RUN, "services", list(zip(self.services, services, strict=True)))
+        assert ledger.register(RUN, "metric_day", list(zip(self.days, days, strict=True)))
+        assert ledger.finish(Finish(RUN, "accounts", self.a1, Outcome.SUCCEEDED)) == 1
+        assert ledger.advance_loop(RUN, "accounts", self.a2, 1, "cursor-2") is True
+        self.progress_at_raw = str(svc.ledger.redis.hget(RunKeys.of(RUN).run, "progress_at"))
+        self.progress_at = float(self.progress_at_raw)
+
+    def delivery(self, item: str) -> Delivery:
+        stage = self.demo.stages[item.split(":", 1)[0]]
+        if item == self.a2:
+            return Delivery(stage.task_name, RUN, item, self.payloads[item], 2, "cursor-2")
+        return Delivery(stage.task_name, RUN, item, self.payloads[item])
+
+    def queue(self, stage: str) -> str:
+        return self.demo.stages[stage].queue
+
+
+@pytest.fixture
+def lost(svc: Services, demo: Pipeline) -> LostRun:
+    return LostRun(svc, demo)
+
+
+def on_queue(client: redis.Redis, queue: str) -> list[Delivery]:
+    """The queue's messages, decoded, by item id."""
+    return sorted((decode_redis(raw) for raw in client.lrange(queue, 0, -1)),
+                  key=lambda d: d.item_id)
+
+
+def by_item(deliveries: list[Delivery]) -> list[Delivery]:
+    return sorted(deliveries, key=lambda d: d.item_id)
+
+
+def depths(client: redis.Redis, demo: Pipeline) -> dict[str, int]:
+    return {name: int(client.llen(stage.queue)) for name, stage in demo.stages.items()}
+
+
+def test_a_run_with_recent_progress_is_not_touched(
+    svc: Services, demo: Pipeline, client: redis.Redis, lost: LostRun
+) -> None:
+    reaper = Reaper(svc, vt(svc), clock=FakeClock(lost.progress_at + 2 * vt(svc) - 1))
+
+    assert reaper.sweep() == 0
+
+    assert depths(client, demo) == {"accounts": 0, "services": 0, "metric_day": 0}
+    assert client.hget(RunKeys.of(RUN).run, "progress_at") == lost.progress_at_raw
+
+
+def test_a_stalled_run_has_exactly_its_pending_items_published_again(
+    svc: Services, demo: Pipeline, client: redis.Redis, lost: LostRun,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An item of a stage the pipeline does not have (any more) is left alone.
+    assert svc.ledger.register(RUN, "ghost", [("ghost:x", {"x": 1})]) == 1
+    progress_at = float(client.hget(RunKeys.of(RUN).run, "progress_at"))
+    clock = FakeClock(progress_at + 2 * vt(svc))
+    reaper = Reaper(svc, vt(svc), clock=clock)
+
+    with caplog.at_level(logging.WARNING, logger="fanout.reaper"):
+        assert reaper.sweep() == 5
+
+    assert depths(client, demo) == {"accounts": 1, "services": 2, "metric_day": 2}
+    assert on_queue(client, lost.queue("accounts")) == [lost.delivery(lost.a2)]
+    assert on_queue(client, lost.queue("services")) == by_item(
+        [lost.delivery(i) for i in lost.services])
+    assert on_queue(client, lost.queue("metric_day")) == by_item(
+        [lost.delivery(i) for i in lost.days])
+    looping = on_queue(client, lost.queue("accounts"))[0]
+    assert (looping.iteration, looping.loop_payload, looping.attempt) == (2, "cursor-2", 1)
+    assert looping.task_id == f"{RUN}.{lost.a2}.2"
+    assert sorted(r.getMessage() for r in caplog.records if r.name == "fanout.reaper") == [
+        f"run {RUN}: publishing 1 lost accounts items again",
+        f"run {RUN}: publishing 2 lost metric_day items again",
+        f"run {RUN}: publishing 2 lost services items again",
+    ]
+    touched = float(client.hget(RunKeys.of(RUN).run, "progress_at"))
+    assert touched > progress_at
+
+    # Right after: the run was touched.
+    assert reaper.sweep() == 0
+    # Stalled again later: every stage's queue holds its items, nothing is lost.
+    clock.now = touched + 2 * vt(svc)
+    assert reaper.sweep() == 0
+    assert depths(client, demo) == {"accounts": 1, "services": 2, "metric_day": 2}
+    # Nothing was counted by the sweeps.
+    snap = svc.ledger.snapshot(RUN)
+    assert snap is not None
+    assert snap.pending == 6
+    assert snap.stages["accounts"]["enqueued"] == 2
+    assert snap.stages["accounts"]["iterations"] == 1
+
+
+def test_items_of_a_stage_whose_queue_is_not_empty_are_not_republished(
+    svc: Services, demo: Pipeline, client: redis.Redis, lost: LostRun
+) -> None:
+    other = Delivery("demo.services", "another-run", "services:zz", {"service": "zz"})
+    svc.transport.publish([other])
+    reaper = Reaper(svc, vt(svc), clock=FakeClock(lost.progress_at + 2 * vt(svc)))
+
+    assert reaper.sweep() == 3
+
+    assert on_queue(client, lost.queue("services")) == [other]
+    assert on_queue(client, lost.queue("accounts")) == [lost.delivery(lost.a2)]
+    assert on_queue(client, lost.queue("metric_day")) == by_item(
+        [lost.delivery(i) for i in lost.days])
+
+
+def test_items_waiting_in_the_delayed_index_are_not_republished(
+    svc: Services, demo: Pipeline, client: redis.Redis, lost: LostRun
+) -> None:
+    clock = FakeClock(lost.progress_at + 2 * vt(svc))
+    scheduler = Scheduler(client, svc.transport, svc.settings.ledger_ttl_s, clock=clock)
+    waiting, leftover = lost.days
+    scheduler.later(lost.delivery(waiting), 30)
+    # An index entry older than the stall window is a mover's leftover, not a waiting item.
+    client.zadd(RunKeys.of(RUN).delayed, {leftover: clock.now - 2 * vt(svc) - 1})
+    reaper = Reaper(svc, vt(svc), clock=clock)
+
+    assert reaper.sweep() == 4
+
+    assert on_queue(client, lost.queue("metric_day")) == [lost.delivery(leftover)]
+    assert on_queue(client, lost.queue("accounts")) == [lost.delivery(lost.a2)]
+    assert len(on_queue(client, lost.queue("services"))) == 2
+    assert client.zrange(keys.DELAYED, 0, -1) == [lost.delivery(waiting).to_json()]
+
+
+def test_stale_claims_are_put_back_before_anything_else(
+    svc: Services, demo: Pipeline, client: redis.Redis, lost: LostRun,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    queue = lost.queue("metric_day")
+    assert demo.stages["metric_day"].claim_batch > 1
+    first, second = lost.days
+    svc.transport.publish([lost.delivery(first)])
+    [stale] = svc.transport.claim(queue, 5)  # its worker died: never released
+    clock = FakeClock(lost.progress_at + 2 * vt(svc))
+    fresh = encode_redis(lost.delivery(second))  # claimed 10 s ago: its worker is running it
+    client.zadd(keys.claimed(queue), {fresh: clock.now - 10})
+    assert client.llen(queue) == 0
+    reaper = Reaper(svc, vt(svc), clock=clock)
+
+    with caplog.at_level(logging.WARNING, logger="fanout.reaper"):
+        assert reaper.sweep() == 3  # a2 and the two services: metric_day is not empty
+
+    assert client.lrange(queue, 0, -1) == [stale]
+    assert client.zrange(keys.claimed(queue), 0, -1) == [fresh]
+    assert depths(client, demo) == {"accounts": 1, "services": 2, "metric_day": 1}
+    messages = [r.getMessage() for r in caplog.records if r.name == "fanout.reaper"]
+    assert messages[0] == "put 1 claimed messages back on their queues"
+
+
+def test_stale_claims_are_put_back_when_no_run_is_stalled(
+    svc: Services, demo: Pipeline, client: redis.Redis, lost: LostRun
+) -> None:
+    queue = lost.queue("metric_day")
+    svc.transport.publish([lost.delivery(d) for d in lost.days])
+    claimed = svc.transport.claim(queue, 5)
+    assert len(claimed) == 2
+    reaper = Reaper(svc, vt(svc), clock=FakeClock(lost.progress_at + 1.5 * vt(svc)))
+
+    assert reaper.sweep() == 0
+
+    assert sorted(client.lrange(queue, 0, -1)) == sorted(claimed)
+    assert client.zcard(keys.claimed(queue)) == 0
+    assert client.hget(RunKeys.of(RUN).run, "progress_at") == lost.progress_at_raw
+
+
+def test_finished_runs_and_runs_of_unloaded_pipelines_are_left_alone(
+    svc: Services, demo: Pipeline, client: redis.Redis
+) -> None:
+    assert svc.ledger.create_run("run-done", "demo", {}, "accounts", []) is True
+    assert svc.ledger.create_run("run-alien", "not_loaded", {}, "accounts",
+                                 [("accounts:x", {"account": "x"})]) is True
+    progress = float(client.hget(RunKeys.of("run-alien").run, "progress_at"))
+    reaper = Reaper(svc, vt(svc), clock=FakeClock(progress + 10 * vt(svc)))
+
+    assert reaper.sweep() == 0
+
+    assert depths(client, demo) == {"accounts": 0, "services": 0, "metric_day": 0}
+    assert client.hget(RunKeys.of("run-alien").run, "progress_at") == str(
+        client.hget(RunKeys.of("run-alien").run, "created_at"))
