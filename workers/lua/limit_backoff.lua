@@ -1,0 +1,15 @@
+-- Push a limit back: nothing passes before now + ARGV[1] (server time), for every worker that
+-- shares the limit (a vendor's 429 with Retry-After). A push-back ending sooner than the one
+-- in force changes nothing, so many workers seeing the same 429 push it back once.
+-- KEYS: backoff
+--   backoff: string, nothing passes before this time (epoch seconds)
+-- ARGV: [1] seconds from now
+-- Returns the seconds from now until the limit opens again (a string; see limit_gcra.lua).
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+local not_before = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or 0)
+if current >= not_before then return string.format('%.6f', current - now) end
+local ttl_ms = math.ceil(tonumber(ARGV[1]) * 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%.6f', not_before), 'PX', ttl_ms)
+return string.format('%.6f', not_before - now)
