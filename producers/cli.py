@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from typing import Any, NoReturn
 
@@ -114,6 +113,14 @@ def build_parser() -> Parser:
     serve = vendor_sub.add_parser("serve", help="serve the demo vendor API", add_help=False)
     serve.add_argument("options", nargs=argparse.REMAINDER)
 
+    replay = sub.add_parser("replay", help="run a run's failed items again, in the same run")
+    replay.add_argument("run_id")
+    replay.add_argument("--stage", default=None, help="only the failed items of this stage")
+    replay.add_argument("--item", default=None, help="only this failed item (its id)")
+    replay.add_argument("--wait", action="store_true", help="wait for the run to finish")
+    replay.add_argument("--timeout", type=_non_negative_float, default=None)
+    replay.add_argument("--json", action="store_true")
+
     dead = sub.add_parser("dead-letters", help="messages set aside because they could not "
                           "be decoded")
     dead.add_argument("action", nargs="?", choices=["list", "purge"], default="list")
@@ -153,12 +160,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "flower":
         return _flower(args)
     handler = {"demo": commands.demo, "run": commands.run, "status": commands.status,
-               "failures": commands.failures, "dead-letters": commands.dead_letters}[command]
+               "failures": commands.failures, "replay": commands.replay,
+               "dead-letters": commands.dead_letters}[command]
     return handler(args)
 
 
 def _down() -> int:
-    stopped = embedded_redis.stop(get_settings().home)
+    """Stop the embedded Redis; first ask the workers using it to shut down warmly, so they
+    do not fill their logs with reconnect attempts to a server that is gone for good."""
+    home = get_settings().home
+    url = embedded_redis.running_url(home)
+    if url is not None:
+        stopped_workers = processes.shutdown_workers(url)
+        if stopped_workers:
+            print(f"asked {stopped_workers} workers to shut down")
+    stopped = embedded_redis.stop(home)
     print("embedded Redis stopped" if stopped else "no embedded Redis running")
     return EXIT_OK
 
@@ -188,7 +204,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _flower(args: argparse.Namespace) -> int:
     env = _broker_env()
     cmd = [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={args.port}"]
-    return subprocess.call(cmd, env=env)
+    os.execvpe(cmd[0], cmd, env)  # Flower replaces this process: signals reach it, no orphan
 
 
 if __name__ == "__main__":  # pragma: no cover

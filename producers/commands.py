@@ -14,7 +14,7 @@ from producers import processes
 from producers.errors import RunNotFound
 from producers.local import local_system
 from producers.report import exit_code, summary_table, wait_for_run
-from producers.trigger import start_run
+from producers.trigger import replay_run, start_run
 from workers.api import get_pipeline
 from workers.connections import check_reachable, resolve_redis_url
 from workers.engine.services import services
@@ -82,6 +82,16 @@ def demo(args: argparse.Namespace) -> int:
     return _finish(snap, as_json=args.json, console=console)
 
 
+def replay(args: argparse.Namespace) -> int:
+    _connect()
+    count = replay_run(args.run_id, stage=args.stage, item=args.item)
+    console = make_console(stderr=True)
+    console.print(f"replaying {count} failed items of run {args.run_id}")
+    if not args.wait:
+        return 0
+    return _wait_and_finish(args, args.run_id, console)
+
+
 def run(args: argparse.Namespace) -> int:
     _connect()
     params: dict[str, Any] = dict(args.param)
@@ -95,7 +105,12 @@ def run(args: argparse.Namespace) -> int:
         print(run_id)
         return 0
     console.print(f"run {run_id} started")
-    order = get_pipeline(args.pipeline).stage_order()
+    return _wait_and_finish(args, run_id, console)
+
+
+def _wait_and_finish(args: argparse.Namespace, run_id: str, console: Console) -> int:
+    snap = _snapshot(run_id)
+    order = get_pipeline(snap.pipeline).stage_order()
     show = None if args.json or not sys.stderr.isatty() else console
     snap = wait_for_run(_ledger(), run_id, order, console=show, timeout_s=args.timeout)
     if not snap.finished:
@@ -140,8 +155,10 @@ def failures(args: argparse.Namespace) -> int:
         return 0
     console = make_console()
     for item, failure in sorted(failed.items()):
+        tries = failure.get("tries", failure["attempts"])
         console.print(f"{failure['stage']} {item} {failure['error_type']}: {failure['message']} "
-                      f"(attempts {failure['attempts']}) {json.dumps(failure['item'])}")
+                      f"(attempts {failure['attempts']}, {tries} tries with HTTP retries) "
+                      f"{json.dumps(failure['item'])}", markup=False)
     console.print(f"{len(failed)} failed items in run {snap.run_id}")
     return 0
 

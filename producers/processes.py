@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from celery import Celery
+
 #: The worker pool that suits I/O-bound harvesting: threads share one pooled HTTP client.
 #: One process per core (a process's GIL caps it below one core), each with 32 threads:
 #: on 2 cores 2 x 32 beat 2 x 64 (GIL contention) and 1 x 32 (benchmarks/).
@@ -119,3 +121,19 @@ def supervise_workers(count: int, env: Mapping[str, str], options: Mapping[str, 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     return max(child.wait() for child in children)
+
+
+def shutdown_workers(broker_url: str, timeout_s: float = 15.0) -> int:
+    """Ask every Celery worker on ``broker_url`` to shut down warmly (a broadcast), and wait
+    until none answers a ping. Returns how many answered at first."""
+    app = Celery("fanout-control", broker=broker_url)
+    try:
+        first = app.control.ping(timeout=1.0) or []
+        if first:
+            app.control.shutdown()
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and app.control.ping(timeout=0.5):
+                pass
+        return len(first)
+    finally:
+        app.close()

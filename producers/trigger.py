@@ -11,6 +11,7 @@ from producers.errors import CliError
 from workers.api import get_pipeline, load_pipelines
 from workers.engine.services import services
 from workers.ids import item_id
+from workers.ledger import LedgerError
 from workers.message import Delivery
 from workers.settings import ConfigError, get_settings
 
@@ -69,3 +70,32 @@ def start_run(
         # Should this process die here, the reaper publishes the roots from the ledger.
         svc.transport.publish(deliveries)
     return run_id
+
+
+def replay_run(run_id: str, *, stage: str | None = None, item: str | None = None) -> int:
+    """Publish a run's failed items again (all, or those of ``stage``, or one ``item``) into
+    the same run, which reopens and finishes again. Returns how many."""
+    svc = services()
+    snap = svc.ledger.snapshot(run_id)
+    if snap is None:
+        raise TriggerError(f"run {run_id} is unknown or expired")
+    load_configured_pipelines()
+    pipeline = get_pipeline(snap.pipeline)
+    if stage is not None and stage not in pipeline.stages:
+        raise ConfigError(f"pipeline {snap.pipeline!r} has no stage {stage!r}")
+    failed = svc.ledger.failures(run_id)
+    if item is not None and item not in failed:
+        raise TriggerError(f"item {item!r} did not fail in run {run_id}")
+    chosen = {
+        failed_id: failure["item"] for failed_id, failure in failed.items()
+        if (stage is None or failure["stage"] == stage) and item in (None, failed_id)
+    }
+    try:
+        replayed = svc.ledger.replay(run_id, chosen)
+    except LedgerError as exc:
+        raise TriggerError(str(exc)) from None
+    svc.transport.publish([
+        Delivery(pipeline.stages[failed[i]["stage"]].task_name, run_id, i, chosen[i])
+        for i in replayed
+    ])
+    return len(replayed)

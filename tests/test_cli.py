@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import VendorHandle, WorkerFactory
+from conftest import VendorHandle, WorkerFactory, wait_for
+
+from workers.embedded_redis import free_port
 
 SUMMARY_KEYS = {"run_id", "pipeline", "status", "stages", "rows_written", "wall_s"}
 COUNTER_KEYS = {"enqueued", "succeeded", "failed", "cached", "retried", "throttled", "skipped"}
@@ -73,7 +76,7 @@ def test_run_wait_json_reports_partial_with_exit_1(
     vendor: VendorHandle, start_worker: WorkerFactory
 ) -> None:
     vendor.configure(accounts=1, services=2,
-                     fail_paths={"/accounts/acct-001/services/svc-002/metrics?day=2026-01-30": 1})
+                     fail_paths={"/accounts/acct-001/services/svc-002/metrics?day=2026-01-30": 9})
     start_worker()
     result = fanout("run", "demo", "--days", "3", "--end-day", "2026-01-31",
                     "--vendor-url", vendor.url, "-p", "http_retries=0", "--wait", "--json")
@@ -130,3 +133,39 @@ def test_demo_twice_on_the_embedded_redis(tmp_path: Path) -> None:
     assert down.returncode == 0
     assert "stopped" in down.stdout
     assert not (home / "redis.url").exists()
+
+
+def test_down_shuts_the_workers_down_before_their_redis(
+    tmp_path: Path, start_worker: WorkerFactory
+) -> None:
+    home = tmp_path / "embedded"
+    env = {"FANOUT_HOME": str(home), "FANOUT_REDIS_URL": ""}
+    try:
+        assert fanout("dead-letters", env=env).returncode == 0  # starts the embedded Redis
+        url = (home / "redis.url").read_text().strip()
+        worker = start_worker({"FANOUT_REDIS_URL": url})
+        log = tmp_path / "worker0.log"
+        wait_for(lambda: " ready." in log.read_text(), what="the worker ready")
+    finally:
+        down = fanout("down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.splitlines() == ["asked 1 workers to shut down", "embedded Redis stopped"]
+    assert worker.wait(timeout=20) == 0  # a warm shutdown, before Redis went away
+    assert "Cannot connect" not in log.read_text()
+
+
+def test_flower_replaces_the_fanout_process(tmp_path: Path, redis_url: str) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producers.cli", "flower", "--port", str(port)],
+        env={**os.environ, "FLOWER_BASIC_AUTH": "a:b"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline")
+        wait_for(lambda: b"flower" in cmdline.read_bytes() and b"celery" in cmdline.read_bytes(),
+                 what="the same process running Flower")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        # It is Flower (same pid), so the signal reached it and nothing is left behind.
+        assert proc.wait(timeout=20) is not None

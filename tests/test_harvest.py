@@ -197,9 +197,11 @@ def test_vendor_5xx_fails_only_those_items(
         assert failure["stage"] == "metric_day"
         assert failure["error_type"] == "VendorHTTPError"
         assert "HTTP 500" in failure["message"]
-        assert failure["attempts"] == 1
-    # No retries configured: every faulty metric-day was asked for exactly once.
-    assert vendor.stats()["status"]["500"] == len(faulty)
+        # The stage's 3 retries (no HTTP retries in this run): four tries each.
+        assert (failure["attempts"], failure["tries"]) == (4, 4)
+        assert failure["first_failed_at"] < failure["last_failed_at"]
+    assert vendor.stats()["status"]["500"] == 4 * len(faulty)
+    assert summary["stages"]["metric_day"]["retried"] == 3 * len(faulty)
 
 
 def test_claimed_batch_of_a_dead_worker_goes_back_on_the_queue(

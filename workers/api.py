@@ -19,13 +19,14 @@ from workers import keys
 from workers.context import StageContext
 from workers.hooks import Hook, StageResult
 from workers.looping import DEFAULT_MAX_ITERATIONS, Loop, LoopLimitExceeded, LoopState
+from workers.policy.retry import Delay, PermanentError, RetryIf, RetryPolicy, exponential
 from workers.settings import ConfigError
 from workers.sinks.base import Record
 
 __all__ = [
-    "Hook", "Loop", "LoopLimitExceeded", "LoopState", "Pipeline", "Record", "Stage",
-    "StageContext", "StageResult", "all_pipelines", "find_stage", "get_pipeline",
-    "load_pipelines",
+    "Hook", "Loop", "LoopLimitExceeded", "LoopState", "PermanentError", "Pipeline", "Record",
+    "RetryPolicy", "Stage", "StageContext", "StageResult", "all_pipelines", "exponential",
+    "find_stage", "get_pipeline", "load_pipelines",
 ]
 
 StageFn = Callable[[StageContext, Any], Any]
@@ -46,27 +47,18 @@ def _valid_name(kind: str, name: str) -> str:
 
 @dataclass
 class Stage:
-    """One stage. ``retries`` re-run a failed item (one iteration, for a loop) after
-    ``retry_delay_s`` (a number, or a list indexed by attempt); ``max_iterations`` bounds a
-    looping item; ``claim_batch=N`` lets each task of the stage also run up to N-1 more of
-    its queued items (worth it for many small leaves)."""
+    """One stage. ``retry`` says when a failed item (one iteration, for a loop) is run again
+    and after how long; ``max_iterations`` bounds a looping item; ``claim_batch=N`` lets each
+    task of the stage also run up to N-1 more of its queued items (for many small leaves)."""
 
     pipeline: str
     name: str
     fn: StageFn
     maps_to: str | None = None
-    retries: int = 0
-    retry_delay_s: float | Sequence[float] = 1.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_iterations: int = DEFAULT_MAX_ITERATIONS
     claim_batch: int = 1
     hooks: tuple[Hook, ...] = ()
-
-    def retry_delay_for(self, attempt: int) -> float:
-        """Delay before attempt ``attempt + 1``."""
-        if isinstance(self.retry_delay_s, int | float):
-            return float(self.retry_delay_s)
-        delays = list(self.retry_delay_s)
-        return float(delays[min(attempt - 1, len(delays) - 1)]) if delays else 0.0
 
     @property
     def task_name(self) -> str:
@@ -114,15 +106,30 @@ class Pipeline:
         *,
         maps_to: str | None = None,
         retries: int = 0,
-        retry_delay_s: float | Sequence[float] = 1.0,
+        retry_delay_s: Delay = 1.0,
+        retry_jitter: float = 0.0,
+        retry_on: type[BaseException] | Sequence[type[BaseException]] = Exception,
+        retry_if: RetryIf | None = None,
         max_iterations: int = DEFAULT_MAX_ITERATIONS,
         claim_batch: int = 1,
         hooks: Sequence[Hook] = (),
     ) -> Callable[[StageFn], StageFn]:
+        """Register a stage. Retries (seed 004): ``retries`` more tries after ``retry_delay_s``
+        (seconds, a list by attempt, or ``exponential(base_s, factor, max_s)``), each delay
+        varied by +/- ``retry_jitter`` (a fraction), only for ``retry_on`` exception types and
+        when ``retry_if(exc)`` is true; a ``PermanentError`` (or a vendor 4xx) never retries."""
+        try:
+            retry = RetryPolicy.from_options(
+                retries=retries, retry_delay_s=retry_delay_s, retry_jitter=retry_jitter,
+                retry_on=retry_on, retry_if=retry_if,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"stage {self.name}.{name}: {exc}") from None
+
         def register(fn: StageFn) -> StageFn:
             self.stages[name] = Stage(
-                self.name, _valid_name("stage", name), fn, maps_to, retries, retry_delay_s,
-                max_iterations, max(1, claim_batch), tuple(hooks),
+                self.name, _valid_name("stage", name), fn, maps_to, retry, max_iterations,
+                max(1, claim_batch), tuple(hooks),
             )
             return fn
 

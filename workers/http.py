@@ -1,8 +1,10 @@
 """One pooled httpx client per worker process, and JSON calls with tenacity retries.
 
-Retried: connect/read timeouts, transport errors, 5xx and 429 (honouring ``Retry-After``),
-with exponential backoff and jitter. Never retried: other 4xx. What finally fails raises
-``VendorHTTPError`` carrying the status and a short excerpt of the body.
+Retried: connect/read timeouts, transport errors, 5xx, 408 and 429 (honouring
+``Retry-After``), with exponential backoff and jitter. Never retried: other 4xx, which are
+permanent (the stage fails at once, whatever its retries). What finally fails raises
+``VendorHTTPError`` carrying the status and a short excerpt of the body. Every try is counted
+per thread (``tries``), so a failed item reports its HTTP retries too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,21 @@ class VendorHTTPError(Exception):
         self.body_excerpt = body[:_BODY_EXCERPT_CHARS]
         self.retry_after_s = retry_after_s
         super().__init__(f"HTTP {status} from {url}: {self.body_excerpt}")
+
+    @property
+    def permanent(self) -> bool:
+        """A 4xx other than 408 and 429: asking again gets the same answer."""
+        return 400 <= self.status < 500 and self.status not in (408, 429)
+
+
+def reset_tries() -> None:
+    """Start counting this thread's HTTP tries afresh (the engine does, per item)."""
+    _local.tries = 0
+
+
+def tries() -> int:
+    """HTTP tries made by this thread since ``reset_tries``."""
+    return int(getattr(_local, "tries", 0))
 
 
 # A worker thread makes one call at a time: a few keep-alive connections (one per vendor
@@ -75,7 +92,7 @@ def _send(method: str, url: str, client: httpx.Client | None, **kwargs: Any) -> 
 
 def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, VendorHTTPError):
-        return exc.status == 429 or exc.status >= 500
+        return not exc.permanent
     return isinstance(exc, httpx.TransportError)  # timeouts, refused, reset
 
 
@@ -116,6 +133,7 @@ def request_json(
         reraise=True,
     ):
         with attempt:
+            _local.tries = tries() + 1
             response = _send(method, url, client, **kwargs)
             if response.status_code >= 400:
                 raise VendorHTTPError(

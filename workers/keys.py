@@ -20,6 +20,8 @@ Run ledger, for run R (``RunKeys``):
 - ``fanout:run:{R}:roots``    list: root item ids in the order they were given (result order)
 - ``fanout:run:{R}:delayed``  sorted set: item id -> due time of its delayed message (the
                               scheduler's per-run index: the reaper counts these in flight)
+- ``fanout:run:{R}:tries``    hash: item id -> tries that failed (HTTP retries included), and
+                              ``ITEM@first`` -> time of the first; written on failures only
 
 Shared:
 - ``fanout:runs``             sorted set: run id -> created time (``fanout status``, the reaper)
@@ -59,6 +61,7 @@ class RunKeys:
     loops: str
     roots: str
     delayed: str
+    tries: str
 
     @classmethod
     def of(cls, run_id: str) -> RunKeys:
@@ -67,6 +70,7 @@ class RunKeys:
             run=base, counts=f"{base}:counts", items=f"{base}:items", failed=f"{base}:failed",
             done=f"{base}:done", payloads=f"{base}:payloads", results=f"{base}:results",
             loops=f"{base}:loops", roots=f"{base}:roots", delayed=f"{base}:delayed",
+            tries=f"{base}:tries",
         )
 
 

@@ -102,6 +102,7 @@ class Ledger:
         self._register = scripts.load("register_items")
         self._finish = scripts.load("finish_item")
         self._advance = scripts.load("advance_loop")
+        self._replay = scripts.load("replay")
 
     def create_run(
         self,
@@ -171,6 +172,27 @@ class Ledger:
         pipe.hincrby(run_keys.counts, f"{stage}:{counter}", by)
         pipe.hset(run_keys.run, "progress_at", time.time())
         pipe.execute()
+
+    def record_tries(self, run_id: str, item: str, tries: int) -> tuple[int, float]:
+        """Count ``tries`` failed tries of an item (failures only: off the hot path). Returns
+        its total so far and the time of its first failed try."""
+        run_keys, now = RunKeys.of(run_id), time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(run_keys.tries, item, tries)
+        pipe.hsetnx(run_keys.tries, f"{item}@first", now)
+        pipe.hget(run_keys.tries, f"{item}@first")
+        pipe.expire(run_keys.tries, self.ttl_s)
+        total, _, first, _ = pipe.execute()
+        return int(total), float(first or now)
+
+    def replay(self, run_id: str, items: dict[str, Any]) -> list[str]:
+        """Failed items (id -> payload) back to pending in the same run, which reopens.
+        Returns the ids put back; the caller publishes them."""
+        args = [time.time(), self.ttl_s, *_pairs(list(items.items()))]
+        try:
+            return [str(i) for i in self._replay(self.redis, RunKeys.of(run_id), args)]
+        except redis.ResponseError as exc:
+            raise LedgerError(f"run {run_id}: {str(exc).split(' ', 1)[-1]}") from None
 
     def progress_many(self, items: Sequence[tuple[str, str]]) -> list[tuple[str | None, int]]:
         """``item_progress`` of many (run id, item id) in one round trip."""

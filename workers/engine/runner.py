@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any
 import redis
 from kombu.exceptions import OperationalError
 
+from workers import http
 from workers.api import Stage, find_stage, get_pipeline
 from workers.context import StageContext
 from workers.engine.services import Services
@@ -148,6 +150,7 @@ class StageRunner:
                 return served
             if served is not None:
                 return self._complete(delivery, stage, served, batch, Outcome.CACHED)
+            http.reset_tries()
             try:
                 returned = stage.fn(ctx, delivery.payload)
             except Loop as signal:
@@ -229,12 +232,20 @@ class StageRunner:
         self, delivery: Delivery, stage: Stage, ctx: StageContext, hooks: Sequence[Hook],
         exc: Exception, batch: _Batch,
     ) -> Outcome:
-        final = isinstance(exc, LoopLimitExceeded) or delivery.attempt > stage.retries
+        final = isinstance(exc, LoopLimitExceeded) or not stage.retry.should_retry(
+            exc, delivery.attempt
+        )
         for hook in hooks:
             hook.on_failure(ctx, delivery.payload, exc, final=final)
+        ledger = self.services.ledger
+        # Every try counts, the vendor client's own retries too (one per failed attempt).
+        tries, first_at = ledger.record_tries(delivery.run_id, delivery.item_id,
+                                              max(1, http.tries()))
         if not final:
-            delay_s = stage.retry_delay_for(delivery.attempt)
-            self.services.ledger.note(delivery.run_id, stage.name, "retried")
+            # Never sooner than the vendor asked (a 429's or 503's Retry-After).
+            delay_s = max(stage.retry.delay_for(delivery.attempt),
+                          getattr(exc, "retry_after_s", None) or 0.0)
+            ledger.note(delivery.run_id, stage.name, "retried")
             log.info("%s %s attempt %d failed (%s), retrying in %.1fs", stage.task_name,
                      delivery.item_id, delivery.attempt, exc, delay_s)
             self.services.scheduler.later(delivery.next_attempt(), delay_s)
@@ -245,7 +256,10 @@ class StageRunner:
             "error_type": type(exc).__name__,
             "message": str(exc)[:500],
             "attempts": delivery.attempt,
+            "tries": tries,
             "iteration": delivery.iteration,
+            "first_failed_at": first_at,
+            "last_failed_at": time.time(),
         }
         batch.add(Finish(delivery.run_id, stage.name, delivery.item_id, Outcome.FAILED,
                          delivery.iteration, failure=failure))

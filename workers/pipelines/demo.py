@@ -6,7 +6,7 @@ import datetime as dt
 import os
 from typing import Any
 
-from workers.api import Loop, Pipeline, Record, StageContext
+from workers.api import Loop, Pipeline, Record, StageContext, exponential
 from workers.http import request_json
 from workers.settings import ConfigError
 
@@ -74,7 +74,10 @@ def service(ctx: StageContext, item: dict[str, str]) -> list[dict[str, str]]:
     return [{**item, "day": day} for day in metric_days(ctx.params["end_day"], ctx.params["days"])]
 
 
-@demo.stage("metric_day", claim_batch=16)
+# A failed metric-day is tried again up to 3 times, 0.5 s, 1 s, 2 s later (+/- 50%), after the
+# HTTP client's own retries (``http_retries``); a vendor 4xx fails it at once.
+@demo.stage("metric_day", claim_batch=16, retries=3, retry_delay_s=exponential(0.5, 2, 30),
+            retry_jitter=0.5)
 def metric_day(ctx: StageContext, item: dict[str, str]) -> Record:
     path = f"/accounts/{item['account']}/services/{item['service']}/metrics"
     data = _get(ctx.params, path, day=item["day"])

@@ -16,6 +16,17 @@ from dataclasses import dataclass
 from typing import TypeGuard
 
 RetryIf = Callable[[BaseException], bool]
+
+
+class PermanentError(Exception):
+    """Raise this (or any exception with a true ``permanent`` attribute, like a vendor's 404)
+    from a stage: the item fails at once, whatever its retry policy."""
+
+    permanent = True
+
+
+def is_permanent(exc: BaseException) -> bool:
+    return bool(getattr(exc, "permanent", False))
 Rand = Callable[[], float]
 
 
@@ -92,9 +103,10 @@ class RetryPolicy:
         return cls(retries, delay, retry_jitter, on, retry_if)
 
     def should_retry(self, exc: BaseException, attempt: int) -> bool:
-        """Whether try ``attempt`` (1 = the first), which raised ``exc``, gets another try."""
+        """Whether try ``attempt`` (1 = the first), which raised ``exc``, gets another try. A
+        permanent error (``is_permanent``) never does."""
         _check_attempt(attempt)
-        if attempt > self.retries or not isinstance(exc, self.retry_on):
+        if attempt > self.retries or is_permanent(exc) or not isinstance(exc, self.retry_on):
             return False
         return self.retry_if is None or bool(self.retry_if(exc))
 
