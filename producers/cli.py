@@ -13,7 +13,12 @@ from producers import commands, processes
 from producers.errors import CliError, UsageError
 from producers.trigger import load_configured_pipelines
 from workers import embedded_redis
-from workers.connections import check_reachable, resolve_redis_url
+from workers.connections import (
+    check_broker,
+    check_reachable,
+    resolve_broker_url,
+    resolve_redis_url,
+)
 from workers.settings import ConfigError, get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -183,6 +188,7 @@ def _broker_env() -> dict[str, str]:
     """Resolve Redis once here so the child process does not have to."""
     url = resolve_redis_url()
     check_reachable(url)
+    check_broker(resolve_broker_url())
     return {**os.environ, "FANOUT_REDIS_URL": url}
 
 

@@ -16,10 +16,16 @@ from producers.local import local_system
 from producers.report import exit_code, summary_table, wait_for_run
 from producers.trigger import replay_run, start_run
 from workers.api import get_pipeline
-from workers.connections import check_reachable, resolve_redis_url
+from workers.connections import (
+    check_broker,
+    check_reachable,
+    resolve_broker_url,
+    resolve_redis_url,
+)
 from workers.engine.services import services
 from workers.ledger import Ledger, RunSnapshot
-from workers.settings import ConfigError
+from workers.settings import ConfigError, get_settings
+from workers.sinks import check_sink_url
 
 
 def make_console(*, stderr: bool = False) -> Console:
@@ -36,6 +42,9 @@ def _connect() -> str:
     url = resolve_redis_url()
     check_reachable(url)
     os.environ["FANOUT_REDIS_URL"] = url  # children and this process agree on one server
+    settings = get_settings()
+    check_broker(resolve_broker_url(settings))
+    check_sink_url(settings.sink_url)
     return url
 
 

@@ -66,6 +66,23 @@ def test_unreachable_redis_is_one_line_and_exit_2() -> None:
     assert_one_line_error(result, "cannot reach Redis at redis://127.0.0.1:1/0")
 
 
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"FANOUT_VISIBILITY_TIMEOUT_S": "soon"},
+         "FANOUT_VISIBILITY_TIMEOUT_S must be a whole number, got 'soon'"),
+        ({"FANOUT_SINK_URL": "mysql://u:secret@db/x"},
+         "unsupported FANOUT_SINK_URL 'mysql://u:***@db/x'"),
+        ({"FANOUT_BROKER_URL": "amqp://guest:secret@127.0.0.1:1//"},
+         "cannot reach the broker at amqp://guest:***@127.0.0.1:1//"),
+    ],
+)
+def test_bad_configuration_is_one_line_and_exit_2(env: dict[str, str], fragment: str) -> None:
+    result = fanout("status", env=env)
+    assert_one_line_error(result, fragment)
+    assert "secret" not in result.stderr
+
+
 def test_unreachable_vendor_is_one_line_and_exit_2() -> None:
     result = fanout("run", "demo", "--days", "1", "--vendor-url", "http://127.0.0.1:1",
                     "-p", "http_retries=0")

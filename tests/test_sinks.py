@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import pytest
 from conftest import require_service
 
+from workers.redact import redact
 from workers.settings import ConfigError
 from workers.sinks import Record, Sink, open_sink
 
@@ -39,7 +40,7 @@ def postgres_problem() -> str | None:
         import psycopg_pool  # noqa: F401
     except ImportError as exc:
         return f"psycopg or psycopg_pool not installed ({exc})"
-    from workers.sinks.postgres import redact
+    from workers.redact import redact
 
     try:
         psycopg.connect(POSTGRES_URL, connect_timeout=3).close()
@@ -223,5 +224,4 @@ def test_postgres_sink_without_psycopg_says_what_to_install(
     ],
 )
 def test_redact_hides_the_password(url: str, shown: str) -> None:
-    postgres = pytest.importorskip("workers.sinks.postgres")
-    assert postgres.redact(url) == shown
+    assert redact(url) == shown

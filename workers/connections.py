@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import functools
-from urllib.parse import urlsplit
 
 import redis
+from kombu import Connection
 
 from workers import embedded_redis
+from workers.redact import redact
 from workers.settings import ConfigError, Settings, get_settings
-
-
-def redact(url: str) -> str:
-    """A URL fit for an error line: the password is replaced."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
 
 
 def resolve_redis_url(settings: Settings | None = None) -> str:
@@ -31,6 +23,18 @@ def resolve_redis_url(settings: Settings | None = None) -> str:
 def resolve_broker_url(settings: Settings | None = None) -> str:
     settings = settings or get_settings()
     return settings.broker_url or resolve_redis_url(settings)
+
+
+def check_broker(url: str) -> None:
+    """Raise ConfigError (one clear line) when the broker at ``url`` does not answer."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        check_reachable(url)
+        return
+    try:
+        with Connection(url, connect_timeout=2) as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as exc:  # kombu raises the transport's own errors
+        raise ConfigError(f"cannot reach the broker at {redact(url)}: {exc}") from None
 
 
 def check_reachable(url: str) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from workers.redact import redact
 from workers.settings import ConfigError
 from workers.sinks.base import Record
 
@@ -120,14 +120,3 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def redact(url: str) -> str:
-    """``url`` fit for an error line: its password, in the user part or the query, is ***."""
-    parts = urlsplit(url)
-    netloc, query = parts.netloc, parts.query
-    if parts.password is not None:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:***@{hostinfo}"
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if any(name == "password" for name, _ in pairs):
-        query = urlencode([(n, "***" if n == "password" else v) for n, v in pairs], safe="*")
-    return parts._replace(netloc=netloc, query=query).geturl()
