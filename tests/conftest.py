@@ -14,9 +14,12 @@ import sqlite3
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 import pytest
@@ -72,6 +75,22 @@ def _clean_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def sink_path(tmp_path: Path) -> Path:
     return tmp_path / "sink.db"
+
+
+def rows_at(url: str) -> list[tuple[Any, ...]]:
+    """Every row in the sink at ``url`` (SQLite or PostgreSQL), ordered by natural key, read
+    past the sink."""
+    query = (
+        "SELECT vendor, account, service, metric, day, value, run_id FROM metrics "
+        "ORDER BY vendor, account, service, metric, day"
+    )
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            return conn.execute(query).fetchall()
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return conn.execute(query).fetchall()
 
 
 def sink_rows(path: Path) -> list[tuple[Any, ...]]:
@@ -177,3 +196,54 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 60, what: str = "c
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+# PostgreSQL (the machine's, or FANOUT_TEST_POSTGRES_URL): a fresh schema per test.
+POSTGRES_URL = os.environ.get(
+    "FANOUT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@cache
+def postgres_problem() -> str | None:
+    """Why PostgreSQL cannot be used for these tests, or None."""
+    try:
+        import psycopg
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        return f"psycopg or psycopg_pool not installed ({exc})"
+    from workers.redact import redact
+
+    try:
+        psycopg.connect(POSTGRES_URL, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        reason = " ".join(str(exc).split())
+        return f"PostgreSQL not reachable at {redact(POSTGRES_URL)}: {reason}"
+    return None
+
+
+def with_search_path(url: str, schema: str) -> str:
+    parts = urlsplit(url)
+    query = [*parse_qsl(parts.query), ("options", f"-csearch_path={schema}")]
+    return parts._replace(query=urlencode(query)).geturl()
+
+
+def postgres_admin(statement: str) -> None:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search path is a schema of this test's own, dropped after it."""
+    problem = postgres_problem()
+    if problem:
+        require_service(problem)
+    schema = f"fanout_test_{uuid.uuid4().hex[:12]}"
+    postgres_admin(f"CREATE SCHEMA {schema}")
+    try:
+        yield with_search_path(POSTGRES_URL, schema)
+    finally:
+        postgres_admin(f"DROP SCHEMA {schema} CASCADE")

@@ -7,60 +7,21 @@ test gets a schema of its own, dropped afterwards. Without a server these cases 
 
 from __future__ import annotations
 
-import os
 import random
-import sqlite3
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
-from conftest import require_service
+from conftest import POSTGRES_URL, require_service, rows_at
 
 from workers.redact import redact
 from workers.settings import ConfigError
 from workers.sinks import Record, Sink, open_sink
 
-POSTGRES_URL = os.environ.get(
-    "FANOUT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
 Row = tuple[str, str, str, str, str, float, str]
-
-
-@cache
-def postgres_problem() -> str | None:
-    """Why PostgreSQL cannot be used for these tests, or None."""
-    try:
-        import psycopg
-        import psycopg_pool  # noqa: F401
-    except ImportError as exc:
-        return f"psycopg or psycopg_pool not installed ({exc})"
-    from workers.redact import redact
-
-    try:
-        psycopg.connect(POSTGRES_URL, connect_timeout=3).close()
-    except psycopg.Error as exc:
-        reason = " ".join(str(exc).split())
-        return f"PostgreSQL not reachable at {redact(POSTGRES_URL)}: {reason}"
-    return None
-
-
-def with_search_path(url: str, schema: str) -> str:
-    parts = urlsplit(url)
-    query = [*parse_qsl(parts.query), ("options", f"-csearch_path={schema}")]
-    return parts._replace(query=urlencode(query)).geturl()
-
-
-def postgres_admin(statement: str) -> None:
-    import psycopg
-
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(statement)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -68,15 +29,7 @@ def sink_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'contract.db'}"
         return
-    problem = postgres_problem()
-    if problem:
-        require_service(problem)
-    schema = f"fanout_test_{uuid.uuid4().hex[:12]}"
-    postgres_admin(f"CREATE SCHEMA {schema}")
-    try:
-        yield with_search_path(POSTGRES_URL, schema)
-    finally:
-        postgres_admin(f"DROP SCHEMA {schema} CASCADE")
+    yield request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture
@@ -84,21 +37,6 @@ def sink(sink_url: str) -> Iterator[Sink]:
     sink = open_sink(sink_url)
     yield sink
     sink.close()
-
-
-def stored_rows(url: str) -> list[Row]:
-    """Every row in the sink at ``url``, in natural-key order, read past the sink."""
-    query = (
-        "SELECT vendor, account, service, metric, day, value, run_id FROM metrics "
-        "ORDER BY vendor, account, service, metric, day"
-    )
-    if url.startswith("sqlite:///"):
-        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
-            return conn.execute(query).fetchall()
-    import psycopg
-
-    with psycopg.connect(url) as conn:
-        return conn.execute(query).fetchall()
 
 
 def record(i: int, value: float) -> Record:
@@ -119,7 +57,7 @@ def test_write_reads_back_every_row(sink: Sink, sink_url: str) -> None:
     assert sink.write(records, "run-1") == 50
     assert sink.count() == 50
     assert sink.count("run-1") == 50
-    assert stored_rows(sink_url) == by_key([as_row(r, "run-1") for r in records])
+    assert rows_at(sink_url) == by_key([as_row(r, "run-1") for r in records])
 
 
 def test_writing_keys_again_upserts(sink: Sink, sink_url: str) -> None:
@@ -132,7 +70,7 @@ def test_writing_keys_again_upserts(sink: Sink, sink_url: str) -> None:
     assert sink.count("run-1") == 30
     assert sink.count("run-2") == 20
     expected = [as_row(r, "run-1") for r in first[:30]] + [as_row(r, "run-2") for r in second]
-    assert stored_rows(sink_url) == by_key(expected)
+    assert rows_at(sink_url) == by_key(expected)
 
 
 def test_duplicate_key_in_one_batch_keeps_the_last(sink: Sink, sink_url: str) -> None:
@@ -140,7 +78,7 @@ def test_duplicate_key_in_one_batch_keeps_the_last(sink: Sink, sink_url: str) ->
     assert sink.write(batch, "run-1") == 4  # records given, as written in turn
     assert sink.count() == 2
     expected = [as_row(record(1, 4.0), "run-1"), as_row(record(2, 2.0), "run-1")]
-    assert stored_rows(sink_url) == expected
+    assert rows_at(sink_url) == expected
 
 
 def test_concurrent_writers_of_overlapping_keys(sink: Sink, sink_url: str) -> None:
@@ -169,7 +107,7 @@ def test_concurrent_writers_of_overlapping_keys(sink: Sink, sink_url: str) -> No
     union = 20 * (threads - 1) + 60
     assert sink.count() == union
     assert sum(sink.count(f"run-{t}") for t in range(threads)) == union
-    rows = stored_rows(sink_url)
+    rows = rows_at(sink_url)
     assert [row[:5] for row in rows] == sorted(as_row(record(i, 0), "")[:5] for i in range(union))
     # No torn rows: each row's value and run id come from one write.
     assert all(row[6] == f"run-{int(row[5])}" for row in rows)
