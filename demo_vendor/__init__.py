@@ -1,5 +1,6 @@
-"""The bundled demo vendor API: a stdlib-only asyncio HTTP/1.1 server that
-fanout's tests, demo and benchmarks harvest from.
+"""The bundled demo vendor API: an asyncio HTTP/1.1 server that fanout's
+tests, demo and benchmarks harvest from (stdlib only by default; aiohttp with
+``--server aiohttp``).
 
 Run it with ``python -m demo_vendor serve --port 0``; compute expected
 values in-process with the pure helpers re-exported here.

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .app import serve
+from .app import SERVERS, serve
 from .config import ConfigError, VendorConfig
 
 PROG = "demo_vendor"
@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     s.add_argument("--ready-file", type=Path, help="write the base URL here once listening")
+    s.add_argument(
+        "--server",
+        choices=SERVERS,
+        default=SERVERS[0],
+        help="HTTP layer: the builtin asyncio server (default, less CPU per request) or aiohttp",
+    )
     s.add_argument("--accounts", type=int, default=defaults.accounts)
     s.add_argument("--services", type=int, default=defaults.services)
     s.add_argument("--page-size", type=int, default=defaults.page_size)
@@ -55,6 +61,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--stall-rate", type=float, default=defaults.stall_rate)
     s.add_argument("--stall-ms", type=float, default=defaults.stall_ms)
+    s.add_argument(
+        "--stall-path",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="always stall this request key (path, plus ?day=... for metrics); repeatable",
+    )
+    s.add_argument(
+        "--not-found-path",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="answer this request key with 404 until reconfigured; repeatable",
+    )
+    s.add_argument(
+        "--burst-429",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer the first N requests with 429 + Retry-After",
+    )
+    s.add_argument(
+        "--burst-retry-after",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="the Retry-After of --burst-429's responses",
+    )
     s.add_argument("--report-polls", type=int, default=defaults.report_polls)
     s.add_argument("--metrics", default=",".join(defaults.metrics), help="comma-separated")
     return parser
@@ -77,7 +111,10 @@ def config_from_args(args: argparse.Namespace) -> VendorConfig:
             "retry_after_integer": args.retry_after_integer,
             "stall_rate": args.stall_rate,
             "stall_ms": args.stall_ms,
+            "stall_paths": args.stall_path,
             "report_polls": args.report_polls,
+            "not_found_paths": args.not_found_path,
+            "burst_429": {"count": args.burst_429, "retry_after_s": args.burst_retry_after},
         }
     )
     return config
@@ -104,7 +141,7 @@ async def _run(args: argparse.Namespace, config: VendorConfig) -> None:
             _write_ready_file(args.ready_file, url)
         print(f"demo vendor listening on {url}", flush=True)
 
-    await serve(config, args.host, args.port, stop=stop, on_ready=ready)
+    await serve(config, args.host, args.port, stop=stop, on_ready=ready, server=args.server)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,9 @@
 """Routing, endpoint handlers and fault injection for the demo vendor.
 
 Per non-admin request the order is fixed (tests rely on it):
-count arrival -> rate limit (429) -> latency -> stall -> injected 500 -> handler.
+count arrival -> rate limit (429: a ``burst_429`` first, then the own rate limit)
+-> latency -> 404 (unknown route, ``not_found_paths``) -> stall -> injected 500
+-> handler.
 Admin endpoints (``/_admin/...``) skip all of it and are never counted.
 """
 
@@ -19,10 +21,11 @@ from urllib.parse import unquote
 
 from . import data
 from .config import ConfigError, VendorConfig
-from .http import HttpServer, Request, Response
+from .http import HttpServer, Listener, Request, Response
 from .stats import RateLimiter, Stats
 
 MAX_LIMIT = 100
+SERVERS: tuple[str, ...] = ("builtin", "aiohttp")  # HTTP layers; the first is the default
 _DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -127,9 +130,13 @@ class VendorApp:
             # Per-day key so tests can count fetches of each metric-day.
             key = f"{request.path}?day={request.query.get('day', '')}"
         now = time.monotonic()
-        self.stats.arrived(now, route.endpoint if route else None, key)
-        response = await self._pipeline(request, route, args, method_ok, key, now)
-        self.stats.answered(response.status)
+        stats = self.stats
+        stats.arrived(now, route.endpoint if route else None, key)
+        try:
+            response = await self._pipeline(request, route, args, method_ok, key, now)
+            stats.answered(response.status)
+        finally:
+            stats.finished()
         return response
 
     def _route(self, method: str, segments: list[str]) -> tuple[Route | None, list[str], bool]:
@@ -153,16 +160,31 @@ class VendorApp:
         now: float,
     ) -> Response:
         cfg = self.config
+        burst = cfg.burst_429
+        if burst["count"] > 0:
+            burst["count"] -= 1
+            seconds = burst["retry_after_s"]
+            if cfg.retry_after_integer:
+                return self._too_many_requests(str(math.ceil(seconds)))
+            # As configured: "2", "1.5", "0.25".
+            return self._too_many_requests(f"{seconds:.2f}".rstrip("0").rstrip("."))
         wait = self.limiter.check(cfg.rate_limit_rps, now)
         if wait is not None:
-            return self._rate_limited(wait)
+            if cfg.retry_after_integer:
+                return self._too_many_requests(str(max(1, math.ceil(wait))))
+            # Decimal seconds; never "0.00", which would invite a hot retry loop.
+            return self._too_many_requests(f"{max(wait, 0.01):.2f}")
         if cfg.latency_ms > 0:
             await asyncio.sleep(cfg.latency_ms / 1000)
         if route is None:
             if method_ok:
                 return _error(404, "not found")
             return _error(405, "method not allowed")
-        if cfg.stall_ms > 0 and data.fault_hit(cfg.seed, "stall", key, cfg.stall_rate):
+        if cfg.not_found_paths and key in cfg.not_found_paths:
+            return _error(404, "not found")
+        if cfg.stall_ms > 0 and (
+            key in cfg.stall_paths or data.fault_hit(cfg.seed, "stall", key, cfg.stall_rate)
+        ):
             await asyncio.sleep(cfg.stall_ms / 1000)
         if self._inject_failure(key):
             return _error(500, "injected failure")
@@ -171,12 +193,9 @@ class VendorApp:
         except HttpError as exc:
             return _error(exc.status, exc.message)
 
-    def _rate_limited(self, wait: float) -> Response:
-        if self.config.retry_after_integer:
-            retry_after = str(max(1, math.ceil(wait)))
-        else:
-            # Decimal seconds; never "0.00", which would invite a hot retry loop.
-            retry_after = f"{max(wait, 0.01):.2f}"
+    def _too_many_requests(self, retry_after: str) -> Response:
+        """A 429 with ``Retry-After: retry_after``; its window goes into the stats."""
+        self.stats.announced(time.monotonic(), float(retry_after))
         return Response(429, {"error": "rate limited"}, [("Retry-After", retry_after)])
 
     def _inject_failure(self, key: str) -> bool:
@@ -199,7 +218,7 @@ class VendorApp:
     def _admin(self, request: Request, segments: list[str]) -> Response:
         action = (request.method, "/".join(segments[1:]))
         if action == ("GET", "stats"):
-            return Response(200, self.stats.snapshot())
+            return Response(200, self.stats.snapshot(time.monotonic()))
         if action == ("POST", "reset"):
             self.reset()
             return Response(200, {"ok": True})
@@ -329,7 +348,7 @@ ROUTES: tuple[Route, ...] = (
 class VendorServer:
     """A running vendor: the app state plus its listening HTTP server."""
 
-    def __init__(self, app: VendorApp, server: HttpServer) -> None:
+    def __init__(self, app: VendorApp, server: Listener) -> None:
         self.app = app
         self.server = server
 
@@ -342,13 +361,32 @@ class VendorServer:
 
 
 async def start_vendor(
-    config: VendorConfig | None = None, host: str = "127.0.0.1", port: int = 0
+    config: VendorConfig | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    server: str = SERVERS[0],
 ) -> VendorServer:
-    """Start listening (``port=0`` picks a free port) and return at once."""
+    """Start listening (``port=0`` picks a free port) and return at once.
+
+    ``server`` picks the HTTP layer: "builtin" (the stdlib asyncio server in
+    ``http.py``) or "aiohttp" (``aio.py``); both serve the same ``VendorApp``.
+    """
     app = VendorApp(config)
-    server = HttpServer(app.handle)
-    await server.start(host, port)
-    return VendorServer(app, server)
+    http: Listener
+    if server == "builtin":
+        http = HttpServer(app.handle)
+    elif server == "aiohttp":
+        try:  # imported only when chosen: aiohttp is optional, and loads slowly
+            from .aio import AiohttpServer
+        except ImportError as exc:
+            raise ConfigError(f"--server aiohttp needs aiohttp: pip install 'fanout[aiohttp]' "
+                              f"({exc})") from None
+
+        http = AiohttpServer(app.handle)
+    else:
+        raise ValueError(f"server must be one of {', '.join(SERVERS)}")
+    await http.start(host, port)
+    return VendorServer(app, http)
 
 
 async def serve(
@@ -358,9 +396,10 @@ async def serve(
     *,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    server: str = SERVERS[0],
 ) -> None:
     """Serve until ``stop`` is set (forever if None); ``on_ready(url)`` once listening."""
-    vendor = await start_vendor(config, host, port)
+    vendor = await start_vendor(config, host, port, server)
     try:
         if on_ready is not None:
             on_ready(vendor.url)

@@ -69,6 +69,27 @@ def _fail_paths(name: str, value: object) -> dict[str, int]:
     return result
 
 
+def _path_keys(name: str, value: object) -> tuple[str, ...]:
+    # Same key format as fail_paths: the path, plus "?day=..." for metrics.
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name} must be a list of paths")
+    for key in value:
+        if not isinstance(key, str) or not key.startswith("/"):
+            raise ConfigError(f"{name} must hold paths starting with '/'")
+    return tuple(value)
+
+
+def _burst(name: str, value: object) -> dict[str, float]:
+    if not isinstance(value, dict) or not value.keys() <= {"count", "retry_after_s"}:
+        raise ConfigError(f'{name} must be an object {{"count": N, "retry_after_s": S}}')
+    if "count" not in value:
+        raise ConfigError(f"{name} needs a count")
+    return {
+        "count": _int(f"{name}.count", value["count"]),
+        "retry_after_s": _float(f"{name}.retry_after_s", value.get("retry_after_s", 1.0)),
+    }
+
+
 _Validator = Callable[[str, object], object]
 
 _VALIDATORS: dict[str, _Validator] = {
@@ -84,8 +105,11 @@ _VALIDATORS: dict[str, _Validator] = {
     "retry_after_integer": _bool,
     "stall_rate": lambda n, v: _float(n, v, maximum=1.0),
     "stall_ms": _float,
+    "stall_paths": _path_keys,
     "report_polls": _int,
     "fail_paths": _fail_paths,
+    "not_found_paths": _path_keys,
+    "burst_429": _burst,
 }
 
 KNOBS: tuple[str, ...] = tuple(_VALIDATORS)
@@ -107,9 +131,16 @@ class VendorConfig:
     retry_after_integer: bool = False
     stall_rate: float = 0.0
     stall_ms: float = 30_000.0
+    # path keys that always stall for stall_ms (on top of those stall_rate picks)
+    stall_paths: tuple[str, ...] = ()
     report_polls: int = 3
     # path key -> remaining forced 500s; counts down as requests hit it.
     fail_paths: dict[str, int] = field(default_factory=dict)
+    # path keys answered 404 {"error": "not found"} for as long as they are listed
+    not_found_paths: tuple[str, ...] = ()
+    # the next `count` non-admin requests get 429 + Retry-After: retry_after_s;
+    # count goes down as they are sent, setting the knob again starts a new burst.
+    burst_429: dict[str, float] = field(default_factory=lambda: {"count": 0, "retry_after_s": 1.0})
 
     def __post_init__(self) -> None:
         # Route constructor arguments through the same checks as updates.
@@ -126,7 +157,7 @@ class VendorConfig:
             setattr(self, name, value)
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-ready snapshot (metrics as a list, fail_paths copied)."""
+        """JSON-ready snapshot (tuples as lists, dicts copied)."""
         result: dict[str, object] = {}
         for f in fields(self):
             value = getattr(self, f.name)

@@ -1,6 +1,9 @@
-"""A minimal HTTP/1.1 server on asyncio streams (stdlib only).
+"""The vendor's Request/Response types and its builtin HTTP/1.1 server.
 
-Supports what the demo vendor's clients need and no more: keep-alive (the
+The builtin server is a minimal one on asyncio streams (stdlib only).  It
+is the default because it costs less CPU per request than aiohttp
+(``aio.py``, ``--server aiohttp``): measured with ``loadcheck.py``.  It
+supports what the demo vendor's clients need and no more: keep-alive (the
 HTTP/1.1 default), ``Connection: close``, request bodies framed by
 ``Content-Length``, and JSON responses always framed by ``Content-Length``.
 Chunked request bodies are refused with 501 rather than half-supported.
@@ -12,9 +15,10 @@ import asyncio
 import json
 import sys
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Protocol
 from urllib.parse import parse_qsl
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -29,7 +33,7 @@ class Request:
     target: str  # raw request-target, query string included
     path: str  # percent-encoded path, no query string
     query: dict[str, str]
-    headers: dict[str, str]  # lower-cased names
+    headers: Mapping[str, str]  # look up by lower-case name (works on both servers)
     body: bytes = b""
 
     def json(self) -> object:
@@ -47,6 +51,22 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Listener(Protocol):
+    """What the vendor needs from an HTTP layer (builtin or aiohttp)."""
+
+    @property
+    def url(self) -> str: ...
+
+    async def start(self, host: str, port: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def json_body(payload: object) -> bytes:
+    """The response body both HTTP layers send: compact JSON."""
+    return json.dumps(payload, separators=(",", ":")).encode()
 
 
 class _BadRequest(Exception):
@@ -88,7 +108,7 @@ def _parse_head(head: bytes) -> tuple[Request, int, bool]:
 
 
 def encode_response(response: Response, keep_alive: bool) -> bytes:
-    body = json.dumps(response.payload, separators=(",", ":")).encode()
+    body = json_body(response.payload)
     reason = _REASONS.get(response.status, "Unknown")
     head = [
         f"HTTP/1.1 {response.status} {reason}",

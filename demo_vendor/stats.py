@@ -90,8 +90,20 @@ class RateLimiter:
         self._window.clear()
 
 
+_RECENT = 5000  # arrival times kept for ``recent_arrivals``
+
+
 class Stats:
-    """Counters exposed by ``GET /_admin/stats``."""
+    """Counters exposed by ``GET /_admin/stats``.
+
+    In-flight counting: a request is in flight from its arrival until its
+    response is handed to the server for sending (latency and stalls included).
+
+    Retry-After windows: every 429 the vendor sends announces a window that
+    ends at ``sent + Retry-After``; a request arriving before the latest such
+    end is a violation, whoever sent it (the window is global, as a limit
+    shared by all workers would be).  Times are ``time.monotonic()`` seconds.
+    """
 
     def __init__(self) -> None:
         self.total = 0
@@ -100,6 +112,13 @@ class Stats:
         self.status: Counter[int] = Counter()
         self.max_rps_1s = 0
         self._arrivals = SlidingWindow()
+        # A gauge: never reset, or requests in flight at a reset would drive it negative.
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.retry_after_violations = 0
+        self.last_429_at: float | None = None
+        self.retry_after_until: float | None = None
+        self.recent: deque[float] = deque(maxlen=_RECENT)  # arrival times, for tests
 
     def arrived(self, now: float, endpoint: str | None, path_key: str) -> None:
         """Count a non-admin request as it arrives (before any 429/latency)."""
@@ -107,12 +126,30 @@ class Stats:
         if endpoint is not None:
             self.by_endpoint[endpoint] += 1
         self.by_path[path_key] += 1
+        self.recent.append(now)
         in_window = self._arrivals.add(now)
         if in_window > self.max_rps_1s:
             self.max_rps_1s = in_window
+        self.in_flight += 1
+        if self.in_flight > self.max_in_flight:
+            self.max_in_flight = self.in_flight
+        until = self.retry_after_until
+        if until is not None and now < until:
+            self.retry_after_violations += 1
+
+    def announced(self, sent_at: float, retry_after: float) -> None:
+        """A 429 with ``Retry-After: retry_after`` (seconds) is sent at ``sent_at``."""
+        self.last_429_at = sent_at
+        until = sent_at + retry_after
+        if self.retry_after_until is None or until > self.retry_after_until:
+            self.retry_after_until = until
 
     def answered(self, status: int) -> None:
         self.status[status] += 1
+
+    def finished(self) -> None:
+        """The request is no longer in flight (answered, or cancelled at shutdown)."""
+        self.in_flight -= 1
 
     def reset(self) -> None:
         self.total = 0
@@ -121,8 +158,13 @@ class Stats:
         self.status.clear()
         self.max_rps_1s = 0
         self._arrivals.clear()
+        self.max_in_flight = self.in_flight  # 0 unless requests are in flight now
+        self.retry_after_violations = 0
+        self.last_429_at = None
+        self.retry_after_until = None
+        self.recent.clear()
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self, now: float) -> dict[str, object]:
         return {
             "total": self.total,
             "by_endpoint": {name: self.by_endpoint[name] for name in ENDPOINTS},
@@ -131,4 +173,11 @@ class Stats:
             "sent_429": self.status[429],
             "sent_5xx": sum(n for code, n in self.status.items() if code >= 500),
             "max_rps_1s": self.max_rps_1s,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "retry_after_violations": self.retry_after_violations,
+            "last_429_at": self.last_429_at,
+            "retry_after_until": self.retry_after_until,
+            "monotonic_now": now,
+            "recent_arrivals": list(self.recent),
         }

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 
 from demo_vendor import fault_hit, fib, metric_value, report_rows, service_metric, stars
 from demo_vendor.__main__ import main as vendor_main
+from demo_vendor.app import SERVERS
 
 ROOT = Path(__file__).resolve().parents[1]
 DAY = "2026-01-01"
@@ -30,10 +32,14 @@ URL_LINE = re.compile(r"^demo vendor listening on (http://127\.0\.0\.1:\d+)$")
 class Vendor:
     """A ``python -m demo_vendor serve`` subprocess and a client for it."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, server: str = SERVERS[0]) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.server = server
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "demo_vendor", "serve", "--port", "0", *args],
+            [
+                *(sys.executable, "-m", "demo_vendor", "serve"),
+                *("--port", "0", "--server", server, *args),
+            ],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -80,11 +86,22 @@ class Vendor:
 
 
 @pytest.fixture
-def start() -> Iterator[Callable[..., Vendor]]:
+def server() -> str:
+    """The HTTP layer ``start`` uses: the default, unless a test is marked ``BOTH_SERVERS``."""
+    return SERVERS[0]
+
+
+# Tests of what the HTTP layer carries (query strings, bodies, headers, concurrency,
+# shutdown) run on every server; tests of the vendor's data and knobs on the default one.
+BOTH_SERVERS = pytest.mark.parametrize("server", SERVERS)
+
+
+@pytest.fixture
+def start(server: str) -> Iterator[Callable[..., Vendor]]:
     started: list[Vendor] = []
 
     def _start(*args: str) -> Vendor:
-        vendor = Vendor(*args)
+        vendor = Vendor(*args, server=server)
         started.append(vendor)
         return vendor
 
@@ -120,6 +137,7 @@ def test_accounts(start: Callable[..., Vendor]) -> None:
     assert accounts[11] == {"id": "acct-012", "name": "Account 12"}
 
 
+@BOTH_SERVERS
 def test_pagination(start: Callable[..., Vendor]) -> None:
     v = start("--services", "45", "--page-size", "20", "--seed", "3")
     seen: list[str] = []
@@ -188,6 +206,7 @@ def test_metrics_values_and_determinism(start: Callable[..., Vendor]) -> None:
     assert stats["by_endpoint"]["metrics"] == 16 + 5
 
 
+@BOTH_SERVERS
 def test_fib_and_repos(start: Callable[..., Vendor]) -> None:
     v = start()
     for n, want in ((11, 89), (12, 144), (16, 987), (17, 1597)):
@@ -210,6 +229,7 @@ def test_fib_and_repos(start: Callable[..., Vendor]) -> None:
     assert stats["by_path"]["/fib/11"] == 1
 
 
+@BOTH_SERVERS
 def test_reports(start: Callable[..., Vendor]) -> None:
     v = start("--report-polls", "3", "--services", "6", "--seed", "5")
     r = v.post("/reports", {"account": "acct-002", "day": DAY})
@@ -283,6 +303,7 @@ def test_error_rate_transient(start: Callable[..., Vendor]) -> None:
     assert _fib_round(v) == expected
 
 
+@BOTH_SERVERS
 def test_latency_and_stall(start: Callable[..., Vendor]) -> None:
     v = start("--latency-ms", "150")
     t0 = time.monotonic()
@@ -294,6 +315,160 @@ def test_latency_and_stall(start: Callable[..., Vendor]) -> None:
     # Admin is never stalled; the stalled request was counted on arrival.
     assert v.stats()["by_path"]["/fib/4"] == 1
     # SIGTERM (in the fixture) must still exit 0 with a stalled connection open.
+
+
+def test_not_found_paths(start: Callable[..., Vendor]) -> None:
+    v = start()
+    metric = "/accounts/acct-001/services/svc-001/metrics"
+    cfg = v.configure(not_found_paths=["/fib/5", f"{metric}?day={DAY}"], fail_paths={"/fib/5": 1})
+    assert cfg["not_found_paths"] == ["/fib/5", f"{metric}?day={DAY}"]
+    for _ in range(3):  # permanent while listed
+        r = v.get("/fib/5")
+        assert r.status_code == 404 and r.json() == {"error": "not found"}
+    assert v.get(metric, params={"day": DAY}).status_code == 404
+    assert v.get(metric, params={"day": "2026-01-02"}).status_code == 200  # keys are per day
+    assert v.get("/fib/6").json() == {"n": 6, "value": 8}
+    # The 404 comes before the injected 500: the armed fail_paths entry is untouched.
+    assert v.get("/_admin/config").json()["fail_paths"] == {"/fib/5": 1}
+    v.configure(not_found_paths=[])  # "fix the vendor"
+    assert v.get("/fib/5").status_code == 500
+    assert v.get("/fib/5").json() == {"n": 5, "value": 5}
+    assert v.get(metric, params={"day": DAY}).status_code == 200
+    stats = v.stats()
+    assert stats["status"] == {"200": 4, "404": 4, "500": 1}
+    assert stats["by_path"]["/fib/5"] == 5
+    assert stats["by_path"][f"{metric}?day={DAY}"] == 2
+
+
+@BOTH_SERVERS
+def test_stall_paths_and_in_flight(start: Callable[..., Vendor]) -> None:
+    v = start()
+    metric = "/accounts/acct-001/services/svc-001/metrics"
+    v.configure(stall_paths=["/fib/4", f"{metric}?day={DAY}"], stall_ms=60_000, stall_rate=0)
+    with pytest.raises(httpx.ReadTimeout):
+        v.client.get("/fib/4", timeout=0.5)
+    with pytest.raises(httpx.ReadTimeout):
+        v.client.get(metric, params={"day": DAY}, timeout=0.5)
+    assert v.get("/fib/5").json() == {"n": 5, "value": 5}  # other keys are not stalled
+    assert v.get(metric, params={"day": "2026-01-02"}).status_code == 200
+    stats = v.stats()
+    # The two stalled requests are still being handled (the client gave up, not the server);
+    # each later request overlapped them.
+    assert stats["in_flight"] == 2 and stats["max_in_flight"] == 3
+    assert stats["status"] == {"200": 2} and stats["total"] == 4
+    # reset keeps the gauge and restarts the maximum from it
+    v.post("/_admin/reset")
+    stats = v.stats()
+    assert (stats["in_flight"], stats["max_in_flight"], stats["total"]) == (2, 2, 0)
+    # SIGTERM (in the fixture) must still exit 0 with two stalled requests.
+
+
+@BOTH_SERVERS
+def test_max_in_flight(start: Callable[..., Vendor]) -> None:
+    v = start()
+    for i in range(1, 6):
+        assert v.get(f"/fib/{i}").status_code == 200
+        assert v.stats()["in_flight"] == 0  # admin requests are never counted
+    assert v.stats()["max_in_flight"] == 1
+    n = 8
+    clients = [httpx.Client(base_url=v.url, timeout=30) for _ in range(n)]
+    try:
+        for client in clients:  # open every connection before the concurrent round
+            assert client.get("/fib/3").status_code == 200
+        v.post("/_admin/reset")
+        # 2 s of latency: all n requests, sent at once over open connections, overlap.
+        v.configure(latency_ms=2000)
+        with ThreadPoolExecutor(n) as pool:
+            codes = list(pool.map(lambda c: c.get("/fib/7").status_code, clients))
+    finally:
+        for client in clients:
+            client.close()
+    assert codes == [200] * n
+    stats = v.stats()
+    assert (stats["max_in_flight"], stats["in_flight"], stats["total"]) == (n, 0, n)
+
+
+@BOTH_SERVERS
+def test_burst_429(start: Callable[..., Vendor]) -> None:
+    # A rate limit of one request per 5 s: the burst comes first and uses none of it.
+    v = start("--rate-limit-rps", "0.2")
+    cfg = v.configure(burst_429={"count": 3, "retry_after_s": 30})
+    assert cfg["burst_429"] == {"count": 3, "retry_after_s": 30.0}
+    limited = [v.get(f"/fib/{i}") for i in (1, 2, 3)]
+    assert [r.status_code for r in limited] == [429, 429, 429]
+    assert [r.headers["retry-after"] for r in limited] == ["30", "30", "30"]
+    assert all(r.json() == {"error": "rate limited"} for r in limited)
+    assert v.get("/_admin/config").json()["burst_429"] == {"count": 0, "retry_after_s": 30.0}
+    assert v.get("/fib/4").status_code == 200  # the burst is over; the rate limit admits one
+    after = v.get("/fib/5")
+    assert after.status_code == 429 and 4 < float(after.headers["retry-after"]) <= 5
+    v.configure(rate_limit_rps=0)
+    assert [v.get("/fib/6").status_code for _ in range(3)] == [200, 200, 200]
+    stats = v.stats()
+    assert stats["status"] == {"200": 4, "429": 4} and stats["sent_429"] == 4
+    # Setting the knob again starts another burst; decimals are sent as configured,
+    # whole seconds rounded up with retry_after_integer.
+    v.configure(burst_429={"count": 2, "retry_after_s": 1.5})
+    assert [v.get("/fib/7").headers.get("retry-after") for _ in range(3)] == ["1.5", "1.5", None]
+    v.configure(burst_429={"count": 1, "retry_after_s": 1.5}, retry_after_integer=True)
+    assert [v.get("/fib/8").headers.get("retry-after") for _ in range(2)] == ["2", None]
+    assert v.stats()["sent_429"] == 7
+
+
+def test_retry_after_violations_burst(start: Callable[..., Vendor]) -> None:
+    v = start()
+    v.configure(burst_429={"count": 2, "retry_after_s": 2})
+    assert v.get("/fib/1").status_code == 429  # opens a 2 s window; not itself a violation
+    assert v.get("/fib/2").status_code == 429  # inside the window: violation 1
+    assert v.get("/fib/3").status_code == 200  # inside the window: violation 2, though a 200
+    stats = v.stats()
+    assert stats["retry_after_violations"] == 2
+    assert stats["retry_after_until"] == pytest.approx(stats["last_429_at"] + 2)
+    assert stats["last_429_at"] <= stats["monotonic_now"]
+    # Wait out the window as announced (measured from after the last 429 arrived here).
+    time.sleep(max(0.0, stats["retry_after_until"] - stats["monotonic_now"]) + 0.1)
+    assert v.get("/fib/4").status_code == 200
+    assert v.stats()["retry_after_violations"] == 2
+    v.post("/_admin/reset")
+    stats = v.stats()
+    assert stats["retry_after_violations"] == 0
+    assert stats["last_429_at"] is None and stats["retry_after_until"] is None
+
+
+def test_retry_after_violations_rate_limit(start: Callable[..., Vendor]) -> None:
+    v = start("--rate-limit-rps", "0.2")  # one request per 5 s
+    assert v.get("/fib/1").status_code == 200
+    first = v.get("/fib/1")
+    assert first.status_code == 429 and 4 < float(first.headers["retry-after"]) <= 5
+    second = v.get("/fib/1")  # violation 1
+    assert second.status_code == 429
+    v.configure(rate_limit_rps=0)
+    # Lifting the limit does not close a window the vendor already announced.
+    assert v.get("/fib/1").status_code == 200  # violation 2
+    stats = v.stats()
+    assert stats["retry_after_violations"] == 2
+    assert stats["status"] == {"200": 2, "429": 2}
+    # Both 429s announced (almost) the same end: the later one, give or take the rounding.
+    end = stats["last_429_at"] + float(second.headers["retry-after"])
+    assert stats["retry_after_until"] == pytest.approx(end, abs=0.02)
+    v.post("/_admin/reset")  # reset closes the window
+    assert v.get("/fib/1").status_code == 200
+    assert v.stats()["retry_after_violations"] == 0
+
+
+def test_fault_flags(start: Callable[..., Vendor]) -> None:
+    v = start(
+        "--burst-429", "2", "--burst-retry-after", "0.5",
+        "--not-found-path", "/fib/3", "--not-found-path", "/repos/a/b",
+        "--stall-path", "/fib/9",
+    )  # fmt: skip
+    cfg = v.get("/_admin/config").json()
+    assert cfg["burst_429"] == {"count": 2, "retry_after_s": 0.5}
+    assert cfg["not_found_paths"] == ["/fib/3", "/repos/a/b"]
+    assert cfg["stall_paths"] == ["/fib/9"]
+    assert [v.get("/fib/2").headers.get("retry-after") for _ in range(3)] == ["0.5", "0.5", None]
+    assert v.get("/fib/3").status_code == 404
+    assert v.get("/repos/a/b").status_code == 404
 
 
 # -- rate limiting ----------------------------------------------------------------
@@ -318,6 +493,7 @@ def test_rate_limit_sequential(start: Callable[..., Vendor]) -> None:
     assert all(v.get("/_admin/stats").status_code == 200 for _ in range(20))
 
 
+@BOTH_SERVERS
 def test_rate_limit_burst(start: Callable[..., Vendor]) -> None:
     v = start("--rate-limit-rps", "50")
 
@@ -368,9 +544,16 @@ def test_admin_reset_and_config(start: Callable[..., Vendor]) -> None:
     v.get("/accounts")
     v.get("/fib/3")
     v.get("/nope")
-    assert v.stats()["total"] == 3
+    before_reset = v.stats()
+    assert before_reset["total"] == 3
+    # Arrival times, oldest first, on the same clock as monotonic_now.
+    arrivals = before_reset["recent_arrivals"]
+    assert len(arrivals) == 3 and arrivals == sorted(arrivals)
+    assert arrivals[-1] <= before_reset["monotonic_now"]
     assert v.post("/_admin/reset").json() == {"ok": True}
-    assert v.stats() == {
+    stats = v.stats()
+    assert isinstance(stats.pop("monotonic_now"), float)
+    assert stats == {
         "total": 0,
         "by_endpoint": {
             "accounts": 0,
@@ -386,6 +569,12 @@ def test_admin_reset_and_config(start: Callable[..., Vendor]) -> None:
         "sent_429": 0,
         "sent_5xx": 0,
         "max_rps_1s": 0,
+        "in_flight": 0,
+        "max_in_flight": 0,
+        "retry_after_violations": 0,
+        "last_429_at": None,
+        "retry_after_until": None,
+        "recent_arrivals": [],
     }
     before = v.get("/_admin/config").json()
     bad_updates: list[dict[str, object]] = [
@@ -396,6 +585,14 @@ def test_admin_reset_and_config(start: Callable[..., Vendor]) -> None:
         {"no_such_knob": 1},
         {"fail_paths": {"/fib/1": -1}},
         {"metrics": []},
+        {"not_found_paths": "/fib/1"},
+        {"not_found_paths": ["fib/1"]},
+        {"stall_paths": [1]},
+        {"burst_429": 3},
+        {"burst_429": {"retry_after_s": 1}},
+        {"burst_429": {"count": -1}},
+        {"burst_429": {"count": 1, "retry_after_s": -1}},
+        {"burst_429": {"count": 1, "seconds": 1}},
         {"services": 10, "error_rate": 1.5},  # all-or-nothing
     ]
     for bad in bad_updates:
@@ -425,6 +622,7 @@ def _read_response(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes, bytes
     return head, rest[:length], rest[length:]
 
 
+@BOTH_SERVERS
 def test_keep_alive_pipelining_and_close(start: Callable[..., Vendor]) -> None:
     v = start()
     host, port = v.url.removeprefix("http://").split(":")
@@ -447,12 +645,15 @@ def test_keep_alive_pipelining_and_close(start: Callable[..., Vendor]) -> None:
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(b"garbage\r\n\r\n")
         head, payload, _ = _read_response(sock, b"")
-        assert head.startswith(b"HTTP/1.1 400") and b'"error"' in payload
+        assert re.match(rb"HTTP/1\.[01] 400 ", head)
+        if v.server == "builtin":  # aiohttp answers a malformed request in text/plain
+            assert head.startswith(b"HTTP/1.1 400") and b'"error"' in payload
 
 
-def test_ready_file_and_sigint(tmp_path: Path) -> None:
+@BOTH_SERVERS
+def test_ready_file_and_sigint(tmp_path: Path, server: str) -> None:
     ready = tmp_path / "ready.txt"
-    v = Vendor("--ready-file", str(ready))
+    v = Vendor("--ready-file", str(ready), server=server)
     try:
         assert ready.read_text() == v.url
         assert v.get("/accounts").status_code == 200
