@@ -9,17 +9,17 @@ import sys
 from typing import Any, NoReturn
 
 from demo_vendor.__main__ import main as vendor_main
-from producers import commands, processes
+from producers import commands, limits_cli, processes, schedules
 from producers.errors import CliError, UsageError
 from producers.trigger import load_configured_pipelines
 from workers import embedded_redis
 from workers.connections import (
-    check_broker,
     check_reachable,
     resolve_broker_url,
     resolve_redis_url,
 )
 from workers.settings import ConfigError, get_settings
+from workers.transport import check_broker
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -131,6 +131,14 @@ def build_parser() -> Parser:
     dead.add_argument("action", nargs="?", choices=["list", "purge"], default="list")
     dead.add_argument("--json", action="store_true")
 
+    limits_cli.add_parser(sub, Parser)
+
+    cache = sub.add_parser("cache", help="the shared input cache")
+    cache_actions = cache.add_subparsers(dest="cache_command", required=True, parser_class=Parser)
+    clear = cache_actions.add_parser("clear", help="forget cached results")
+    clear.add_argument("stage", nargs="?", default=None, help="PIPELINE.STAGE (default: all)")
+    schedules.add_parsers(sub, Parser)
+
     sub.add_parser("down", help="stop the embedded Redis")
     return parser
 
@@ -160,13 +168,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _down()
     # Every other command needs the pipelines: a module that fails to import is one line.
     load_configured_pipelines()
+    if "schedule_handler" in args:  # beat, schedules (producers/schedules.py)
+        return int(args.schedule_handler(args))
     if command == "worker":
         return _worker(args)
     if command == "flower":
         return _flower(args)
     handler = {"demo": commands.demo, "run": commands.run, "status": commands.status,
                "failures": commands.failures, "replay": commands.replay,
-               "dead-letters": commands.dead_letters}[command]
+               "dead-letters": commands.dead_letters, "limits": commands.limits,
+               "cache": commands.cache}[command]
     return handler(args)
 
 

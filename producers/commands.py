@@ -10,22 +10,23 @@ from typing import Any
 
 from rich.console import Console
 
-from producers import processes
+from producers import limits_cli, processes
 from producers.errors import RunNotFound
 from producers.local import local_system
 from producers.report import exit_code, summary_table, wait_for_run
 from producers.trigger import replay_run, start_run
 from workers.api import get_pipeline
 from workers.connections import (
-    check_broker,
     check_reachable,
     resolve_broker_url,
     resolve_redis_url,
 )
+from workers.engine import cache_hook
 from workers.engine.services import services
 from workers.ledger import Ledger, RunSnapshot
 from workers.settings import ConfigError, get_settings
 from workers.sinks import check_sink_url
+from workers.transport import check_broker
 
 
 def make_console(*, stderr: bool = False) -> Console:
@@ -186,4 +187,21 @@ def dead_letters(args: argparse.Namespace) -> int:
     for letter in letters:
         console.print(f"{letter.queue}: {letter.reason}: {letter.raw[:120]!r}", markup=False)
     console.print(f"{len(letters)} dead letters")
+    return 0
+
+
+def limits(args: argparse.Namespace) -> int:
+    _connect()
+    return limits_cli.run(args, make_console())
+
+
+def cache(args: argparse.Namespace) -> int:
+    _connect()
+    stage = args.stage
+    if stage is not None:
+        pipeline, _, name = stage.partition(".")
+        if name not in get_pipeline(pipeline).stages:
+            raise ConfigError(f"no stage {stage!r} (give PIPELINE.STAGE)")
+    removed = cache_hook.clear(services().ledger.redis, stage)
+    print(f"cleared {removed} cached results" + (f" of {stage}" if stage else ""))
     return 0

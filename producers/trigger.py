@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from producers.errors import CliError
@@ -14,6 +14,7 @@ from workers.ids import item_id
 from workers.ledger import LedgerError
 from workers.message import Delivery
 from workers.settings import ConfigError, get_settings
+from workers.throttle import Throttled
 
 
 class TriggerError(CliError):
@@ -22,6 +23,23 @@ class TriggerError(CliError):
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+_LIST_ROOTS_WAIT_S = 300.0
+
+
+def _list_roots(list_roots: Callable[[dict[str, Any]], Sequence[Any]],
+                params: dict[str, Any]) -> list[Any]:
+    """The roots function, run in this process: a global limit that holds it is waited out
+    here (there is no scheduler to hand it to), for up to five minutes."""
+    deadline = time.monotonic() + _LIST_ROOTS_WAIT_S
+    while True:
+        try:
+            return list(list_roots(params))
+        except Throttled as held:
+            if time.monotonic() + held.wait_s > deadline:
+                raise
+            time.sleep(held.wait_s)
 
 
 def load_configured_pipelines() -> None:
@@ -50,7 +68,7 @@ def start_run(
             raise ConfigError(f"pipeline {pipeline_name!r} has no roots function")
         root_stage = pipeline.root_stage
         try:
-            roots = list(pipeline.list_roots(params))
+            roots = _list_roots(pipeline.list_roots, params)
         except ConfigError:
             raise
         except Exception as exc:

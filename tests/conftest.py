@@ -154,7 +154,10 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
     """Start real Celery worker processes; all are stopped (or killed) after the test."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(env: dict[str, str] | None = None, **options: Any) -> subprocess.Popen[bytes]:
+    def start(
+        env: dict[str, str] | None = None, *, ready: bool = False, **options: Any
+    ) -> subprocess.Popen[bytes]:
+        """``ready``: return once the worker has said it is ready (for timed tests)."""
         n = len(started)
         full_env = {
             "FANOUT_REDIS_URL": _REDIS_URL,
@@ -169,6 +172,10 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
             full_env, log_path=str(tmp_path / f"worker{n}.log"), **options
         )
         started.append(proc)
+        if ready:
+            log = tmp_path / f"worker{n}.log"
+            wait_for(lambda: log.exists() and " ready." in log.read_text(),
+                     what=f"worker {n} ready")
         return proc
 
     yield start

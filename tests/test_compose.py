@@ -26,7 +26,7 @@ SERVICES: dict[str, Any] = COMPOSE["services"]
 
 
 def test_compose_file_is_well_formed() -> None:
-    assert set(SERVICES) == {"redis", "vendor", "worker", "flower", "producer"}
+    assert set(SERVICES) == {"redis", "vendor", "worker", "flower", "beat", "producer"}
     for name, service in SERVICES.items():
         assert "image" in service or "build" in service, name
         command = service["command"]
@@ -37,7 +37,8 @@ def test_compose_file_is_well_formed() -> None:
             host, container = mapping.split(":")
             assert int(host) > 0 and int(container) > 0
         for volume in service.get("volumes", []):
-            assert volume.split(":")[0] in COMPOSE["volumes"], (name, volume)
+            source = volume.split(":")[0]  # a named volume, or a file of this repository
+            assert source in COMPOSE["volumes"] or (ROOT / source).is_file(), (name, volume)
         if name != "redis":
             assert command[0] == "fanout", name
             assert service["environment"]["FANOUT_REDIS_URL"] == "redis://redis:6379/0"
@@ -45,6 +46,18 @@ def test_compose_file_is_well_formed() -> None:
     assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
     assert redis_command[redis_command.index("--maxmemory-policy") + 1] == "noeviction"
     assert (ROOT / SERVICES["worker"]["build"] / "Dockerfile").exists()
+    assert SERVICES["beat"]["deploy"]["replicas"] == 2  # two beats: each slot runs once
+    assert beat_config().is_file()
+
+
+def beat_config() -> Path:
+    """The config file compose mounts where the beat service's FANOUT_CONFIG points."""
+    target = SERVICES["beat"]["environment"]["FANOUT_CONFIG"]
+    for volume in SERVICES["beat"]["volumes"]:
+        source, _, rest = volume.partition(":")
+        if rest.split(":")[0] == target:
+            return ROOT / source
+    raise AssertionError(f"nothing mounted at {target}")
 
 
 def native(service: str, **option_values: str) -> list[str]:
@@ -123,6 +136,18 @@ def test_compose_service_commands_run_natively(
     assert "flower_" in httpx.get(metrics).text
 
     producer_env = {**compose_env, "FANOUT_DEMO_VENDOR_URL": vendor_url}
+    beat_env = {**producer_env, "FANOUT_CONFIG": str(beat_config())}
+    beat = start(native("beat"), beat_env, "beat.log")
+    wait_for(lambda: "beat: schedule demo_daily" in (tmp_path / "beat.log").read_text(),
+             what="the beat")
+    # The schedule the beat runs, triggered now by hand: the demo over 10 x 50 services.
+    manual = subprocess.run([sys.executable, "-m", "producers.cli", "schedules", "run",
+                             "demo_daily", "--wait", "--json"], env=beat_env,
+                            capture_output=True, text=True, timeout=300)
+    assert manual.returncode == 0, manual.stderr
+    assert json.loads(manual.stdout.strip().splitlines()[-1])["rows_written"] == 10 * 50
+    assert beat.poll() is None, (tmp_path / "beat.log").read_text()
+
     producer = subprocess.run([*native("producer", days="2"), "--json"], env=producer_env,
                               capture_output=True, text=True, timeout=300)
     assert producer.returncode == 0, producer.stderr

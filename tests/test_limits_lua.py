@@ -317,3 +317,31 @@ def test_every_state_key_expires_and_delete_removes_config_and_state(
 
     assert limits.delete_limit("api") is True
     assert redis_client.keys("fanout:*") == []
+
+
+def test_callers_willing_to_wait_reserve_turns_spaced_at_the_rate(limits: Limits) -> None:
+    limits.set_limit("api", rate="10/s")  # 0.1 s apart
+    permits = [limits.try_acquire("api", max_wait_s=0.25) for _ in range(4)]
+    assert [p.allowed for p in permits] == [True, True, True, False]
+    waits = [p.wait_s for p in permits]
+    assert waits[0] == 0
+    assert 0.1 - TOLERANCE_S < waits[1] <= 0.1 and 0.2 - TOLERANCE_S < waits[2] <= 0.2
+    assert 0.3 - TOLERANCE_S < waits[3] <= 0.3  # refused: its turn is past the 0.25 s it allows
+
+
+def test_a_turn_reserved_before_a_push_back_still_waits_for_it(limits: Limits) -> None:
+    limits.set_limit("api", rate="20/s")  # 0.05 s apart
+    assert limits.try_acquire("api").allowed
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 1:  # a vendor's 429 arrives while this turn sleeps
+            limits.push_back("api", 0.3)
+        time.sleep(seconds)
+
+    assert limits.acquire("api", max_wait_s=1, sleep=sleep).allowed
+    assert len(slept) == 2 and 0.3 - 0.06 < slept[1] <= 0.3
+    refused = Limits(limits.redis)
+    refused.push_back("api", 5)
+    assert not limits.acquire("api", max_wait_s=1, sleep=lambda s: None).allowed

@@ -95,3 +95,21 @@ def test_cost_must_be_between_one_and_the_burst() -> None:
         decide(0.0, 0.0, Rate.parse("1/s"), burst=2, cost=3)
     with pytest.raises(ValueError, match="count >= 1"):
         Rate(0, 1)
+
+
+def test_waiting_callers_reserve_turns_one_interval_apart() -> None:
+    rate = Rate.parse("10/s")  # 0.1 s apart
+    tat = 0.0
+    waits = []
+    for _ in range(4):  # four callers at the same instant, each willing to wait 0.25 s
+        decision = decide(tat, 100.0, rate, max_wait_s=0.25)
+        if decision.allowed:
+            tat = decision.tat_s
+        waits.append((decision.allowed, round(decision.wait_s, 6)))
+    assert waits == [(True, 0.0), (True, 0.1), (True, 0.2), (False, 0.3)]
+    assert tat == pytest.approx(100.3)  # the refused one left the state alone
+
+
+def test_a_reserved_turn_falls_after_a_push_back() -> None:
+    decision = decide(0.0, 100.0, Rate.parse("10/s"), not_before_s=100.5, max_wait_s=1.0)
+    assert decision == Decision(True, pytest.approx(100.6), pytest.approx(0.5))

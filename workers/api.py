@@ -22,11 +22,27 @@ from workers.looping import DEFAULT_MAX_ITERATIONS, Loop, LoopLimitExceeded, Loo
 from workers.policy.retry import Delay, PermanentError, RetryIf, RetryPolicy, exponential
 from workers.settings import ConfigError
 from workers.sinks.base import Record
+from workers.throttle import Throttled, rate_limit
 
 __all__ = [
-    "Hook", "Loop", "LoopLimitExceeded", "LoopState", "PermanentError", "Pipeline", "Record",
-    "RetryPolicy", "Stage", "StageContext", "StageResult", "all_pipelines", "exponential",
-    "find_stage", "get_pipeline", "load_pipelines",
+    "Hook",
+    "Loop",
+    "LoopLimitExceeded",
+    "LoopState",
+    "PermanentError",
+    "Pipeline",
+    "Record",
+    "RetryPolicy",
+    "Stage",
+    "StageContext",
+    "StageResult",
+    "Throttled",
+    "all_pipelines",
+    "exponential",
+    "find_stage",
+    "get_pipeline",
+    "load_pipelines",
+    "rate_limit",
 ]
 
 StageFn = Callable[[StageContext, Any], Any]
@@ -59,6 +75,10 @@ class Stage:
     max_iterations: int = DEFAULT_MAX_ITERATIONS
     claim_batch: int = 1
     hooks: tuple[Hook, ...] = ()
+    limits: tuple[str, ...] = ()  # global limits (``fanout limits set``) each item goes through
+    cache: str | None = None  # "inputs": serve a repeat of the same inputs from the cache
+    cache_key: Callable[[StageContext, Any], str] | None = None  # or a key of your own
+    cache_ttl_s: float = 86_400.0
 
     @property
     def task_name(self) -> str:
@@ -113,11 +133,21 @@ class Pipeline:
         max_iterations: int = DEFAULT_MAX_ITERATIONS,
         claim_batch: int = 1,
         hooks: Sequence[Hook] = (),
+        limits: Sequence[str] = (),
+        cache: str | None = None,
+        cache_key: Callable[[StageContext, Any], str] | None = None,
+        cache_ttl_s: float = 86_400.0,
     ) -> Callable[[StageFn], StageFn]:
         """Register a stage. Retries (seed 004): ``retries`` more tries after ``retry_delay_s``
         (seconds, a list by attempt, or ``exponential(base_s, factor, max_s)``), each delay
         varied by +/- ``retry_jitter`` (a fraction), only for ``retry_on`` exception types and
-        when ``retry_if(exc)`` is true; a ``PermanentError`` (or a vendor 4xx) never retries."""
+        when ``retry_if(exc)`` is true; a ``PermanentError`` (or a vendor 4xx) never retries.
+        Caching (seed 004): ``cache="inputs"`` or ``cache_key=fn(ctx, item)``, kept
+        ``cache_ttl_s``; a run with ``refresh_cache=True`` in its params overwrites it."""
+        if cache not in (None, "inputs"):
+            raise ConfigError(f"stage {self.name}.{name}: cache must be 'inputs', got {cache!r}")
+        if not cache_ttl_s > 0:
+            raise ConfigError(f"stage {self.name}.{name}: cache_ttl_s must be > 0")
         try:
             retry = RetryPolicy.from_options(
                 retries=retries, retry_delay_s=retry_delay_s, retry_jitter=retry_jitter,
@@ -129,7 +159,8 @@ class Pipeline:
         def register(fn: StageFn) -> StageFn:
             self.stages[name] = Stage(
                 self.name, _valid_name("stage", name), fn, maps_to, retry, max_iterations,
-                max(1, claim_batch), tuple(hooks),
+                max(1, claim_batch), tuple(hooks), tuple(limits), cache, cache_key,
+                float(cache_ttl_s),
             )
             return fn
 

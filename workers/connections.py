@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 import redis
-from kombu import Connection
 
 from workers import embedded_redis
 from workers.redact import redact
@@ -23,18 +22,6 @@ def resolve_redis_url(settings: Settings | None = None) -> str:
 def resolve_broker_url(settings: Settings | None = None) -> str:
     settings = settings or get_settings()
     return settings.broker_url or resolve_redis_url(settings)
-
-
-def check_broker(url: str) -> None:
-    """Raise ConfigError (one clear line) when the broker at ``url`` does not answer."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        check_reachable(url)
-        return
-    try:
-        with Connection(url, connect_timeout=2) as connection:
-            connection.ensure_connection(max_retries=1)
-    except Exception as exc:  # kombu raises the transport's own errors
-        raise ConfigError(f"cannot reach the broker at {redact(url)}: {exc}") from None
 
 
 def check_reachable(url: str) -> None:

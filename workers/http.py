@@ -24,6 +24,7 @@ from tenacity import (
 )
 
 from workers.settings import get_settings
+from workers.throttle import throttle
 
 _BODY_EXCERPT_CHARS = 200
 
@@ -90,6 +91,13 @@ def _send(method: str, url: str, client: httpx.Client | None, **kwargs: Any) -> 
     return response
 
 
+def _counted_send(
+    method: str, url: str, client: httpx.Client | None, **kwargs: Any
+) -> httpx.Response:
+    _local.tries = tries() + 1
+    return _send(method, url, client, **kwargs)
+
+
 def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, VendorHTTPError):
         return not exc.permanent
@@ -121,10 +129,13 @@ def request_json(
     backoff_initial_s: float = 0.2,
     backoff_max_s: float = 10.0,
     client: httpx.Client | None = None,
+    limit: str | None = None,
     **kwargs: Any,
 ) -> Any:
     """Call the vendor and return its JSON, retrying what is worth retrying. ``kwargs`` are
-    httpx.Request's (params, json, headers, content)."""
+    httpx.Request's (params, json, headers, content). ``limit``: a global limit every try
+    goes through (``throttle.py``); the vendor's 429/503 Retry-After pushes it back for every
+    worker, and a long wait raises ``Throttled`` (the engine runs the item again later)."""
     backoff = wait_exponential_jitter(multiplier=backoff_initial_s, max=backoff_max_s)
     for attempt in Retrying(
         stop=stop_after_attempt(retries + 1),
@@ -133,11 +144,22 @@ def request_json(
         reraise=True,
     ):
         with attempt:
-            _local.tries = tries() + 1
-            response = _send(method, url, client, **kwargs)
+            if limit is None:
+                response = _counted_send(method, url, client, **kwargs)
+            else:
+                if client is None:
+                    # This thread's first transport costs tens of ms (httpx builds an SSL
+                    # context): pay it before taking a turn, or the call arrives late and
+                    # bunches with the next one at the vendor.
+                    _transport()
+                with throttle().hold(limit):
+                    response = _counted_send(method, url, client, **kwargs)
             if response.status_code >= 400:
-                raise VendorHTTPError(
+                error = VendorHTTPError(
                     response.status_code, url, response.text, _retry_after_s(response)
                 )
+                if limit and error.retry_after_s is not None and error.status in (429, 503):
+                    throttle().push_back(limit, error.retry_after_s)
+                raise error
             return response.json()
     raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover

@@ -31,9 +31,33 @@ Shared:
 - ``fanout:dead:QUEUE``       list: messages of QUEUE that could not be decoded, with the reason
 - ``fanout:dead:queues``      set: the queues that have dead letters
 
+Global limits (``limits.py``), for limit NAME (a hash tag: one limit's keys share a slot):
+- ``fanout:limits``             set: the names of all limits (configuration: no TTL)
+- ``fanout:limit:{NAME}``       hash: ``rate`` ("60/h"), ``burst``, ``concurrency`` (configuration)
+- ``fanout:limit:{NAME}:tat``   string: GCRA theoretical arrival time (server time); expires once
+                              it has passed (then it means "idle")
+- ``fanout:limit:{NAME}:backoff`` string: nothing passes before this time (a vendor's
+                              Retry-After, for every worker); expires when it has passed
+- ``fanout:limit:{NAME}:slots`` sorted set: holder id -> lease expiry; expires with its longest
+                              lease
+
+Cache (``engine/cache_hook.py``):
+- ``fanout:cache:TASK:KEY``     string: what stage TASK produced for inputs KEY (JSON), with
+                              the stage's ``cache_ttl_s``
+
 Broker side (kombu's own keys): one list per stage queue, named ``fanout.PIPELINE.STAGE``, and
 - ``fanout:claimed:QUEUE``    sorted set: messages of QUEUE a worker claimed to run in a batch
                               -> claim time (``transport.py``); put back if never released
+
+Schedules (``fanout beat``, ``producers/beat.py``); their configuration is the config file, not
+Redis. For schedule NAME and the run id R of one of its slots (``sched-NAME-SLOT``):
+- ``fanout:schedule:slot:R``  string: ``claimed TOKEN`` while one beat triggers the slot
+                              (``FANOUT_SCHEDULE_LEASE_S``), then ``fired`` (the grace period
+                              and the lease): the slot is done, on every beat
+- ``fanout:schedule:NAME:runs`` sorted set: run id -> slot time of its last 100 runs
+                              (``fanout schedules``; ``Settings.ledger_ttl_s``)
+- ``fanout:schedule:NAME:error`` string: JSON {run_id, slot, message, at} of its last failed
+                              trigger (``Settings.ledger_ttl_s``)
 """
 
 from __future__ import annotations
@@ -45,6 +69,7 @@ RUNS_INDEX = f"{PREFIX}:runs"
 REAPER_LOCK = f"{PREFIX}:reaper:lock"
 DELAYED = f"{PREFIX}:delayed"
 DEAD_QUEUES = f"{PREFIX}:dead:queues"
+LIMITS_INDEX = f"{PREFIX}:limits"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +99,26 @@ class RunKeys:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class LimitKeys:
+    """The keys of one limit, named as the ``limit_*.lua`` scripts name them."""
+
+    config: str
+    tat: str
+    backoff: str
+    slots: str
+
+    @classmethod
+    def of(cls, name: str) -> LimitKeys:
+        base = f"{PREFIX}:limit:{{{name}}}"
+        return cls(config=base, tat=f"{base}:tat", backoff=f"{base}:backoff",
+                   slots=f"{base}:slots")
+
+
+def cache(task_name: str, key: str) -> str:
+    return f"{PREFIX}:cache:{task_name}:{key}"
+
+
 def dead_letters(queue: str) -> str:
     return f"{PREFIX}:dead:{queue}"
 
@@ -84,3 +129,16 @@ def claimed(queue: str) -> str:
 
 def queue_name(pipeline: str, stage: str) -> str:
     return f"{PREFIX}.{pipeline}.{stage}"
+
+
+# Schedules (fanout beat): see the module docstring.
+def schedule_slot(run_id: str) -> str:
+    return f"{PREFIX}:schedule:slot:{run_id}"
+
+
+def schedule_runs(name: str) -> str:
+    return f"{PREFIX}:schedule:{name}:runs"
+
+
+def schedule_error(name: str) -> str:
+    return f"{PREFIX}:schedule:{name}:error"

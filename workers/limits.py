@@ -12,57 +12,24 @@ their script (another), so a ``fanout limits set`` takes effect at once everywhe
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import re
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, NamedTuple
 
 import redis
-from redis.commands.core import Script
 
+from workers import scripts
+from workers.keys import LIMITS_INDEX, LimitKeys
 from workers.policy.gcra import Rate
 
 log = logging.getLogger("fanout.limits")
 
-# --- Redis keys of limits (to move into workers/keys.py) ---------------------------------------
-# Configuration, without a TTL:
-# - ``fanout:limits``                set: the names of all limits (``list_limits``)
-# - ``fanout:limit:{NAME}``          hash: ``rate`` ("60/h"), ``burst``, ``concurrency``; a field
-#                                    is absent when the limit has no such part
-# State, each expiring about a second after it stops mattering:
-# - ``fanout:limit:{NAME}:tat``      string: GCRA theoretical arrival time (epoch s, server time);
-#                                    expires once it has passed (then it means "idle")
-# - ``fanout:limit:{NAME}:backoff``  string: nothing passes before this time (epoch s); expires
-#                                    when it has passed
-# - ``fanout:limit:{NAME}:slots``    sorted set: holder id -> lease expiry (epoch s); expires
-#                                    when its longest lease has
-# NAME is a hash tag, so one limit's keys share a Redis Cluster slot (limit_gcra.lua reads two).
-LIMITS_INDEX = "fanout:limits"
-
-
-@dataclass(frozen=True, slots=True)
-class LimitKeys:
-    """The keys of one limit, named as the scripts' ``-- KEYS:`` headers name them."""
-
-    config: str
-    tat: str
-    backoff: str
-    slots: str
-
-    @classmethod
-    def of(cls, name: str) -> LimitKeys:
-        base = f"fanout:limit:{{{check_name(name)}}}"
-        return cls(config=base, tat=f"{base}:tat", backoff=f"{base}:backoff",
-                   slots=f"{base}:slots")
-# -----------------------------------------------------------------------------------------------
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 
@@ -74,6 +41,10 @@ def check_name(name: str) -> str:
             "starting with a letter or digit (e.g. 'github-api')"
         )
     return name
+
+
+def _keys(name: str) -> LimitKeys:
+    return LimitKeys.of(check_name(name))
 
 
 class UnknownLimit(LookupError):
@@ -103,34 +74,6 @@ class Permit(NamedTuple):
     wait_s: float  # 0 when allowed; otherwise how long until a request could pass
 
 
-# --- scripts: registered once per client -------------------------------------------------------
-@dataclass(frozen=True)
-class _Scripts:
-    gcra: Script
-    backoff: Script
-    slot_acquire: Script
-    slot_renew: Script
-
-
-@functools.cache
-def _source(name: str) -> str:
-    return resources.files("workers").joinpath("lua", f"{name}.lua").read_text()
-
-
-# Weak, so a client that is dropped takes its scripts with it. Two threads racing here register
-# a script twice, which is harmless: registering is local (the SHA), not a round trip.
-_REGISTERED: weakref.WeakKeyDictionary[redis.Redis, _Scripts] = weakref.WeakKeyDictionary()
-
-
-def _scripts(client: redis.Redis) -> _Scripts:
-    found = _REGISTERED.get(client)
-    if found is None:
-        found = _REGISTERED[client] = _Scripts(*(
-            client.register_script(_source(f"limit_{name}"))
-            for name in ("gcra", "backoff", "slot_acquire", "slot_renew")
-        ))
-    return found
-# -----------------------------------------------------------------------------------------------
 
 
 class Limits:
@@ -138,7 +81,10 @@ class Limits:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
-        self._scripts = _scripts(client)
+        self._gcra = scripts.load("limit_gcra")
+        self._backoff = scripts.load("limit_backoff")
+        self._slot_acquire = scripts.load("limit_slot_acquire")
+        self._slot_renew = scripts.load("limit_slot_renew")
 
     # --- configuration ---
     def set_limit(
@@ -155,7 +101,7 @@ class Limits:
             fields += ["rate", str(config.rate), "burst", config.burst]
         if config.concurrency is not None:
             fields += ["concurrency", config.concurrency]
-        keys = LimitKeys.of(name)
+        keys = _keys(name)
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(keys.config)
         pipe.hset(keys.config, items=fields)
@@ -164,40 +110,64 @@ class Limits:
         return config
 
     def get(self, name: str) -> LimitConfig | None:
-        return _parse_config(name, self.redis.hgetall(LimitKeys.of(name).config))
+        return _parse_config(name, self.redis.hgetall(_keys(name).config))
 
     def list_limits(self) -> list[LimitConfig]:
         names = sorted(_text(n) for n in self.redis.smembers(LIMITS_INDEX))
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
-            pipe.hgetall(LimitKeys.of(name).config)
+            pipe.hgetall(_keys(name).config)
         found = (_parse_config(n, f) for n, f in zip(names, pipe.execute(), strict=True))
         return [config for config in found if config is not None]
 
     def delete_limit(self, name: str) -> bool:
         """Remove a limit's configuration and state. False when there was no such limit."""
-        keys = LimitKeys.of(name)
+        keys = _keys(name)
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(keys.config)
         pipe.delete(keys.tat, keys.backoff, keys.slots)
         pipe.srem(LIMITS_INDEX, name)
         return bool(pipe.execute()[0])
 
+    def status(self, name: str) -> dict[str, float]:
+        """What ``fanout limits list`` shows: slots in use, and the seconds until the next
+        call could pass (the rate's wait, or a push-back in force), on Redis server time."""
+        config = self._config(name)
+        keys = _keys(name)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.get(keys.tat)
+        pipe.get(keys.backoff)
+        pipe.zrange(keys.slots, 0, -1, withscores=True)
+        (seconds, micros), tat, backoff, slots = pipe.execute()
+        now = seconds + micros / 1e6
+        wait_s = 0.0
+        if config.rate is not None and tat is not None:
+            interval_s = config.rate.emission_interval_s
+            wait_s = max(0.0, float(tat) - now - (config.burst - 1) * interval_s)
+        if backoff is not None:
+            wait_s = max(wait_s, float(backoff) - now)
+        return {"in_use": float(sum(1 for _, expiry in slots if expiry > now)),
+                "wait_s": round(wait_s, 3)}
+
     # --- rate and push-back ---
-    def try_acquire(self, name: str, cost: int = 1) -> Permit:
+    def try_acquire(
+        self, name: str, cost: int = 1, *, headroom: float = 1.0, max_wait_s: float = 0.0
+    ) -> Permit:
         """Take ``cost`` from the limit's rate now, or learn how long to wait. A limit without
-        a rate only refuses while it is pushed back."""
+        a rate only refuses while it is pushed back. ``headroom`` stretches the interval
+        between calls (1.02: 2% slower than the rate, for jitter on the way to the vendor).
+        With ``max_wait_s``, a turn at most that far off is reserved: the permit is allowed
+        and its ``wait_s`` says how long to sleep before the call."""
         if not _positive_int(cost):
             raise ValueError(f"cost must be a whole number >= 1, got {cost!r}")
         config = self._config(name)
         if config.rate is not None and cost > config.burst:
             raise ValueError(f"cost {cost} exceeds the burst {config.burst} of limit {name!r}: "
                              "it could never pass")
-        interval_s = config.rate.emission_interval_s if config.rate else 0.0
-        keys = LimitKeys.of(name)
-        allowed, wait_s = self._scripts.gcra(
-            keys=[keys.tat, keys.backoff], args=[interval_s, config.burst, cost]
-        )
+        interval_s = config.rate.emission_interval_s * headroom if config.rate else 0.0
+        args = [interval_s, config.burst, cost, max_wait_s]
+        allowed, wait_s = self._gcra(self.redis, _keys(name), args)
         return Permit(bool(int(allowed)), float(wait_s))
 
     def acquire(
@@ -206,17 +176,30 @@ class Limits:
         *,
         max_wait_s: float,
         cost: int = 1,
+        headroom: float = 1.0,
         sleep: Callable[[float], Any] = time.sleep,
     ) -> Permit:
-        """Take from the rate, sleeping through waits while they add up to at most
-        ``max_wait_s``; a longer wait is returned instead (the caller re-enqueues the work)."""
-        waited_s = 0.0
-        while True:
-            permit = self.try_acquire(name, cost)
-            if permit.allowed or waited_s + permit.wait_s > max_wait_s:
-                return permit
-            sleep(permit.wait_s)
-            waited_s += permit.wait_s
+        """Take from the rate, reserving a turn at most ``max_wait_s`` off and sleeping until
+        it; a longer wait is returned, not allowed (the caller re-enqueues the work)."""
+        permit = self.try_acquire(name, cost, headroom=headroom, max_wait_s=max_wait_s)
+        if not (permit.allowed and permit.wait_s > 0):
+            return permit
+        sleep(permit.wait_s)
+        # A push-back that began while this turn slept (a vendor's 429) holds it too.
+        held_s = self.pushed_back_s(name)
+        if held_s > max_wait_s:
+            return Permit(False, held_s)
+        if held_s > 0:
+            sleep(held_s)
+        return Permit(True, 0.0)
+
+    def pushed_back_s(self, name: str) -> float:
+        """Seconds until a push-back in force ends (0: none), on Redis server time."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.get(_keys(name).backoff)
+        (seconds, micros), until = pipe.execute()
+        return max(0.0, float(until or 0) - (seconds + micros / 1e6))
 
     def push_back(self, name: str, until_s_from_now: float) -> float:
         """Let nothing through the limit for ``until_s_from_now`` (a vendor's Retry-After), for
@@ -225,8 +208,7 @@ class Limits:
         if not (isinstance(until_s_from_now, int | float) and math.isfinite(until_s_from_now)
                 and until_s_from_now >= 0):
             raise ValueError(f"until_s_from_now must be seconds >= 0, got {until_s_from_now!r}")
-        keys = LimitKeys.of(name)
-        return float(self._scripts.backoff(keys=[keys.backoff], args=[until_s_from_now]))
+        return float(self._backoff(self.redis, _keys(name), [until_s_from_now]))
 
     # --- concurrency ---
     def acquire_slot(self, name: str, holder_id: str, lease_s: float) -> bool:
@@ -235,20 +217,18 @@ class Limits:
         if config.concurrency is None:
             raise ValueError(f"limit {name!r} has no concurrency slots")
         _check_lease(holder_id, lease_s)
-        keys = LimitKeys.of(name)
-        args: list[str | float] = [holder_id, lease_s, config.concurrency]
-        return bool(int(self._scripts.slot_acquire(keys=[keys.slots], args=args)))
+        args = [holder_id, lease_s, config.concurrency]
+        return bool(int(self._slot_acquire(self.redis, _keys(name), args)))
 
     def renew_slot(self, name: str, holder_id: str, lease_s: float) -> bool:
         """Extend a live lease to ``lease_s`` from now; False when it has expired (or was never
         taken): the holder no longer has a slot."""
         _check_lease(holder_id, lease_s)
-        keys = LimitKeys.of(name)
-        return bool(int(self._scripts.slot_renew(keys=[keys.slots], args=[holder_id, lease_s])))
+        return bool(int(self._slot_renew(self.redis, _keys(name), [holder_id, lease_s])))
 
     def release_slot(self, name: str, holder_id: str) -> bool:
         """Give the slot back; False when the holder had none (its lease had expired)."""
-        return bool(self.redis.zrem(LimitKeys.of(name).slots, holder_id))
+        return bool(self.redis.zrem(_keys(name).slots, holder_id))
 
     @contextmanager
     def slot(self, name: str, holder_id: str, lease_s: float) -> Iterator[Lease]:

@@ -50,6 +50,8 @@ class Settings:
     ledger_ttl_s: int
     http_timeout_s: float
     prefetch_multiplier: int
+    outage_limit_s: float  # `fanout run --wait` gives up after Redis is down this long
+    limit_lease_s: float  # a concurrency slot of a dead worker comes back after this
     pipelines: tuple[str, ...]  # from FANOUT_PIPELINES, beside the built-in ones
 
     @property
@@ -71,6 +73,8 @@ class Settings:
             ledger_ttl_s=_int("FANOUT_LEDGER_TTL_S", 7 * 24 * 3600, minimum=60),
             http_timeout_s=_float("FANOUT_HTTP_TIMEOUT_S", 30.0),
             prefetch_multiplier=_int("FANOUT_PREFETCH_MULTIPLIER", 4, minimum=1),
+            outage_limit_s=_float("FANOUT_OUTAGE_LIMIT_S", 300.0),
+            limit_lease_s=_float("FANOUT_LIMIT_LEASE_S", 30.0),
             pipelines=tuple(p.strip() for p in extra.split(",") if p.strip()),
         )
 

@@ -20,7 +20,10 @@ from kombu import Connection, Exchange, Queue
 from kombu.pools import producers
 
 from workers import keys, scripts
+from workers.connections import check_reachable
 from workers.message import CONTENT_TYPE, Delivery, encode_redis
+from workers.redact import redact
+from workers.settings import ConfigError
 
 log = logging.getLogger("fanout.transport")
 
@@ -130,6 +133,18 @@ class KombuTransport:
                 return int(channel.queue_declare(queue=queue, passive=True).message_count)
             except connection.channel_errors:
                 return 0  # never declared: nothing waits on it
+
+
+def check_broker(url: str) -> None:
+    """Raise ConfigError (one clear line) when the broker at ``url`` does not answer."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        check_reachable(url)
+        return
+    try:
+        with Connection(url, connect_timeout=2) as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as exc:  # kombu raises the transport's own errors
+        raise ConfigError(f"cannot reach the broker at {redact(url)}: {exc}") from None
 
 
 def open_transport(broker_url: str, client: redis.Redis | None, ttl_s: int) -> Transport:

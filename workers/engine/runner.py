@@ -26,8 +26,10 @@ import redis
 from kombu.exceptions import OperationalError
 
 from workers import http
-from workers.api import Stage, find_stage, get_pipeline
+from workers.api import Pipeline, Stage, find_stage, get_pipeline
 from workers.context import StageContext
+from workers.engine.cache_hook import CacheHook, inputs_key
+from workers.engine.limit_hook import LimitHook
 from workers.engine.services import Services
 from workers.hooks import Defer, Hook, Serve, Skip, StageResult
 from workers.ids import RawJSON, canonical_json, item_id, loop_parent
@@ -36,6 +38,7 @@ from workers.looping import Loop, LoopLimitExceeded, LoopState
 from workers.message import BadMessage, Delivery, decode_redis
 from workers.outcome import Outcome
 from workers.sinks import Record
+from workers.throttle import Throttled, throttle
 
 log = logging.getLogger("fanout")
 
@@ -75,6 +78,7 @@ class StageRunner:
     def __init__(self, services: Services) -> None:
         self.services = services
         self._params: dict[str, dict[str, Any]] = {}
+        self._stage_hooks: dict[str, tuple[Hook, ...]] = {}
         self._params_lock = threading.Lock()
 
     # -- entry points ---------------------------------------------------------------------
@@ -143,7 +147,7 @@ class StageRunner:
             self._run_params(delivery.run_id), delivery.attempt,
             LoopState(delivery.iteration, delivery.loop_payload), frozenset(pipeline.stages),
         )
-        hooks = pipeline.hooks_of(stage)
+        hooks = self._hooks(pipeline, stage)
         try:
             served = self._before(hooks, delivery, stage, ctx, batch)
             if isinstance(served, Outcome):
@@ -159,10 +163,35 @@ class StageRunner:
             for hook in hooks:
                 hook.after(ctx, delivery.payload, result)
             return self._complete(delivery, stage, result, batch, Outcome.SUCCEEDED)
-        except INFRA_ERRORS:
+        except Throttled as held:  # a limit holds the item: run it again later, not a retry
+            for hook in hooks:
+                hook.on_failure(ctx, delivery.payload, held, final=False)
+            return self._throttle(delivery, stage, held.wait_s)
+        except INFRA_ERRORS as exc:
+            for hook in hooks:  # e.g. a held slot is given back
+                hook.on_failure(ctx, delivery.payload, exc, final=False)
             raise
         except Exception as exc:
             return self._failed(delivery, stage, ctx, hooks, exc, batch)
+
+    def _hooks(self, pipeline: Pipeline, stage: Stage) -> tuple[Hook, ...]:
+        """The pipeline's and the stage's hooks, then its cache, then its limits (last: a
+        served or skipped item takes nothing from a limit)."""
+        found = self._stage_hooks.get(stage.task_name)
+        if found is None:
+            cache: tuple[Hook, ...] = ()
+            if stage.cache or stage.cache_key:
+                cache = (CacheHook(self.services.ledger.redis, stage.cache_ttl_s,
+                                   stage.cache_key or inputs_key),)
+            limits = tuple(LimitHook(name, throttle()) for name in stage.limits)
+            found = (*pipeline.hooks_of(stage), *cache, *limits)
+            self._stage_hooks[stage.task_name] = found
+        return found
+
+    def _throttle(self, delivery: Delivery, stage: Stage, wait_s: float) -> Outcome:
+        self.services.ledger.note(delivery.run_id, stage.name, "throttled")
+        self.services.scheduler.later(delivery, wait_s)
+        return Outcome.THROTTLED
 
     def _before(
         self, hooks: Sequence[Hook], delivery: Delivery, stage: Stage, ctx: StageContext,
@@ -176,9 +205,7 @@ class StageRunner:
                                  Outcome.SKIPPED, delivery.iteration))
                 return Outcome.SKIPPED
             if isinstance(decision, Defer):
-                self.services.ledger.note(delivery.run_id, stage.name, "throttled")
-                self.services.scheduler.later(delivery, decision.delay_s)
-                return Outcome.THROTTLED
+                return self._throttle(delivery, stage, decision.delay_s)
             if isinstance(decision, Serve):
                 return decision.result
         return None

@@ -11,6 +11,9 @@ from workers.http import request_json
 from workers.settings import ConfigError
 
 DEFAULT_VENDOR_URL = "http://127.0.0.1:8765"
+#: Every call to the vendor goes through this global limit, once it is set
+#: (``fanout limits set demo-vendor --rate 50/s``); unset, it does not limit.
+VENDOR_LIMIT = "demo-vendor"
 
 demo = Pipeline("demo", vendor="demo")
 
@@ -47,7 +50,7 @@ def metric_days(end_day: str, days: int) -> list[str]:
 def _get(params: dict[str, Any], path: str, **query: Any) -> Any:
     return request_json(
         "GET", f"{params['vendor_url']}{path}", params=query or None,
-        retries=params["http_retries"],
+        retries=params["http_retries"], limit=VENDOR_LIMIT,
     )
 
 
@@ -107,9 +110,11 @@ def report(ctx: StageContext, item: dict[str, str]) -> Loop | list[Record]:
     base, delay_s = ctx.params["vendor_url"], float(ctx.params.get("poll_delay_s", 0.5))
     retries = ctx.params["http_retries"]
     if ctx.loop.payload is None:
-        created = request_json("POST", f"{base}/reports", json=item, retries=retries)
+        created = request_json("POST", f"{base}/reports", json=item, retries=retries,
+                               limit=VENDOR_LIMIT)
         return Loop(created["report_id"], delay_s=delay_s)
-    polled = request_json("GET", f"{base}/reports/{ctx.loop.payload}", retries=retries)
+    polled = request_json("GET", f"{base}/reports/{ctx.loop.payload}", retries=retries,
+                          limit=VENDOR_LIMIT)
     if polled["status"] != "ready":
         return Loop(ctx.loop.payload, delay_s=delay_s)
     return [Record("demo-report", item["account"], row["service"], row["metric"], item["day"],

@@ -60,7 +60,7 @@ class Rate:
 class Decision(NamedTuple):
     allowed: bool
     tat_s: float  # the state to store: moved on when allowed, unchanged when refused
-    wait_s: float  # 0 when allowed; otherwise how long until this request would pass
+    wait_s: float  # allowed: sleep this long first (0: at once); refused: until it would pass
 
 
 def decide(
@@ -70,18 +70,19 @@ def decide(
     burst: int = 1,
     cost: int = 1,
     not_before_s: float = 0.0,
+    max_wait_s: float = 0.0,
 ) -> Decision:
-    """One GCRA step. ``tat_s`` is the stored state (0 when there is none); nothing passes
-    before ``not_before_s`` (a push-back after a vendor's 429), and a refusal leaves the
-    state as it was."""
+    """One GCRA step (``lua/limit_gcra.lua`` does the same). ``tat_s`` is the stored state (0
+    when there is none); nothing passes before ``not_before_s`` (a push-back after a vendor's
+    429); a refusal leaves the state as it was. A turn at most ``max_wait_s`` away is reserved:
+    allowed, with the wait to sleep first, so waiting callers are spaced at the rate."""
     if not 1 <= cost <= burst:
         raise ValueError(f"need 1 <= cost <= burst (a larger cost never passes), "
                          f"got cost={cost}, burst={burst}")
-    if now_s < not_before_s:
-        return Decision(False, tat_s, not_before_s - now_s)
     interval_s = rate.emission_interval_s
-    base_s = max(tat_s, now_s)
-    allow_at_s = base_s + (cost - burst) * interval_s
-    if now_s < allow_at_s:
+    not_before_s = max(not_before_s, now_s)
+    base_s = max(tat_s, not_before_s)
+    allow_at_s = max(base_s + (cost - burst) * interval_s, not_before_s)
+    if allow_at_s - now_s > max_wait_s:
         return Decision(False, tat_s, allow_at_s - now_s)
-    return Decision(True, base_s + cost * interval_s, 0.0)
+    return Decision(True, base_s + cost * interval_s, allow_at_s - now_s)

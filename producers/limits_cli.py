@@ -1,0 +1,77 @@
+"""``fanout limits set|list|delete``: global limits, managed like ``prefect gcl``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from workers.connections import get_redis
+from workers.limits import Limits, UnknownLimit
+from workers.settings import ConfigError
+
+
+def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    limits = sub.add_parser("limits", help="global rate and concurrency limits")
+    actions = limits.add_subparsers(dest="limits_command", required=True,
+                                    parser_class=parser_class)
+    set_ = actions.add_parser("set", help="create or replace a limit")
+    set_.add_argument("name")
+    set_.add_argument("--rate", default=None, help="e.g. 60/h, 10/s, 100/15m")
+    set_.add_argument("--burst", type=int, default=None, help="calls that may pass at once")
+    set_.add_argument("--concurrency", type=int, default=None, help="calls in flight at most")
+    list_ = actions.add_parser("list", help="every limit, its use and its current wait")
+    list_.add_argument("--json", action="store_true")
+    delete = actions.add_parser("delete", help="remove a limit")
+    delete.add_argument("name")
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    limits = Limits(get_redis())
+    try:
+        if args.limits_command == "set":
+            config = limits.set_limit(args.name, rate=args.rate, burst=args.burst,
+                                      concurrency=args.concurrency)
+            described = _describe(config.rate, config.burst, config.concurrency)
+            console.print(f"limit {config.name}: {described}")
+            return 0
+        if args.limits_command == "delete":
+            if not limits.delete_limit(args.name):
+                raise ConfigError(f"no limit named {args.name!r}")
+            console.print(f"limit {args.name} deleted")
+            return 0
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    rows = []
+    for config in limits.list_limits():
+        try:
+            status = limits.status(config.name)
+        except UnknownLimit:  # deleted meanwhile
+            continue
+        rows.append({
+            "name": config.name, "rate": str(config.rate) if config.rate else None,
+            "burst": config.burst if config.rate else None,
+            "concurrency": config.concurrency, "in_use": int(status["in_use"]),
+            "wait_s": status["wait_s"],
+        })
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    table = Table(title="limits")
+    for column in ("name", "rate", "burst", "concurrency", "in use", "wait s"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row[k] if row[k] is not None else "-") for k in
+                        ("name", "rate", "burst", "concurrency", "in_use", "wait_s")))
+    console.print(table)
+    return 0
+
+
+def _describe(rate: Any, burst: int, concurrency: int | None) -> str:
+    parts = [f"rate {rate}, burst {burst}"] if rate is not None else []
+    if concurrency is not None:
+        parts.append(f"concurrency {concurrency}")
+    return "; ".join(parts)

@@ -1,0 +1,115 @@
+"""Global limits on real workers against the demo vendor: a rate every worker on every host
+shares, concurrency slots that a killed worker cannot leak, and a vendor's 429 that slows
+everyone. (The arithmetic and the Lua scripts have their own tests: test_policy_gcra.py,
+test_limits_lua.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import redis
+from conftest import VendorHandle, WorkerFactory, wait_for
+from test_harvest import finish, run_demo
+
+from workers.limits import Limits
+from workers.pipelines.demo import VENDOR_LIMIT
+
+
+def test_a_shared_rate_keeps_three_workers_under_the_vendors_own_limit(
+    vendor: VendorHandle, start_worker: WorkerFactory, redis_client: redis.Redis
+) -> None:
+    rate = 50
+    vendor.configure(accounts=2, services=5, rate_limit_rps=rate)  # the vendor's own limit
+    Limits(redis_client).set_limit(VENDOR_LIMIT, rate=f"{rate}/s", burst=1)
+    for _ in range(3):
+        start_worker(concurrency=4, ready=True)  # timed: workers up before the clock starts
+    started = time.monotonic()
+    summary = finish(run_demo(vendor, days=30))
+    wall_s = time.monotonic() - started
+
+    assert summary["status"] == "succeeded"
+    assert summary["rows_written"] == 300
+    stats = vendor.stats()
+    requests = stats["total"]
+    # The accounts, one page of services each, the leaves: nothing refused, nothing again.
+    assert requests == 1 + 2 + 300, {k: stats[k] for k in ("status", "max_rps_1s", "total")}
+    assert stats["sent_429"] == 0
+    assert stats["max_rps_1s"] <= rate
+    bound_s = requests / rate
+    assert wall_s <= 1.10 * bound_s, f"{wall_s:.2f}s against a bound of {bound_s:.2f}s"
+
+
+def test_concurrency_slots_cap_calls_in_flight_and_come_back_from_a_dead_worker(
+    vendor: VendorHandle, start_worker: WorkerFactory, redis_client: redis.Redis
+) -> None:
+    slots, lease = 3, {"FANOUT_LIMIT_LEASE_S": "2"}
+    vendor.configure(accounts=2, services=3, latency_ms=250)
+    limits = Limits(redis_client)
+    limits.set_limit(VENDOR_LIMIT, concurrency=slots)
+    victim = start_worker(lease, concurrency=8)
+    run_id = run_demo(vendor, days=6)
+    wait_for(lambda: limits.status(VENDOR_LIMIT)["in_use"] == slots, what="every slot taken")
+    os.killpg(victim.pid, signal.SIGKILL)  # it dies holding them
+    victim.wait()
+    assert limits.status(VENDOR_LIMIT)["in_use"] == slots
+    start_worker({**lease, "FANOUT_VISIBILITY_TIMEOUT_S": "3"}, concurrency=8)
+    # The dead worker's leases run out and the newcomer takes the slots.
+    summary = finish(run_id, timeout_s=90)
+
+    assert summary["status"] == "succeeded"
+    assert summary["rows_written"] == 36
+    assert vendor.stats()["max_in_flight"] == slots
+    # A late duplicate copy may still hold a slot for a moment; then every slot is free.
+    wait_for(lambda: limits.status(VENDOR_LIMIT)["in_use"] == 0, what="every slot given back")
+
+
+def test_a_429_with_retry_after_holds_every_worker(
+    vendor: VendorHandle, start_worker: WorkerFactory, redis_client: redis.Redis
+) -> None:
+    Limits(redis_client).set_limit(VENDOR_LIMIT, rate="20/s")
+    for _ in range(2):
+        start_worker(concurrency=4)
+    vendor.configure(accounts=2, services=3)
+    started = time.monotonic()
+    run_id = run_demo(vendor, days=6)
+    wait_for(lambda: vendor.stats()["by_endpoint"].get("metrics", 0) >= 5,
+             what="the harvest under way")
+    vendor.configure(burst_429={"count": 1, "retry_after_s": 2})  # the next call is refused
+    summary = finish(run_id)
+    wall_s = time.monotonic() - started
+
+    assert summary["status"] == "succeeded"
+    assert summary["rows_written"] == 36
+    stats = vendor.stats()
+    assert stats["sent_429"] == 1
+    # Nobody, on any worker, called the vendor while its Retry-After was running.
+    assert stats["retry_after_violations"] == 0
+    assert wall_s >= 2
+
+
+def test_limits_commands(redis_url: str) -> None:
+    def fanout(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "producers.cli", "limits", *args],
+                              capture_output=True, text=True, timeout=60,
+                              env=os.environ.copy())
+
+    assert fanout("set", "github-api", "--rate", "60/h", "--burst", "3").stdout.strip() == \
+        "limit github-api: rate 60/h, burst 3"
+    assert fanout("set", "db", "--concurrency", "4").returncode == 0
+    listed = json.loads(fanout("list", "--json").stdout)
+    assert listed == [
+        {"name": "db", "rate": None, "burst": None, "concurrency": 4, "in_use": 0, "wait_s": 0.0},
+        {"name": "github-api", "rate": "60/h", "burst": 3, "concurrency": None, "in_use": 0,
+         "wait_s": 0.0},
+    ]
+    bad = fanout("set", "x", "--rate", "60/fortnight")
+    assert bad.returncode == 2 and bad.stderr.startswith("fanout: error: bad rate '60/fortnight'")
+    assert fanout("delete", "db").returncode == 0
+    missing = fanout("delete", "db")
+    assert missing.returncode == 2 and "no limit named 'db'" in missing.stderr
+    assert [row["name"] for row in json.loads(fanout("list", "--json").stdout)] == ["github-api"]

@@ -1,0 +1,57 @@
+"""A stage's declared limits (``@flow.stage(..., limits=["github-api"])``) as a hook: each item
+goes through each limit before its stage runs, holds a concurrency slot (if the limit has
+any) until it ends, and a vendor's Retry-After pushes the limit back for everyone."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from workers.context import StageContext
+from workers.hooks import Decision, Defer, Hook, StageResult
+from workers.limits import Lease
+from workers.throttle import Throttle, Throttled
+
+log = logging.getLogger("fanout.limits")
+
+
+class LimitHook(Hook):
+    def __init__(self, name: str, throttle: Throttle) -> None:
+        self.name = name
+        self.throttle = throttle
+        self._held: dict[str, Lease] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _holder(ctx: StageContext) -> str:
+        return f"{ctx.run_id}.{ctx.item_id}.{ctx.loop.iteration}"
+
+    def before(self, ctx: StageContext, item: Any) -> Decision | None:
+        try:
+            lease = self.throttle.enter(self.name, self._holder(ctx))
+        except Throttled as held:
+            return Defer(held.wait_s, held.reason)
+        if lease is not None:
+            with self._lock:
+                self._held[self._holder(ctx)] = lease
+        return None
+
+    def _leave(self, ctx: StageContext) -> None:
+        with self._lock:
+            lease = self._held.pop(self._holder(ctx), None)
+        try:
+            self.throttle.leave(lease)
+        except Exception as exc:  # the lease expires by itself; the item's outcome stands
+            log.warning("could not release a slot of limit %s: %s", self.name, exc)
+
+    def after(self, ctx: StageContext, item: Any, result: StageResult) -> None:
+        self._leave(ctx)
+
+    def on_failure(
+        self, ctx: StageContext, item: Any, exc: BaseException, *, final: bool
+    ) -> None:
+        self._leave(ctx)
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s is not None and getattr(exc, "status", None) in (429, 503):
+            self.throttle.push_back(self.name, retry_after_s)
