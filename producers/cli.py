@@ -126,6 +126,9 @@ def build_parser() -> Parser:
     replay.add_argument("--timeout", type=_non_negative_float, default=None)
     replay.add_argument("--json", action="store_true")
 
+    cancel = sub.add_parser("cancel", help="stop a run: nothing more of it runs")
+    cancel.add_argument("run_id")
+
     dead = sub.add_parser("dead-letters", help="messages set aside because they could not "
                           "be decoded")
     dead.add_argument("action", nargs="?", choices=["list", "purge"], default="list")
@@ -175,7 +178,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "flower":
         return _flower(args)
     handler = {"demo": commands.demo, "run": commands.run, "status": commands.status,
-               "failures": commands.failures, "replay": commands.replay,
+               "failures": commands.failures, "replay": commands.replay, "cancel": commands.cancel,
                "dead-letters": commands.dead_letters, "limits": commands.limits,
                "cache": commands.cache}[command]
     return handler(args)

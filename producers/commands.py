@@ -58,6 +58,8 @@ def _ledger() -> Ledger:
 
 def _finish(snap: RunSnapshot, *, as_json: bool, console: Console) -> int:
     console.print(summary_table(snap))
+    if snap.stop_reason:
+        console.print(f"{snap.status}: {snap.stop_reason}", markup=False)
     if snap.failed_items:
         failures = sorted(_ledger().failures(snap.run_id).items())
         for item, failure in failures[:_FAILURES_SHOWN]:
@@ -204,4 +206,15 @@ def cache(args: argparse.Namespace) -> int:
             raise ConfigError(f"no stage {stage!r} (give PIPELINE.STAGE)")
     removed = cache_hook.clear(services().ledger.redis, stage)
     print(f"cleared {removed} cached results" + (f" of {stage}" if stage else ""))
+    return 0
+
+
+def cancel(args: argparse.Namespace) -> int:
+    _connect()
+    snap = _snapshot(args.run_id)
+    skipped = _ledger().stop_run(snap.run_id, "cancelled", "cancelled by hand")
+    if skipped < 0:
+        raise RunNotFound(f"run {snap.run_id} already finished ({snap.status})")
+    print(f"run {snap.run_id} cancelled: {skipped} items skipped now, the ones in flight "
+          "as workers take them")
     return 0

@@ -9,10 +9,12 @@ from typing import Any
 
 from producers.errors import CliError
 from workers.api import get_pipeline, load_pipelines
+from workers.engine import batch_maps
 from workers.engine.services import services
 from workers.ids import item_id
 from workers.ledger import LedgerError
 from workers.message import Delivery
+from workers.policy.kill_switch import Switch, to_spec
 from workers.settings import ConfigError, get_settings
 from workers.throttle import Throttled
 
@@ -54,11 +56,18 @@ def start_run(
     roots: Sequence[Any] | None = None,
     root_stage: str | None = None,
     run_id: str | None = None,
+    batch_size: int | None = None,
+    kill_switch: Switch | None = None,
+    per_item: bool = False,
 ) -> str:
     """Start a run and return its id. Root items come from the pipeline's roots function,
     or are given (``roots`` for ``root_stage``: Prefect's ``task.map(items)``). They are
     published only after the run exists. With a ``run_id`` that exists already (a schedule
-    slot fired twice), nothing more happens."""
+    slot fired twice), nothing more happens. ``batch_size``: the roots are a batch map
+    (prefecto's ``BatchTask``) with an optional ``kill_switch``, checked after every batch
+    and, with ``per_item``, after every item."""
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch size must be a whole number >= 1, got {batch_size!r}")
     load_configured_pipelines()
     pipeline = get_pipeline(pipeline_name)
     if pipeline.check_params:
@@ -83,6 +92,12 @@ def start_run(
         for i, root in enumerate(roots)
     ]
     svc = services()
+    if batch_size is not None:
+        if svc.ledger.create_run(run_id, pipeline.name, params, stage.name, [], hold=True):
+            spec = None if kill_switch is None else to_spec(kill_switch)
+            batch_maps.start(svc, stage, run_id, run_id, list(roots), batch_size, spec,
+                             per_item, as_roots=True)
+        return run_id
     entries = [(d.item_id, d.payload) for d in deliveries]
     if svc.ledger.create_run(run_id, pipeline.name, params, stage.name, entries):
         # Should this process die here, the reaper publishes the roots from the ledger.

@@ -413,7 +413,7 @@ def test_a_loop_advances_once_per_iteration(ledger: Ledger, redis_client: redis.
 
     assert ledger.loop_states(RUN) == {"accounts:a": {"iteration": 3, "payload": {"cursor": 3}}}
     assert ledger.progress_many([(RUN, "accounts:a"), (RUN, "accounts:b")]) == [
-        ("p", 3), ("p", 1)]
+        ("p", 3, False), ("p", 1, False)]
     snap = ledger.snapshot(RUN)
     assert snap is not None
     assert snap.pending == 2

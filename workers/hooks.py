@@ -25,6 +25,7 @@ class StageResult:
     records: list[Record] = field(default_factory=list)  # for the sink
     value: Any = None  # any other JSON value (kept for ``Ledger.results``)
     next_loop: Loop | None = None  # run the item again
+    batch_maps: list[dict[str, Any]] = field(default_factory=list)  # ``ctx.batch_map`` asks
 
     def to_json(self) -> dict[str, Any]:
         loop = self.next_loop
@@ -33,6 +34,7 @@ class StageResult:
             "records": [r.__dict__ for r in self.records],
             "value": self.value,
             "loop": None if loop is None else {"payload": loop.payload, "delay_s": loop.delay_s},
+            "batch_maps": self.batch_maps,
         }
 
     @classmethod
@@ -43,6 +45,7 @@ class StageResult:
             records=[Record(**r) for r in data.get("records") or []],
             value=data.get("value"),
             next_loop=None if loop is None else Loop(loop["payload"], loop["delay_s"]),
+            batch_maps=list(data.get("batch_maps") or []),
         )
 
 

@@ -22,6 +22,11 @@ Run ledger, for run R (``RunKeys``):
                               scheduler's per-run index: the reaper counts these in flight)
 - ``fanout:run:{R}:tries``    hash: item id -> tries that failed (HTTP retries included), and
                               ``ITEM@first`` -> time of the first; written on failures only
+- ``fanout:run:{R}:batchmaps`` hash: map id -> JSON state of a batch map (size, total,
+                              released, done, counts, kill switch spec, deciding, complete)
+- ``fanout:run:{R}:bmof``     hash: item id -> the batch map it belongs to
+- ``fanout:run:{R}:bmqueue``  hash: ``MAP:INDEX`` -> item id and payload of an item of a later
+                              batch, until its batch is released
 
 Shared:
 - ``fanout:runs``             sorted set: run id -> created time (``fanout status``, the reaper)
@@ -87,6 +92,9 @@ class RunKeys:
     roots: str
     delayed: str
     tries: str
+    batchmaps: str
+    bmof: str
+    bmqueue: str
 
     @classmethod
     def of(cls, run_id: str) -> RunKeys:
@@ -95,7 +103,8 @@ class RunKeys:
             run=base, counts=f"{base}:counts", items=f"{base}:items", failed=f"{base}:failed",
             done=f"{base}:done", payloads=f"{base}:payloads", results=f"{base}:results",
             loops=f"{base}:loops", roots=f"{base}:roots", delayed=f"{base}:delayed",
-            tries=f"{base}:tries",
+            tries=f"{base}:tries", batchmaps=f"{base}:batchmaps", bmof=f"{base}:bmof",
+            bmqueue=f"{base}:bmqueue",
         )
 
 

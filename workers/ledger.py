@@ -55,6 +55,16 @@ class Finish:
     failure: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class MapSignal:
+    """A finished item of a batch map: ``deciding`` when it completed its batch (check the
+    kill switch, then settle), else a per-item switch check."""
+
+    run_id: str
+    map_id: str
+    deciding: bool
+
+
 @dataclass
 class RunSnapshot:
     """What ``fanout status`` and the JSON summary show of one run."""
@@ -70,6 +80,7 @@ class RunSnapshot:
     rows_written: int
     failed_items: int = 0
     stage_order: list[str] = field(default_factory=list)
+    stop_reason: str | None = None  # why a killed or cancelled run stopped
 
     @property
     def finished(self) -> bool:
@@ -81,8 +92,9 @@ class RunSnapshot:
         return round(end - self.created_at, 3)
 
     def summary(self) -> dict[str, Any]:
-        """The JSON summary contract (DESIGN section 6)."""
-        return {
+        """The JSON summary contract (DESIGN section 6), with ``stop_reason`` for a run that
+        a kill switch or a person stopped."""
+        summary: dict[str, Any] = {
             "run_id": self.run_id,
             "pipeline": self.pipeline,
             "status": self.status,
@@ -90,6 +102,9 @@ class RunSnapshot:
             "rows_written": self.rows_written,
             "wall_s": self.wall_s,
         }
+        if self.stop_reason:
+            summary["stop_reason"] = self.stop_reason
+        return summary
 
 
 class Ledger:
@@ -103,6 +118,9 @@ class Ledger:
         self._finish = scripts.load("finish_item")
         self._advance = scripts.load("advance_loop")
         self._replay = scripts.load("replay")
+        self._batch_map = scripts.load("batch_map")
+        self._batch_settle = scripts.load("batch_settle")
+        self._stop = scripts.load("stop_run")
 
     def create_run(
         self,
@@ -111,8 +129,12 @@ class Ledger:
         params: dict[str, Any],
         root_stage: str,
         roots: Sequence[tuple[str, Any]],
+        *,
+        hold: bool = False,
     ) -> bool:
-        """Create the run with its roots registered. Idempotent: False when it existed."""
+        """Create the run with its roots registered. Idempotent: False when it existed.
+        ``hold``: the roots come next as a batch map (``batch_map(..., as_roots=True)``), and
+        the run must not count as finished before."""
         now = time.time()
         # Indexed first: a run is never in Redis without being findable by the reaper.
         pipe = self.redis.pipeline(transaction=False)
@@ -120,7 +142,7 @@ class Ledger:
         pipe.zremrangebyscore(keys.RUNS_INDEX, "-inf", now - self.ttl_s)  # expired runs
         pipe.execute()
         args = [run_id, pipeline, canonical_json(params), now, self.ttl_s, root_stage,
-                *_pairs(roots)]
+                int(hold), *_pairs(roots)]
         return bool(self._create(self.redis, RunKeys.of(run_id), args))
 
     def register(self, run_id: str, stage: str, entries: Sequence[tuple[str, Any]]) -> int:
@@ -145,8 +167,12 @@ class Ledger:
     def finish_many(self, done: Sequence[Finish]) -> list[int]:
         """Terminal transitions of many items in one round trip, each exactly once (see
         ``finish``). An item the ledger never registered is logged and answers -1."""
+        return self.finish_batch(done)[0]
+
+    def finish_batch(self, done: Sequence[Finish]) -> tuple[list[int], list[MapSignal]]:
+        """``finish_many``, and what the batch maps of these items ask the engine to do."""
         if not done:
-            return []
+            return [], []
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for f in done:
@@ -156,14 +182,55 @@ class Ledger:
                 "" if f.result is None else canonical_json(f.result), f.iteration,
             ]
             self._finish(self.redis, RunKeys.of(f.run_id), args, pipe=pipe)
-        codes = []
+        codes, signals = [], []
         for f, reply in zip(done, pipe.execute(raise_on_error=False), strict=True):
             if isinstance(reply, Exception):
                 log.error("run %s item %s: finish refused: %s", f.run_id, f.item_id, reply)
                 codes.append(-1)
+            elif isinstance(reply, list):
+                codes.append(int(reply[0]))
+                signals.append(MapSignal(f.run_id, str(reply[1]), bool(int(reply[2]))))
             else:
                 codes.append(int(reply))
-        return codes
+        return codes, signals
+
+    # -- batch maps -------------------------------------------------------------------------
+
+    def batch_map(
+        self, run_id: str, map_id: str, task: str, stage: str, size: int,
+        switch_spec: dict[str, Any] | None, per_item: bool, entries: Sequence[tuple[str, Any]],
+        *, as_roots: bool = False,
+    ) -> list[tuple[str, str]]:
+        """Register a batch map's items; returns the first batch (id, payload JSON) to
+        publish, [] when the map existed already."""
+        args = [map_id, task, stage, size, canonical_json(switch_spec) if switch_spec else "",
+                int(per_item), int(as_roots), time.time(), self.ttl_s, *_pairs(entries)]
+        try:
+            flat = self._batch_map(self.redis, RunKeys.of(run_id), args)
+        except redis.ResponseError as exc:
+            raise LedgerError(f"run {run_id}: {exc}") from exc
+        return [(str(flat[i]), str(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    def batch_map_state(self, run_id: str, map_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hget(RunKeys.of(run_id).batchmaps, map_id)
+        return None if raw is None else dict(json.loads(raw))
+
+    def settle_batch(self, run_id: str, map_id: str) -> list[tuple[str, str]]:
+        """The map's completed batch passed its switch: the next batch to publish, or []
+        (the last batch is done, or someone else settled it)."""
+        flat = self._batch_settle(self.redis, RunKeys.of(run_id), [map_id, time.time(),
+                                                                   self.ttl_s])
+        return [(str(flat[i]), str(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    def stop_run(self, run_id: str, status: str, reason: str) -> int:
+        """Stop a running run (``killed`` or ``cancelled``): what no message was published for
+        is skipped now, the rest as workers take it. Returns how many were skipped here, -1
+        when the run had already finished."""
+        try:
+            return int(self._stop(self.redis, RunKeys.of(run_id),
+                                  [status, reason, time.time(), self.ttl_s]))
+        except redis.ResponseError as exc:
+            raise LedgerError(f"run {run_id}: {str(exc).split(' ', 1)[-1]}") from None
 
     def note(self, run_id: str, stage: str, counter: str, by: int = 1) -> None:
         """Count a non-terminal event (a retry, a throttle) as progress of the run."""
@@ -194,18 +261,23 @@ class Ledger:
         except redis.ResponseError as exc:
             raise LedgerError(f"run {run_id}: {str(exc).split(' ', 1)[-1]}") from None
 
-    def progress_many(self, items: Sequence[tuple[str, str]]) -> list[tuple[str | None, int]]:
-        """``item_progress`` of many (run id, item id) in one round trip."""
+    def progress_many(
+        self, items: Sequence[tuple[str, str]]
+    ) -> list[tuple[str | None, int, bool]]:
+        """(state, current loop iteration, run stopped) of many (run id, item id), in one
+        round trip. A stopped run is killed or cancelled: its items are skipped."""
         pipe = self.redis.pipeline(transaction=False)
         for run_id, item in items:
             run_keys = RunKeys.of(run_id)
             pipe.hget(run_keys.items, item)
             pipe.hget(run_keys.loops, item)
+            pipe.hget(run_keys.run, "status")
         replies = pipe.execute()
         progress = []
-        for state, loop in zip(replies[::2], replies[1::2], strict=True):
+        for state, loop, status in zip(replies[::3], replies[1::3], replies[2::3], strict=True):
             iteration = int(json.loads(loop)["iteration"]) if loop else 1
-            progress.append((None if state is None else str(state), iteration))
+            stopped = status in ("killed", "cancelled")
+            progress.append((None if state is None else str(state), iteration, stopped))
         return progress
 
     def advance_loop(
@@ -282,6 +354,7 @@ class Ledger:
             rows_written=int(counts.get("rows", 0)),
             failed_items=int(failed),
             stage_order=order,
+            stop_reason=run.get("stop_reason"),
         )
 
     def failures(self, run_id: str) -> dict[str, dict[str, Any]]:

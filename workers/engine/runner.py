@@ -28,6 +28,7 @@ from kombu.exceptions import OperationalError
 from workers import http
 from workers.api import Pipeline, Stage, find_stage, get_pipeline
 from workers.context import StageContext
+from workers.engine import batch_maps
 from workers.engine.cache_hook import CacheHook, inputs_key
 from workers.engine.limit_hook import LimitHook
 from workers.engine.services import Services
@@ -106,12 +107,17 @@ class StageRunner:
         batch = _Batch()
         outcomes = []
         seen: set[tuple[str, str, int]] = set()
-        for (delivery, stage), (state, iteration) in zip(work, progress, strict=True):
+        for (delivery, stage), (state, iteration, stopped) in zip(work, progress, strict=True):
             copy_of = (delivery.run_id, delivery.item_id, delivery.iteration)
             if copy_of in seen:  # two copies of one message in this batch: run it once
                 outcomes.append(Outcome.DUPLICATE)
                 continue
             seen.add(copy_of)
+            if stopped and state == "p":  # killed or cancelled: its items end unrun
+                batch.add(Finish(delivery.run_id, stage.name, delivery.item_id,
+                                 Outcome.SKIPPED, iteration))
+                outcomes.append(Outcome.SKIPPED)
+                continue
             outcomes.append(self._run_one(delivery, stage, state, iteration, batch))
         self._record(batch)
         return outcomes
@@ -212,7 +218,8 @@ class StageRunner:
 
     @staticmethod
     def _result(stage: Stage, ctx: StageContext, returned: Any) -> StageResult:
-        result = StageResult(children={k: list(v) for k, v in ctx.children.items()})
+        result = StageResult(children={k: list(v) for k, v in ctx.children.items()},
+                             batch_maps=list(ctx.batch_maps))
         if isinstance(returned, Loop):
             result.next_loop = returned
         elif stage.maps_to:
@@ -235,6 +242,10 @@ class StageRunner:
         for target, items in result.children.items():
             publish_children(self.services, pipeline.stages[target], delivery.run_id, parent,
                              items)
+        for wanted in result.batch_maps:
+            batch_maps.start(self.services, pipeline.stages[wanted["stage"]], delivery.run_id,
+                             parent, wanted["items"], wanted["size"], wanted["switch"],
+                             wanted["per_item"])
         if result.next_loop is not None:
             return self._advance(delivery, stage, result.next_loop)
         batch.add(Finish(delivery.run_id, stage.name, delivery.item_id, outcome,
@@ -300,7 +311,8 @@ class StageRunner:
         sink = self.services.sink()
         for run_id, records in batch.records.items():
             sink.write(records, run_id)
-        self.services.ledger.finish_many(batch.finishes)
+        _, signals = self.services.ledger.finish_batch(batch.finishes)
+        batch_maps.settle(self.services, signals)
 
     def _run_params(self, run_id: str) -> dict[str, Any]:
         """Run parameters, read from the ledger once per process (messages stay lean)."""

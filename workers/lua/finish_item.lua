@@ -1,10 +1,13 @@
 -- Move one item to a terminal state, exactly once, and finish the run when it was the last.
--- KEYS: run, counts, items, failed, done, payloads, results, loops, roots
+-- KEYS: run, counts, items, failed, done, payloads, results, loops, roots, batchmaps, bmof
 -- ARGV: [1] item id, [2] stage, [3] outcome: s succeeded | f failed | c cached | k skipped,
 --       [4] sink rows written, [5] failure JSON or '', [6] now (epoch seconds), [7] ttl_s,
 --       [8] result JSON or '', [9] the iteration that ended the item (1 unless it looped)
 -- Returns 0 when the item was already terminal (a duplicate delivery), 1 when counted,
--- 2 when counted and it finished the run.
+-- 2 when counted and it finished the run. An item of a batch map is counted in its map too,
+-- and then {code, map id, deciding} comes back when the engine has something to do: deciding
+-- is 1 for the one item that completed its batch (check the switch, release the next), 0 for
+-- any item of a map whose switch is checked per item.
 local state = redis.call('HGET', KEYS[3], ARGV[1])
 if not state then
   return redis.error_reply('NOITEM item ' .. ARGV[1] .. ' was never registered')
@@ -14,7 +17,7 @@ local ttl = tonumber(ARGV[7])
 -- The run's keys live while it progresses: refreshed once half their TTL is gone (one TTL
 -- read per finish), and all of them again when the run ends.
 local function refresh()
-  for i = 1, 9 do redis.call('EXPIRE', KEYS[i], ttl) end
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
 end
 local iteration = tonumber(ARGV[9])
 if iteration > 0 then
@@ -43,9 +46,26 @@ if ARGV[8] ~= '' then
   redis.call('EXPIRE', KEYS[7], ttl)
 end
 redis.call('HSET', KEYS[1], 'progress_at', ARGV[6])
+local signal = nil
+local map_id = redis.call('HGET', KEYS[11], ARGV[1])
+if map_id then
+  local raw = redis.call('HGET', KEYS[10], map_id)
+  local map = raw and cjson.decode(raw)
+  if map and map.complete ~= 1 then
+    map.done = map.done + 1
+    map[ARGV[3]] = map[ARGV[3]] + 1
+    local deciding = 0
+    if map.done == map.released and map.deciding == 0 then
+      map.deciding, deciding = 1, 1
+    end
+    redis.call('HSET', KEYS[10], map_id, cjson.encode(map))
+    if deciding == 1 or map.per_item == 1 then signal = {map_id, deciding} end
+  end
+end
 local pending = redis.call('HINCRBY', KEYS[1], 'pending', -1)
 if pending > 0 then
   if redis.call('TTL', KEYS[1]) < ttl / 2 then refresh() end
+  if signal then return {1, signal[1], signal[2]} end
   return 1
 end
 -- The last terminal item finishes the run. A run already killed or cancelled keeps that status.
