@@ -5,30 +5,40 @@ PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
 	done)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-dev
+# The demo needs the package alone; tests, lint and benchmarks need the dev extras too.
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: setup demo test lint bench clean down
+.PHONY: setup dev demo test lint bench clean down
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	@test -n "$(PYTHON)" || { echo "fanout needs Python 3.11+ on PATH"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet -e .
 	@touch $(STAMP)
 
+$(DEV_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP) $(DEV_STAMP)
+
 setup: $(STAMP)
+
+dev: $(DEV_STAMP)
 
 demo: setup
 	$(BIN)/fanout demo $(ARGS)
 
-lint: setup
+lint: dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy workers producers demo_vendor
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: setup
+bench: dev
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks $(ARGS)
 

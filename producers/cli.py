@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
@@ -112,6 +113,8 @@ def build_parser() -> Parser:
 
     flower = sub.add_parser("flower", help="start Flower on the fanout broker")
     flower.add_argument("--port", type=_positive_int, default=5555)
+    flower.add_argument("--address", default="127.0.0.1",
+                        help="where to listen (beyond loopback only with FLOWER_BASIC_AUTH)")
 
     vendor = sub.add_parser("vendor", help="the demo vendor API")
     vendor_sub = vendor.add_subparsers(dest="vendor_command", required=True, parser_class=Parser)
@@ -198,6 +201,13 @@ def _down() -> int:
     return EXIT_OK
 
 
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
 def _broker_env() -> dict[str, str]:
     """Resolve Redis once here so the child process does not have to."""
     url = resolve_redis_url()
@@ -222,8 +232,13 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _flower(args: argparse.Namespace) -> int:
+    if not _is_loopback(args.address) and not os.environ.get("FLOWER_BASIC_AUTH"):
+        raise UsageError(f"refusing to serve Flower on {args.address!r} without "
+                         "FLOWER_BASIC_AUTH=user:password (its task view and /metrics show "
+                         "every run's arguments)")
     env = _broker_env()
-    cmd = [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={args.port}"]
+    cmd = [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={args.port}",
+           f"--address={args.address}"]
     os.execvpe(cmd[0], cmd, env)  # Flower replaces this process: signals reach it, no orphan
 
 

@@ -44,10 +44,12 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], fragment: st
         (["demo", "--error-rate", "2"], "must be between 0 and 1"),
         (["run", "demo", "--end-day", "yesterday"], "--end-day must be YYYY-MM-DD"),
         (["frobnicate"], "invalid choice"),
+        (["flower", "--address", "0.0.0.0"], "refusing to serve Flower on '0.0.0.0' without "
+                                             "FLOWER_BASIC_AUTH"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], fragment: str) -> None:
-    assert_one_line_error(fanout(*args), fragment)
+    assert_one_line_error(fanout(*args, env={"FLOWER_BASIC_AUTH": ""}), fragment)
 
 
 def test_a_pipeline_module_that_fails_to_import_is_one_line_and_exit_2() -> None:

@@ -119,7 +119,7 @@ def test_compose_service_commands_run_natively(
 
     flower_port = free_port()
     flower_env = {**compose_env, "FLOWER_BASIC_AUTH": "admin:s3cret"}
-    start(native("flower", port=str(flower_port)), flower_env, "flower.log")
+    start(native("flower", port=str(flower_port), address="127.0.0.1"), flower_env, "flower.log")
     metrics = f"http://127.0.0.1:{flower_port}/metrics"
 
     def flower_up() -> bool:
