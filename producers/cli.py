@@ -94,9 +94,12 @@ def build_parser() -> Parser:
     run.add_argument("--timeout", type=_non_negative_float, default=None)
     run.add_argument("--json", action="store_true")
 
-    status = sub.add_parser("status", help="show a run (the latest by default)")
+    status = sub.add_parser("status", help="recent runs, or one run (--watch: live)")
     status.add_argument("run_id", nargs="?")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", action="store_true",
+                        help="progress per stage, rates and ETA until the run ends (default: "
+                             "the latest run)")
 
     failures = sub.add_parser("failures", help="list the failed items of a run")
     failures.add_argument("run_id")

@@ -6,14 +6,16 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from producers import limits_cli, processes
 from producers.errors import RunNotFound
 from producers.local import local_system
-from producers.report import exit_code, summary_table, wait_for_run
+from producers.report import done_count, exit_code, summary_table, wait_for_run
 from producers.trigger import replay_run, start_run
 from workers.api import get_pipeline
 from workers.connections import (
@@ -150,12 +152,55 @@ def _snapshot(run_id: str | None) -> RunSnapshot:
 
 def status(args: argparse.Namespace) -> int:
     _connect()
+    if args.run_id is None and not args.watch:
+        return _list_runs(as_json=args.json)
     snap = _snapshot(args.run_id)
+    if args.watch and not snap.finished:
+        console = make_console(stderr=True)
+        order = snap.stage_order or list(snap.stages)
+        snap = wait_for_run(_ledger(), snap.run_id, order, console=console)
     if args.json:
         print(json.dumps(snap.summary()))
     else:
         make_console().print(summary_table(snap))
     return exit_code(snap.status) if snap.finished else 0
+
+
+_RECENT_RUNS = 20
+
+
+def _list_runs(*, as_json: bool) -> int:
+    """The latest runs: status, progress (terminal items of all registered), age, wall."""
+    ledger = _ledger()
+    rows: list[dict[str, Any]] = []
+    for run_id in ledger.recent_runs(_RECENT_RUNS):
+        snap = ledger.snapshot(run_id)
+        if snap is None:
+            continue
+        enqueued = sum(c.get("enqueued", 0) for c in snap.stages.values())
+        done = sum(done_count(c) for c in snap.stages.values())
+        rows.append({"run_id": run_id, "pipeline": snap.pipeline, "status": snap.status,
+                     "done": done, "enqueued": enqueued,
+                     "age_s": round(time.time() - snap.created_at, 1), "wall_s": snap.wall_s})
+    if as_json:
+        print(json.dumps(rows))
+        return 0
+    table = Table(title=f"the latest {len(rows)} runs (fanout status RUN for one)")
+    for column in ("run", "pipeline", "status", "progress", "age", "wall s"):
+        table.add_column(column, justify="right" if column in ("age", "wall s") else "left")
+    for row in rows:
+        share = f"{row['done']}/{row['enqueued']}"
+        table.add_row(row["run_id"], row["pipeline"], row["status"], share,
+                      _age(row["age_s"]), f"{row['wall_s']:.1f}")
+    make_console().print(table)
+    return 0
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
 
 
 def failures(args: argparse.Namespace) -> int:

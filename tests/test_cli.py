@@ -188,3 +188,28 @@ def test_flower_replaces_the_fanout_process(tmp_path: Path, redis_url: str) -> N
         proc.send_signal(signal.SIGTERM)
         # It is Flower (same pid), so the signal reached it and nothing is left behind.
         assert proc.wait(timeout=20) is not None
+
+
+def test_status_lists_recent_runs_and_watches_a_live_one(
+    vendor: VendorHandle, start_worker: WorkerFactory
+) -> None:
+    vendor.configure(accounts=2, services=3, latency_ms=100)
+    start_worker(concurrency=2)
+    live = fanout("run", "demo", "--days", "4", "--end-day", "2026-01-31",
+                  "--vendor-url", vendor.url, "-p", "http_retries=0")
+    run_id = live.stdout.strip()
+    watched = subprocess.run(
+        [sys.executable, "-m", "producers.cli", "status", run_id, "--watch", "--json"],
+        capture_output=True, text=True, timeout=120, env=os.environ.copy(),
+    )
+    assert watched.returncode == 0, watched.stderr
+    summary = json.loads(watched.stdout.strip().splitlines()[-1])
+    assert (summary["run_id"], summary["status"], summary["rows_written"]) == \
+        (run_id, "succeeded", 24)
+    assert "metric_day" in watched.stderr  # the live bars, per stage
+
+    listed = json.loads(fanout("status", "--json").stdout)
+    newest = listed[0]
+    assert (newest["run_id"], newest["pipeline"], newest["status"]) == \
+        (run_id, "demo", "succeeded")
+    assert newest["done"] == newest["enqueued"] == 2 + 6 + 24

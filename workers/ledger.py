@@ -380,6 +380,10 @@ class Ledger:
             if time.monotonic() >= deadline:
                 return None
 
+    def recent_runs(self, count: int = 20) -> list[str]:
+        """The ids of the latest ``count`` runs, newest first."""
+        return [str(i) for i in self.redis.zrevrange(keys.RUNS_INDEX, 0, count - 1)]
+
     def latest_run(self) -> str | None:
         ids = self.redis.zrevrange(keys.RUNS_INDEX, 0, 0)
         return str(ids[0]) if ids else None
