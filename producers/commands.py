@@ -26,6 +26,7 @@ from workers.connections import (
 from workers.engine import cache_hook
 from workers.engine.services import services
 from workers.ledger import Ledger, RunSnapshot
+from workers.redact import redact
 from workers.settings import ConfigError, get_settings
 from workers.sinks import check_sink_url
 from workers.transport import check_broker
@@ -85,8 +86,8 @@ def demo(args: argparse.Namespace) -> int:
     concurrency = args.concurrency or processes.DEFAULT_CONCURRENCY
     with local_system(vendor_options=vendor_options, concurrency=concurrency,
                       worker_processes=args.processes) as system:
-        console.print(f"demo vendor at {system.vendor_url} · Redis at {system.redis_url} · "
-                      f"sink {system.sink_url}")
+        console.print(f"demo vendor at {system.vendor_url} · Redis at "
+                      f"{redact(system.redis_url)} · sink {redact(system.sink_url)}")
         params = {"days": args.days, "vendor_url": system.vendor_url}
         run_id = start_run("demo", params)
         console.print(f"run {run_id}: {args.accounts} accounts x {args.services} services x "
