@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-SUITES = ("harvest", "pools", "enqueue", "memory", "loop")
+SUITES = ("harvest", "pools", "enqueue", "memory", "loop", "ratelimit")
 LOAD_WARNING = 0.5  # load average per core above which other work is likely to skew figures
 
 
@@ -60,9 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.harvest import harvest, pools
         from benchmarks.loop import loop
         from benchmarks.memory import memory
+        from benchmarks.ratelimit import ratelimit
 
         registry = {"harvest": harvest, "pools": pools, "enqueue": enqueue, "memory": memory,
-                    "loop": loop}
+                    "loop": loop, "ratelimit": ratelimit}
         machine = report.machine()
         code_at_start = report.code_state()
         cores = os.cpu_count() or 1

@@ -217,7 +217,7 @@ class FanoutHarness:
     def wait_ready(
         self, procs: Sequence[subprocess.Popen[Any]], suite_dir: Path, timeout_s: float
     ) -> None:
-        from workers.app import app
+        from workers.celery import app
 
         _wait_celery(app, self.names, procs, suite_dir, timeout_s)
 
