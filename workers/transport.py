@@ -59,9 +59,10 @@ class RedisTransport:
     def publish(self, deliveries: Sequence[Delivery]) -> None:
         by_queue: dict[str, list[str]] = defaultdict(list)
         for delivery in deliveries:
-            by_queue[delivery.queue].append(encode_redis(delivery))
+            by_queue[delivery.task].append(encode_redis(delivery))
         pipe = self.redis.pipeline(transaction=False)
-        for queue, messages in by_queue.items():
+        for task, messages in by_queue.items():
+            queue = keys.queue_name(*task.split(".", 1))
             for start in range(0, len(messages), _PUBLISH_CHUNK):
                 # kombu consumes with BRPOP, so LPUSH keeps FIFO order.
                 pipe.lpush(queue, *messages[start : start + _PUBLISH_CHUNK])
