@@ -1,9 +1,15 @@
-"""Showing a run in the terminal: a progress bar per stage while it runs, a summary after."""
+"""Showing a run in the terminal: a progress bar per stage while it runs, a summary after.
+
+Waiting rides out an outage of Redis: one line when it goes, one when it is back, and it gives
+up (one line, exit 1) only after ``FANOUT_OUTAGE_LIMIT_S``. It also says, once, when a run
+stands still with messages on a stage queue that no worker takes.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rich.console import Console
 from rich.progress import (
@@ -18,10 +24,24 @@ from rich.progress import (
 from rich.table import Table
 
 from producers.errors import RunNotFound
+from workers.engine.services import services
+from workers.keys import queue_name
 from workers.ledger import COUNTERS, Ledger, RunSnapshot
+from workers.outage import DOWN_ERRORS, Outage, where
+from workers.settings import get_settings
 
 TERMINAL_COUNTERS = ("succeeded", "failed", "cached", "skipped")
 _REFRESH_S = 0.25
+#: A run without progress this long, with messages waiting on a stage queue that do not go
+#: down, has no worker taking them.
+NO_WORKER_S = 5.0
+
+
+class RedisGone(SystemExit):
+    """Redis stayed unreachable longer than the outage limit (the line is printed): exit 1."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
 
 
 def exit_code(status: str) -> int:
@@ -33,6 +53,51 @@ def done_count(counts: dict[str, int]) -> int:
     return sum(counts.get(c, 0) for c in TERMINAL_COUNTERS)
 
 
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class NoWorkerWatch:
+    """Says once per standstill that no worker takes a stage's messages: the run made no
+    progress for ``after_s`` and a queue's depth stayed above 0 without going down (a worker
+    that takes messages lowers it, even while its tasks run long)."""
+
+    def __init__(
+        self, depth: Callable[[str], int], say: Callable[[str], None], *,
+        clock: Callable[[], float] = time.monotonic, after_s: float = NO_WORKER_S,
+    ) -> None:
+        self.depth = depth
+        self.say = say
+        self.clock = clock
+        self.after_s = after_s
+        self._progress: object = None
+        self._since = clock()
+        self._first: dict[str, int] | None = None  # depths half way through the standstill
+        self._told = False
+
+    def update(self, progress: object, queues: Sequence[str]) -> None:
+        now = self.clock()
+        if progress != self._progress:
+            self._progress, self._since, self._first, self._told = progress, now, None, False
+            return
+        idle_s = now - self._since
+        if self._told or idle_s < self.after_s / 2:
+            return
+        if self._first is None:
+            self._first = {q: self.depth(q) for q in queues}
+            return
+        if idle_s < self.after_s:
+            return
+        for queue in queues:
+            waiting = self.depth(queue)
+            if waiting > 0 and waiting >= self._first.get(queue, 0):
+                self.say(f"no worker is taking messages from {queue}: {waiting} waiting; "
+                         "start one with `fanout worker`")
+                self._told = True
+                return
+        self._since, self._first = now, None  # they went down: someone takes them
+
+
 def wait_for_run(
     ledger: Ledger,
     run_id: str,
@@ -40,20 +105,50 @@ def wait_for_run(
     *,
     console: Console | None,
     timeout_s: float | None = None,
+    outage_limit_s: float | None = None,
+    depth: Callable[[str], int] | None = None,
 ) -> RunSnapshot:
     """Wait for the run to finish. The finish itself wakes us (BLPOP); the bars refresh
-    from the counters between wake-ups. With ``console`` None nothing is drawn."""
+    from the counters between wake-ups. With ``console`` None nothing is drawn, and the
+    lines about an outage or a missing worker go to stderr.
+
+    Through an outage of Redis it keeps waiting; after ``outage_limit_s`` (default
+    ``FANOUT_OUTAGE_LIMIT_S``) of it, it says so and raises ``RedisGone`` (exit 1)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    limit_s = get_settings().outage_limit_s if outage_limit_s is None else outage_limit_s
+    say = console.print if console else _to_stderr
+    url = where(ledger.redis)
+    outage = Outage(say, f"Redis at {url} unreachable: waiting for it (gives up after "
+                         f"{limit_s:.0f} s)", "Redis is back after {seconds:.1f} s",
+                    max_delay_s=1.0)
+    idle = NoWorkerWatch(depth or services().transport.queue_depth, say)
     progress = _progress(console) if console else None
     bars: dict[str, TaskID] = {}
+    snap: RunSnapshot | None = None
     try:
         if progress:
             progress.start()
         while True:
-            status = ledger.wait(run_id, timeout_s=_REFRESH_S)
-            snap = ledger.snapshot(run_id, stage_order)
-            if snap is None:
+            try:
+                status = ledger.wait(run_id, timeout_s=_REFRESH_S)
+                found = ledger.snapshot(run_id, stage_order)
+                if found is not None and not found.finished and status is None:
+                    idle.update(_counts(found), [queue_name(found.pipeline, s)
+                                                 for s in found.stages])
+            except DOWN_ERRORS as exc:
+                delay_s = outage.failed(exc)
+                if outage.down_for_s() >= limit_s:
+                    say(f"Redis at {url} still unreachable after {outage.down_for_s():.0f} s: "
+                        "giving up")
+                    raise RedisGone() from None
+                if deadline is not None and snap is not None and time.monotonic() > deadline:
+                    return snap
+                time.sleep(delay_s)
+                continue
+            outage.ok()
+            if found is None:
                 raise RunNotFound(f"run {run_id} is unknown or expired")
+            snap = found
             if progress:
                 _update(progress, bars, snap)
             if status is not None or snap.finished:
@@ -63,6 +158,11 @@ def wait_for_run(
     finally:
         if progress:
             progress.stop()
+
+
+def _counts(snap: RunSnapshot) -> list[tuple[str, list[tuple[str, int]]]]:
+    """The run's counters, comparable: any change is progress."""
+    return [(stage, sorted(counts.items())) for stage, counts in sorted(snap.stages.items())]
 
 
 def _progress(console: Console) -> Progress:

@@ -3,28 +3,61 @@ thin task per stage of every loaded pipeline, and bad messages set aside, never 
 
 ``create_app`` has no effect until called; ``workers/celery.py`` calls it for
 ``celery -A workers``. A task turns its call into a ``Delivery`` and hands it to the engine.
+
+Through a broker outage the worker lives on: its consumer tries again every 2 s at most
+(``BrokerConnection``), without a limit, Celery's lines about it are cut to the first of each
+outage (``outage_filter``, installed on Celery's log handlers), and the reaper is given kombu's
+restore of unacknowledged messages (``RedisBrokerHooks``) for after a restart.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import Any
 
+import redis
 from celery import Celery, Task
+from celery.app.amqp import AMQP
 from celery.exceptions import Reject
-from celery.signals import worker_ready
-from kombu import Exchange, Queue
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
+from kombu import Connection, Exchange, Queue
+from kombu.exceptions import OperationalError
+from kombu.transport.redis import Mutex, MutexHeld
 
+from workers import broker
 from workers.api import Stage, all_pipelines, load_pipelines
-from workers.broker import TRANSPORT
-from workers.connections import resolve_broker_url
+from workers.connections import broker_redis, resolve_broker_url
 from workers.engine.reaper import start_reaper
 from workers.engine.runner import INFRA_ERRORS, StageRunner
 from workers.engine.scheduler import start_mover
 from workers.engine.services import services
+from workers.events import ItemEvents
 from workers.message import BadMessage, from_task_call
+from workers.outage import DOWN_ERRORS, OncePerOutage
 from workers.outcome import Outcome
 from workers.settings import Settings, get_settings
+
+#: How soon Celery's consumer tries the broker again after losing it. kombu's defaults wait
+#: 2 s, then 2 s more at each try, up to 30 s: a worker came back up to 30 s after Redis did.
+RECONNECT_INTERVALS = {"interval_start": 0.5, "interval_step": 0.5, "interval_max": 2.0}
+
+
+class BrokerConnection(Connection):
+    """kombu's connection, reconnecting within ``interval_max`` of the broker's return."""
+
+    def ensure_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) <= 2:  # (errback, max_retries): the intervals are not given
+            for key, value in RECONNECT_INTERVALS.items():
+                kwargs.setdefault(key, value)
+        return super().ensure_connection(*args, **kwargs)
+
+
+class BrokerAMQP(AMQP):
+    """Celery's AMQP helpers, with ``BrokerConnection`` for every connection of the app."""
+
+    Connection = BrokerConnection
 
 
 def transport_options(visibility_timeout_s: int) -> dict[str, int]:
@@ -39,9 +72,7 @@ def transport_options(visibility_timeout_s: int) -> dict[str, int]:
 
 
 def _broker_defaults() -> dict[str, str | None]:
-    url = resolve_broker_url()
-    redis_broker = url.startswith(("redis://", "rediss://"))
-    return {"broker_url": url, "broker_transport": TRANSPORT if redis_broker else None}
+    return {"broker_url": resolve_broker_url()}
 
 
 def configure(app: Celery, settings: Settings) -> None:
@@ -49,6 +80,8 @@ def configure(app: Celery, settings: Settings) -> None:
     app.add_defaults(_broker_defaults)
     app.conf.update(
         broker_connection_retry_on_startup=True,
+        # Ride out a broker outage of any length (a try every 2 s, one log line: outage.py).
+        broker_connection_max_retries=None,
         # A message unacked this long is given to another worker; it must exceed the longest task.
         broker_transport_options=transport_options(settings.visibility_timeout_s),
         task_serializer="json",
@@ -75,8 +108,9 @@ def configure(app: Celery, settings: Settings) -> None:
 def register_stages(app: Celery, stages: list[Stage]) -> None:
     """One task and one queue per stage, named after it, so a worker can be pointed at some
     stages only. The default exchange ("") routes by queue name alone."""
+    item_events = ItemEvents(app)  # one event dispatcher per worker process, for every stage
     for stage in stages:
-        _make_task(app, stage)
+        _make_task(app, stage, item_events)
     direct = Exchange("")
     app.conf.task_queues = [Queue(s.queue, direct, routing_key=s.queue) for s in stages]
     app.conf.task_default_queue = "fanout.default"
@@ -85,7 +119,7 @@ def register_stages(app: Celery, stages: list[Stage]) -> None:
     }
 
 
-def _make_task(app: Celery, stage: Stage) -> Task:
+def _make_task(app: Celery, stage: Stage, item_events: ItemEvents) -> Task:
     runner: list[StageRunner] = []  # made in the process that runs the task (after a fork)
 
     def run_stage(self: Task, *args: Any, **kwargs: Any) -> str:
@@ -99,12 +133,14 @@ def _make_task(app: Celery, stage: Stage) -> Task:
             svc.dead_letters.add(stage.queue, raw, exc.reason)
             return f"{Outcome.DEAD_LETTER.value}: {exc.reason}"
         try:
-            outcomes = runner[0].run_claimed(delivery, stage)
+            reports = runner[0].run_claimed(delivery, stage)
         except INFRA_ERRORS as exc:
             raise Reject(str(exc), requeue=True) from exc
-        if outcomes[0] is Outcome.RETRYING:
-            self.send_event("task-retried", exception="retry scheduled by fanout", traceback="")
-        return _describe(outcomes)
+        if reports[0].outcome is Outcome.RETRYING:
+            self.send_event("task-retried", exception=reports[0].error, traceback="")
+        if app.conf.worker_send_task_events:  # Flower sees each item the batch carried too
+            item_events.emit(self.request.hostname, reports[1:])
+        return _describe([r.outcome for r in reports])
 
     run_stage.__name__ = stage.name
     run_stage.__qualname__ = stage.task_name
@@ -125,18 +161,94 @@ def _describe(outcomes: list[Outcome]) -> str:
     )
 
 
-def _start_background_threads(**_: object) -> None:
+_RESTORE_TRIES = 50  # x 0.1 s
+
+
+class RedisBrokerHooks:
+    """The reaper's view of a Redis broker after an outage (``engine.reaper.BrokerHooks``):
+    which server it is, and kombu's own restore of unacknowledged messages."""
+
+    def __init__(self, app: Celery, client: redis.Redis) -> None:
+        self.app = app
+        self.client = client
+
+    def server(self) -> tuple[str, float]:
+        info = self.client.info("server")
+        return str(info["run_id"]), float(info["uptime_in_seconds"])
+
+    def restore_unacked(self, delivered_before: float) -> int:
+        with self.app.connection_for_write() as connection:
+            channel = connection.default_channel
+            qos = channel.qos
+            with channel.conn_or_acquire() as client:
+                for _ in range(_RESTORE_TRIES):
+                    try:  # the lock kombu's own restore takes: one restorer at a time
+                        with Mutex(client, qos.unacked_mutex_key, qos.unacked_mutex_expire):
+                            tags = client.zrangebyscore(qos.unacked_index_key, "-inf",
+                                                        delivered_before)
+                            for tag in tags:
+                                qos.restore_by_tag(tag, client)  # restored or acked, once
+                            return len(tags)
+                    except MutexHeld:  # another worker restores them, or kombu sweeps
+                        time.sleep(0.1)
+        raise TimeoutError("kombu's unacked lock stayed held: restoring on the next probe")
+
+    def unacked(self) -> int:
+        with self.app.connection_for_write() as connection:
+            channel = connection.default_channel
+            with channel.conn_or_acquire() as client:
+                return int(client.hlen(channel.qos.unacked_key))
+
+
+def _start_background_threads(app: Celery) -> None:
     svc = services()
-    start_reaper(svc, svc.settings.visibility_timeout_s)
+    client = broker_redis(resolve_broker_url(svc.settings))
+    hooks = RedisBrokerHooks(app, client) if client is not None else None
+    start_reaper(svc, svc.settings.visibility_timeout_s, broker=hooks)
     start_mover(svc.scheduler)
+
+
+#: Celery's lines of a lost broker connection: one per reconnect attempt, and per task it could
+#: not acknowledge or cancel. The first of an outage is kept, until "Connected to" is logged.
+CELERY_OUTAGE_PHRASES = (
+    "Connection to broker lost", "Cannot connect to", "after a connection loss",
+    "after connection loss",
+)
+CELERY_BACK_PHRASES = ("Connected to",)
+
+
+def outage_filter() -> OncePerOutage:
+    """The filter that keeps one line per outage of Celery's (and of a task's Redis error)."""
+    return OncePerOutage((*DOWN_ERRORS, OperationalError), CELERY_OUTAGE_PHRASES,
+                         CELERY_BACK_PHRASES)
+
+
+def _install_outage_filter(log_filter: OncePerOutage, logger: logging.Logger) -> None:
+    for handler in logger.handlers:
+        if log_filter not in handler.filters:
+            handler.addFilter(log_filter)
 
 
 def create_app(settings: Settings | None = None) -> Celery:
     """The worker's Celery app, with every configured pipeline loaded and registered."""
     settings = settings or get_settings()
-    app = Celery("fanout")
+    broker.install()  # fanout's Redis transport for redis:// broker URLs
+    app = Celery("fanout", amqp=BrokerAMQP)
     configure(app, settings)
     load_pipelines(settings.pipeline_modules)
     register_stages(app, [s for p in all_pipelines() for s in p.stages.values()])
-    worker_ready.connect(_start_background_threads, weak=False, dispatch_uid="fanout-threads")
+
+    def start_threads(**_: object) -> None:
+        _start_background_threads(app)
+
+    log_filter = outage_filter()
+
+    def install_filter(logger: logging.Logger, **_: object) -> None:
+        _install_outage_filter(log_filter, logger)
+
+    worker_ready.connect(start_threads, weak=False, dispatch_uid="fanout-threads")
+    # Once Celery has set up its handlers (the root logger's and the task logger's).
+    after_setup_logger.connect(install_filter, weak=False, dispatch_uid="fanout-outage-log")
+    after_setup_task_logger.connect(install_filter, weak=False,
+                                    dispatch_uid="fanout-outage-task-log")
     return app

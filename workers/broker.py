@@ -12,9 +12,11 @@ took the next bad item. Here such an item becomes a dead letter and the worker g
 
 from __future__ import annotations
 
+import contextlib
 from queue import Empty
 from typing import Any
 
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
@@ -56,6 +58,16 @@ class Channel(kombu_redis.Channel):
         self._shared_client = None
         super()._disconnect_pools()
 
+    def close(self) -> None:
+        # kombu's close first reads the reply of a BRPOP still in flight. With the server gone
+        # that raised before the channel was closed, and Celery then closed it a second time
+        # after releasing the transport: an AttributeError that killed the worker on a Redis
+        # restart. The reply is read here, a connection error ignored: the channel then closes.
+        if self._in_poll:
+            with contextlib.suppress(Empty, *self.connection_errors):
+                self._brpop_read()
+        super().close()
+
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.7's own, but the popped item is checked before it is delivered.
         try:
@@ -85,5 +97,13 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-#: ``broker_transport`` for Celery when the broker is Redis.
 TRANSPORT = "workers.broker:Transport"
+
+
+def install() -> None:
+    """Serve ``redis://`` and ``rediss://`` broker URLs with this transport in this process,
+    through kombu's own table of transport aliases. (Naming the class in ``broker_transport``
+    instead made kombu write it as the URL's scheme, and Flower then could not tell the
+    broker was Redis: no queue view.)"""
+    TRANSPORT_ALIASES["redis"] = TRANSPORT
+    TRANSPORT_ALIASES["rediss"] = TRANSPORT

@@ -52,9 +52,11 @@ def running_url(home: Path) -> str | None:
 
 
 def start_server(
-    data_dir: Path, port: int, *, appendonly: bool = True, daemonize: bool = True
+    data_dir: Path, port: int, *, appendonly: bool = True, daemonize: bool = True,
+    appendfsync: str | None = None,
 ) -> subprocess.Popen[bytes] | None:
-    """Start valkey-server bound to 127.0.0.1:port with ``data_dir`` as its working dir."""
+    """Start valkey-server bound to 127.0.0.1:port with ``data_dir`` as its working dir.
+    ``appendfsync`` (``always``, ``everysec``, ``no``) overrides the server's default."""
     data_dir.mkdir(parents=True, exist_ok=True)
     args = [
         server_binary(),
@@ -67,6 +69,8 @@ def start_server(
         "--logfile", str(data_dir / "server.log"),
         "--pidfile", str(data_dir / "server.pid"),
     ]
+    if appendfsync is not None:
+        args += ["--appendfsync", appendfsync]
     if daemonize:
         subprocess.run([*args, "--daemonize", "yes"], check=True, stdout=subprocess.DEVNULL)
         return None

@@ -9,6 +9,37 @@ unacked or claimed messages are back on their queue after one (kombu restores un
 this reaper puts back claims first). Its pending items whose stage queue is empty and that wait
 in no delayed set are then on no queue and run nowhere, and are published again. A duplicate
 is harmless: the item id makes it count once. One worker at a time sweeps (a lock).
+
+After an outage of Redis the wait would be needlessly long. When Redis dies, every connection
+to it dies too, and what those connections had taken can no longer be acknowledged: the
+messages running or prefetched (kombu's unacked hash) and the batches claimed
+(``fanout:claimed:*``). kombu gives the first back only after the visibility timeout, this
+reaper the others after one, and lost items after two. So the reaper also probes Redis every
+second (``PROBE_S``; while it is down it backs off and says so once, ``workers/outage.py``):
+- when the broker server is a new one (its ``run_id`` changed: it restarted), every message
+  taken before that server started belongs to a dead connection, and is put back at once
+  (``recover``: claims through the transport, unacked messages through ``BrokerHooks``, which
+  uses kombu's own restore);
+- after any outage, restart or not, it watches the runs that were running, and sweeps a
+  watched run as if stalled as soon as nothing is queued, claimed or unacked anywhere (no task
+  runs then: its pending items that wait in no delayed set are lost), or else once it made no
+  progress for ``RECOVERY_GRACE_S``. That finds what no restore can: a message popped in the
+  instant the server died (kombu records it as unacked in a second step), a broker that lost
+  its queues. A run stays watched until a sweep finds none of its pending items behind a
+  non-empty queue, or for two visibility timeouts at most, when the rule above takes over.
+
+The trade-offs. Restoring by time, not by owner: kombu does not record which connection took
+a message, and Celery drops what it had reserved when it reconnects, so a worker cannot tell
+its own orphans; after a restart no connection from before survives, so "taken before the
+server started" names them exactly, for every worker at once (each worker that sees the
+restart does it; a message is restored once, atomically). Its cost: a task still running
+across the restart gets a second copy of its message, which is harmless (the ledger counts an
+item once, and a worker skips an item already terminal before any vendor call) and costs at
+most one vendor call per message that was in flight. Without a restart (a network cut, a
+paused server) connections may have survived, so nothing is restored by time (that would
+copy the live work of every worker); only the watch runs, and it finds a lost item once its
+run stops moving. The grace may copy an item that runs longer than it while its stage queue is
+empty and other work is in flight, at most once per run per outage.
 """
 
 from __future__ import annotations
@@ -20,56 +51,169 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Protocol
 
 from workers import keys
 from workers.api import all_pipelines, find_stage, get_pipeline
+from workers.engine import batch_maps
 from workers.engine.services import Services
 from workers.ids import stage_of_item
+from workers.ledger import MapSignal
 from workers.message import Delivery
+from workers.outage import DOWN_ERRORS
+from workers.outage import shared as shared_outage
 from workers.settings import ConfigError
 
 log = logging.getLogger("fanout.reaper")
+
+#: How often the reaper looks at Redis, to notice an outage end or a restart.
+PROBE_S = 1.0
+#: After an outage, a run without progress for this long is swept (see the module docstring).
+RECOVERY_GRACE_S = 5.0
+
+
+class BrokerHooks(Protocol):
+    """What the reaper asks of a Redis broker beyond the transport (``workers/app.py`` gives
+    kombu's)."""
+
+    def server(self) -> tuple[str, float]:
+        """The broker server's run id and the seconds since it started."""
+        ...
+
+    def restore_unacked(self, delivered_before: float) -> int:
+        """Put the messages delivered before that time and never acknowledged back on their
+        queues. Returns how many."""
+        ...
+
+    def unacked(self) -> int:
+        """How many messages are delivered and not yet acknowledged, on every queue."""
+        ...
 
 
 class Reaper:
     def __init__(
         self, services: Services, visibility_timeout_s: float,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, broker: BrokerHooks | None = None,
+        recovery_grace_s: float = RECOVERY_GRACE_S,
     ) -> None:
         self.services = services
         self.claim_timeout_s = visibility_timeout_s
         self.stall_s = 2 * visibility_timeout_s
         self.clock = clock
+        self.broker = broker
+        self.recovery_grace_s = recovery_grace_s
+        self._server: str | None = None  # the broker server's run id, last seen
+        self._was_down = False
+        self._watched: dict[str, float] = {}  # run id -> when its watch after an outage began
+
+    @property
+    def recovering(self) -> bool:
+        """Whether runs are watched after an outage (the loop then sweeps every probe)."""
+        return bool(self._watched)
+
+    def unreachable(self) -> None:
+        """Redis did not answer: recover once it does."""
+        self._was_down = True
+
+    def probe(self) -> int:
+        """Look at Redis once; after an outage or a restart, ``recover``. Returns how many
+        messages were put back."""
+        if self.broker is None:
+            self.services.ledger.redis.ping()
+            server, taken_before = None, None
+        else:
+            server, uptime_s = self.broker.server()
+            taken_before = self.clock() - uptime_s - 1.0  # uptime is whole seconds
+        restarted = None not in (server, self._server) and server != self._server
+        put_back = 0
+        if restarted or self._was_down:
+            put_back = self.recover(taken_before if restarted else None)
+        # Only once recovered: should it fail, the next probe tries again.
+        self._server, self._was_down = server or self._server, False
+        return put_back
+
+    def recover(self, taken_before: float | None) -> int:
+        """After an outage: put back what was taken before ``taken_before`` (the start of a
+        restarted server; None when it did not restart), and watch every running run."""
+        put_back = 0
+        if taken_before is not None:
+            put_back = self.services.transport.restore_claims(self._claim_queues(), taken_before)
+            if self.broker is not None:
+                put_back += self.broker.restore_unacked(taken_before)
+        now = self.clock()
+        runs = [run_id for run_id, _, _ in self.services.ledger.running_runs()]
+        for run_id in runs:
+            self._watched.setdefault(run_id, now)
+        log.info("after the outage: %s; watching %d running runs for lost work",
+                 "Redis did not restart" if taken_before is None else
+                 f"put back {put_back} messages taken before Redis restarted", len(runs))
+        return put_back
 
     def sweep(self) -> int:
-        """Republish the lost items of every stalled run. Returns how many."""
+        """Republish the lost items of every stalled run (and, after an outage, of every
+        watched run once nothing is in flight or it made no progress for the grace). Returns
+        how many."""
         now = self.clock()
         restored = self.services.transport.restore_claims(
-            [s.queue for p in all_pipelines() for s in p.stages.values() if s.claim_batch > 1],
-            now - self.claim_timeout_s,
+            self._claim_queues(), now - self.claim_timeout_s
         )
         if restored:
             log.warning("put %d claimed messages back on their queues", restored)
         republished = 0
-        for run_id, pipeline, progress_at in self.services.ledger.running_runs():
-            if now - progress_at >= self.stall_s:
-                republished += self._sweep_run(run_id, pipeline, now)
+        running = self.services.ledger.running_runs()
+        quiet: bool | None = None  # asked once, if a watched run is idle but within its grace
+        for run_id, pipeline, progress_at in running:
+            idle_s = now - progress_at
+            watched = run_id in self._watched
+            due = idle_s >= self.stall_s or (watched and idle_s >= self.recovery_grace_s)
+            if watched and not due:
+                quiet = self._quiet() if quiet is None else quiet
+                due = quiet
+            if due:
+                count, behind_busy = self._sweep_run(run_id, pipeline, now)
+                republished += count
+                if watched and not behind_busy:
+                    del self._watched[run_id]
+        live = {run_id for run_id, _, _ in running}
+        self._watched = {
+            run_id: since for run_id, since in self._watched.items()
+            if run_id in live and now - since < self.stall_s
+        }
         return republished
 
-    def _sweep_run(self, run_id: str, pipeline_name: str, now: float) -> int:
+    def _quiet(self) -> bool:
+        """Nothing queued, claimed or delivered anywhere: then no task runs, and a watched
+        run's pending items that wait in no delayed set are lost, grace or not. Queues are
+        read first: a message moves from a queue to the unacked set, so it is seen in one."""
+        if self.broker is None:
+            return False
+        queues = [s.queue for p in all_pipelines() for s in p.stages.values()]
+        if any(self.services.transport.queue_depth(q) > 0 for q in queues):
+            return False
+        return self.broker.unacked() == 0
+
+    @staticmethod
+    def _claim_queues() -> list[str]:
+        return [s.queue for p in all_pipelines() for s in p.stages.values() if s.claim_batch > 1]
+
+    def _sweep_run(self, run_id: str, pipeline_name: str, now: float) -> tuple[int, bool]:
+        """Publish the lost items of one run. Returns how many, and whether some of its
+        pending items were left alone because their stage queue was not empty."""
         ledger, transport = self.services.ledger, self.services.transport
         try:
             pipeline = get_pipeline(pipeline_name)
         except ConfigError:
-            return 0  # not loaded in this worker: another one sweeps it
+            return 0, False  # not loaded in this worker: another one sweeps it
         pending = ledger.pending_payloads(run_id)
         waiting = self.services.scheduler.waiting_items(run_id, now - self.stall_s)
         loops = ledger.loop_states(run_id)
         busy = {s.name for s in pipeline.stages.values() if transport.queue_depth(s.queue) > 0}
         lost: dict[str, list[Delivery]] = defaultdict(list)
+        behind_busy = False
         for item, payload in pending.items():
             stage_name = stage_of_item(item)
             stage = find_stage(f"{pipeline_name}.{stage_name}")
+            behind_busy = behind_busy or (stage is not None and stage_name in busy)
             if stage is None or stage_name in busy or item in waiting:
                 continue
             loop = loops.get(item) or {}  # a looping item resumes at its current iteration
@@ -81,25 +225,52 @@ class Reaper:
             log.warning("run %s: publishing %d lost %s items again", run_id, len(deliveries),
                         stage_name)
             transport.publish(deliveries)
+        # A batch map whose completed batch was never settled: its worker died between the
+        # ledger's word and the switch check. Decide now (once: settling is idempotent).
+        stuck = ledger.deciding_maps(run_id)
+        if stuck:
+            log.warning("run %s: settling %d batch maps left deciding", run_id, len(stuck))
+            batch_maps.settle(self.services, [MapSignal(run_id, m, True) for m in stuck])
         ledger.touch(run_id)
-        return sum(len(d) for d in lost.values())
+        return sum(len(d) for d in lost.values()), behind_busy
 
 
-def start_reaper(services: Services, visibility_timeout_s: int) -> threading.Thread:
+def start_reaper(
+    services: Services, visibility_timeout_s: int, broker: BrokerHooks | None = None
+) -> threading.Thread:
     """Sweep a few times per visibility timeout, in a daemon thread of the worker; the one
-    holding ``keys.REAPER_LOCK`` sweeps."""
+    holding ``keys.REAPER_LOCK`` sweeps. Probe Redis every ``PROBE_S`` in between (backing
+    off while it is down), and recover after an outage (see the module docstring)."""
     interval_s = max(1.0, min(30.0, visibility_timeout_s / 3))
-    reaper = Reaper(services, float(visibility_timeout_s))
+    reaper = Reaper(services, float(visibility_timeout_s), broker=broker)
     owner = f"{socket.gethostname()}:{os.getpid()}"
     client = services.ledger.redis
+    outage = shared_outage(client)
+
+    def holds_lock() -> bool:
+        if client.set(keys.REAPER_LOCK, owner, nx=True, ex=max(1, int(interval_s))):
+            return True
+        # While watching runs after an outage, the holder sweeps at every probe.
+        return reaper.recovering and client.get(keys.REAPER_LOCK) == owner
 
     def loop() -> None:
+        delay_s, next_sweep = PROBE_S, time.monotonic() + interval_s
         while True:
-            time.sleep(interval_s)
+            time.sleep(delay_s)
+            delay_s = PROBE_S
             try:
-                if client.set(keys.REAPER_LOCK, owner, nx=True, ex=max(1, int(interval_s))):
-                    reaper.sweep()
-            except Exception:  # the reaper must outlive a Redis hiccup
+                reaper.probe()
+                outage.ok()
+                due = time.monotonic() >= next_sweep
+                if due or reaper.recovering:
+                    if due:
+                        next_sweep = time.monotonic() + interval_s
+                    if holds_lock():
+                        reaper.sweep()
+            except DOWN_ERRORS as exc:
+                reaper.unreachable()
+                delay_s = outage.failed(exc)
+            except Exception:  # the reaper must outlive any error
                 log.exception("reaper sweep failed")
 
     thread = threading.Thread(target=loop, name="fanout-reaper", daemon=True)

@@ -5,7 +5,8 @@ delivered twice by Redis): a delayed delivery waits in the ``fanout:delayed`` so
 mover thread in every worker publishes what is due (``lua/pop_due.lua`` takes it atomically,
 so two movers never publish one twice). Each run's delayed items are also indexed by run
 (``RunKeys.delayed``), so the reaper knows they are not lost. Time comes from ``clock``, so
-tests move it instead of sleeping.
+tests move it instead of sleeping. While Redis is down the mover backs off and says so once
+(``workers/outage.py``); what was due meanwhile moves when Redis is back.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import redis
 from workers import keys, scripts
 from workers.keys import RunKeys
 from workers.message import BadMessage, Delivery
+from workers.outage import DOWN_ERRORS
+from workers.outage import shared as shared_outage
 from workers.transport import Transport
 
 log = logging.getLogger("fanout.scheduler")
@@ -78,13 +81,22 @@ class Scheduler:
 
 
 def start_mover(scheduler: Scheduler, interval_s: float = MOVER_INTERVAL_S) -> threading.Thread:
+    """Move due work every ``interval_s`` in a daemon thread. While Redis is down it waits
+    longer between tries (``workers/outage.py``), and says so once per outage."""
+    outage = shared_outage(scheduler.redis)
+
     def loop() -> None:
+        delay_s = interval_s
         while True:
-            time.sleep(interval_s)
+            time.sleep(delay_s)
+            delay_s = interval_s
             try:
                 while scheduler.move_due() == MOVER_BATCH:
                     pass
-            except Exception:  # keep moving after a Redis hiccup; the reaper covers a loss
+                outage.ok()
+            except DOWN_ERRORS as exc:
+                delay_s = max(interval_s, outage.failed(exc))
+            except Exception:  # keep moving after any other error; the reaper covers a loss
                 log.exception("moving delayed work failed")
 
     thread = threading.Thread(target=loop, name="fanout-scheduler", daemon=True)
