@@ -253,3 +253,27 @@ def test_finished_runs_and_runs_of_unloaded_pipelines_are_left_alone(
     assert depths(client, demo) == {"accounts": 0, "services": 0, "metric_day": 0}
     assert client.hget(RunKeys.of("run-alien").run, "progress_at") == str(
         client.hget(RunKeys.of("run-alien").run, "created_at"))
+
+
+def test_a_batch_map_left_deciding_by_a_dead_worker_is_settled(svc: Services) -> None:
+    """The worker that finished batch 1 died before checking the switch and publishing batch
+    2: the sweep does both."""
+    load_configured_pipelines()
+    stage = get_pipeline("demo").stages["metric_day"]
+    ledger = svc.ledger
+    assert ledger.create_run(RUN, "demo", {}, "metric_day", [], hold=True)
+    payloads = [{"account": "a", "service": "s", "day": f"2024-01-0{i}"} for i in (1, 2)]
+    ids = [item_id("metric_day", RUN, i, p) for i, p in enumerate(payloads)]
+    first = ledger.batch_map(RUN, "m1", stage.task_name, "metric_day", 1, None, False,
+                             list(zip(ids, payloads, strict=True)), as_roots=True)
+    assert [i for i, _ in first] == [ids[0]]
+    codes, signals = ledger.finish_batch([Finish(RUN, "metric_day", ids[0], Outcome.SUCCEEDED)])
+    assert codes == [1] and [s.deciding for s in signals] == [True]  # ... and the worker dies
+    assert ledger.deciding_maps(RUN) == ["m1"]
+    progress_at = float(str(svc.ledger.redis.hget(RunKeys.of(RUN).run, "progress_at")))
+
+    Reaper(svc, vt(svc), clock=FakeClock(progress_at + 2 * vt(svc))).sweep()
+
+    assert ledger.deciding_maps(RUN) == []
+    queued = [decode_redis(m) for m in svc.ledger.redis.lrange(stage.queue, 0, -1)]
+    assert [d.item_id for d in queued] == [ids[1]]  # batch 2, published once

@@ -215,6 +215,11 @@ class Ledger:
         raw = self.redis.hget(RunKeys.of(run_id).batchmaps, map_id)
         return None if raw is None else dict(json.loads(raw))
 
+    def deciding_maps(self, run_id: str) -> list[str]:
+        """Batch maps whose completed batch was never settled (its worker died meanwhile)."""
+        raw = self.redis.hgetall(RunKeys.of(run_id).batchmaps)
+        return sorted(str(m) for m, state in raw.items() if json.loads(state)["deciding"] == 1)
+
     def settle_batch(self, run_id: str, map_id: str) -> list[tuple[str, str]]:
         """The map's completed batch passed its switch: the next batch to publish, or []
         (the last batch is done, or someone else settled it)."""

@@ -62,12 +62,23 @@ def publish_children(
     return len(deliveries)
 
 
+@dataclass(frozen=True, slots=True)
+class ItemReport:
+    """What happened to one delivery: for the task's result and per-item task events."""
+
+    delivery: Delivery
+    outcome: Outcome
+    runtime_s: float
+    error: str = ""  # "ErrorType: message" when its stage raised
+
+
 @dataclass
 class _Batch:
     """Terminal transitions deferred to the end of a batch, with the records they wrote."""
 
     finishes: list[Finish] = field(default_factory=list)
     records: dict[str, list[Record]] = field(default_factory=lambda: defaultdict(list))
+    errors: dict[tuple[str, str, int], str] = field(default_factory=dict)  # failed tries
 
     def add(self, done: Finish, records: Sequence[Record] = ()) -> None:
         self.finishes.append(done)
@@ -84,7 +95,7 @@ class StageRunner:
 
     # -- entry points ---------------------------------------------------------------------
 
-    def run_claimed(self, first: Delivery, stage: Stage) -> list[Outcome]:
+    def run_claimed(self, first: Delivery, stage: Stage) -> list[ItemReport]:
         """Run ``first`` and, for a ``claim_batch`` stage, up to N-1 more messages claimed
         from its queue. A claimed message that does not decode is dead-lettered; the rest of
         the batch goes on. Claims are released once their items are recorded."""
@@ -96,31 +107,33 @@ class StageRunner:
             decoded = self._decode_claimed(raw, stage)
             if decoded is not None:
                 work.append(decoded)
-        outcomes = self.run(work)
+        reports = self.run(work)
         transport.release(stage.queue, claimed)
-        return outcomes
+        return reports
 
-    def run(self, work: Sequence[tuple[Delivery, Stage]]) -> list[Outcome]:
-        """Run deliveries (each with its stage); returns an outcome for each."""
+    def run(self, work: Sequence[tuple[Delivery, Stage]]) -> list[ItemReport]:
+        """Run deliveries (each with its stage); returns what happened to each."""
         ledger = self.services.ledger
         progress = ledger.progress_many([(d.run_id, d.item_id) for d, _ in work])
         batch = _Batch()
-        outcomes = []
+        reports = []
         seen: set[tuple[str, str, int]] = set()
         for (delivery, stage), (state, iteration, stopped) in zip(work, progress, strict=True):
+            started = time.perf_counter()
             copy_of = (delivery.run_id, delivery.item_id, delivery.iteration)
             if copy_of in seen:  # two copies of one message in this batch: run it once
-                outcomes.append(Outcome.DUPLICATE)
-                continue
-            seen.add(copy_of)
-            if stopped and state == "p":  # killed or cancelled: its items end unrun
+                outcome = Outcome.DUPLICATE
+            elif stopped and state == "p":  # killed or cancelled: its items end unrun
                 batch.add(Finish(delivery.run_id, stage.name, delivery.item_id,
                                  Outcome.SKIPPED, iteration))
-                outcomes.append(Outcome.SKIPPED)
-                continue
-            outcomes.append(self._run_one(delivery, stage, state, iteration, batch))
+                outcome = Outcome.SKIPPED
+            else:
+                outcome = self._run_one(delivery, stage, state, iteration, batch)
+            seen.add(copy_of)
+            reports.append(ItemReport(delivery, outcome, time.perf_counter() - started,
+                                      batch.errors.get(copy_of, "")))
         self._record(batch)
-        return outcomes
+        return reports
 
     # -- one delivery ---------------------------------------------------------------------
 
@@ -276,6 +289,8 @@ class StageRunner:
         for hook in hooks:
             hook.on_failure(ctx, delivery.payload, exc, final=final)
         ledger = self.services.ledger
+        batch.errors[(delivery.run_id, delivery.item_id, delivery.iteration)] = \
+            f"{type(exc).__name__}: {str(exc)[:300]}"
         # Every try counts, the vendor client's own retries too (one per failed attempt).
         tries, first_at = ledger.record_tries(delivery.run_id, delivery.item_id,
                                               max(1, http.tries()))

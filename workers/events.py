@@ -1,0 +1,73 @@
+"""Task events for the items a task ran from its claimed batch, so Flower shows every item.
+
+Celery sends task-received, -started and -succeeded for the message a task was given; the
+items it claimed besides (``claim_batch``) are each their own task id (``RUN.ITEM``), and get
+the same three events here, named ``PIPELINE.STAGE`` with their arguments (the run id first),
+plus task-failed or task-retried as they ended. They are buffered and sent as one
+``task.multi`` message per batch (Celery's own event batching, which Flower reads), on one
+dispatcher per worker process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+
+from workers.engine.runner import ItemReport
+from workers.outcome import Outcome
+
+_BUFFER_LIMIT = 10_000  # flushed once per batch, never by size
+
+
+class ItemEvents:
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._lock = threading.Lock()
+        self._dispatcher: Any = None
+        self._pid = 0
+
+    def emit(self, hostname: str, reports: Sequence[ItemReport]) -> None:
+        """The events of ``reports`` (items that ran besides the task's own message)."""
+        if not reports:
+            return
+        with self._lock:
+            dispatcher = self._for(hostname)
+            now = time.time()
+            for report in reports:
+                self._send_item(dispatcher, report, now)
+            dispatcher.flush()
+
+    def _for(self, hostname: str) -> Any:
+        if self._dispatcher is None or self._pid != os.getpid():
+            self._dispatcher = self.app.events.Dispatcher(
+                self.app.connection_for_write(), hostname=hostname, enabled=True,
+                buffer_group=["task"], buffer_limit=_BUFFER_LIMIT,
+            )
+            self._pid = os.getpid()
+        return self._dispatcher
+
+    @staticmethod
+    def _send_item(dispatcher: Any, report: ItemReport, now: float) -> None:
+        delivery, outcome = report.delivery, report.outcome
+        headers = delivery.headers()
+        uuid = delivery.task_id
+        started = now - report.runtime_s
+        dispatcher.send("task-received", uuid=uuid, name=delivery.task,
+                        args=headers["argsrepr"], kwargs=headers.get("kwargsrepr", "{}"),
+                        retries=delivery.attempt - 1, root_id=uuid, parent_id=None,
+                        timestamp=started)
+        dispatcher.send("task-started", uuid=uuid, timestamp=started)
+        if outcome is Outcome.FAILED:
+            dispatcher.send("task-failed", uuid=uuid, exception=report.error, traceback="",
+                            timestamp=now)
+        elif outcome is Outcome.RETRYING:
+            dispatcher.send("task-retried", uuid=uuid, exception=report.error, traceback="",
+                            timestamp=now)
+        else:
+            dispatcher.send("task-succeeded", uuid=uuid, result=outcome.value,
+                            runtime=report.runtime_s, timestamp=now)
