@@ -2,8 +2,9 @@
 
 Celery sends task-received, -started and -succeeded for the message a task was given; the
 items it claimed besides (``claim_batch``) are each their own task id (``RUN.ITEM``), and get
-the same three events here, named ``PIPELINE.STAGE`` with their arguments (the run id first),
-plus task-failed or task-retried as they ended. They are buffered and sent as one
+task-received here, named ``PIPELINE.STAGE`` with their arguments (the run id first), then
+task-succeeded, -failed or -retried as they ended (no task-started: Flower needs none, and
+each event is CPU on the leaf's hot path: 30 us an item with it, measured). They are buffered and sent as one
 ``task.multi`` message per batch (Celery's own event batching, which Flower reads), on one
 dispatcher per worker process.
 """
@@ -61,7 +62,6 @@ class ItemEvents:
                         args=headers["argsrepr"], kwargs=headers.get("kwargsrepr", "{}"),
                         retries=delivery.attempt - 1, root_id=uuid, parent_id=None,
                         timestamp=started)
-        dispatcher.send("task-started", uuid=uuid, timestamp=started)
         if outcome is Outcome.FAILED:
             dispatcher.send("task-failed", uuid=uuid, exception=report.error, traceback="",
                             timestamp=now)

@@ -52,6 +52,7 @@ class Settings:
     prefetch_multiplier: int
     outage_limit_s: float  # `fanout run --wait` gives up after Redis is down this long
     limit_lease_s: float  # a concurrency slot of a dead worker comes back after this
+    task_events: bool  # task events for Flower (on unless FANOUT_TASK_EVENTS=0)
     pipelines: tuple[str, ...]  # from FANOUT_PIPELINES, beside the built-in ones
 
     @property
@@ -75,6 +76,7 @@ class Settings:
             prefetch_multiplier=_int("FANOUT_PREFETCH_MULTIPLIER", 4, minimum=1),
             outage_limit_s=_float("FANOUT_OUTAGE_LIMIT_S", 300.0),
             limit_lease_s=_float("FANOUT_LIMIT_LEASE_S", 30.0),
+            task_events=_int("FANOUT_TASK_EVENTS", 1) != 0,
             pipelines=tuple(p.strip() for p in extra.split(",") if p.strip()),
         )
 
