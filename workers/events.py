@@ -5,8 +5,8 @@ items it claimed besides (``claim_batch``) are each their own task id (``RUN.ITE
 task-received here, named ``PIPELINE.STAGE`` with their arguments (the run id first), then
 task-succeeded, -failed or -retried as they ended (no task-started: Flower needs none, and
 each event is CPU on the leaf's hot path: 30 us an item with it, 25 without, measured).
-They are buffered and sent as one ``task.multi`` message per batch (Celery's own event batching, which Flower reads), on one
-dispatcher per worker process.
+They are buffered and sent as one ``task.multi`` message per batch (Celery's own event
+batching, which Flower reads), on one dispatcher per worker process.
 """
 
 from __future__ import annotations
