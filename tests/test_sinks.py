@@ -7,12 +7,14 @@ test gets a schema of its own, dropped afterwards. Without a server these cases 
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import POSTGRES_URL, require_service, rows_at
@@ -163,3 +165,32 @@ def test_postgres_sink_without_psycopg_says_what_to_install(
 )
 def test_redact_hides_the_password(url: str, shown: str) -> None:
     assert redact(url) == shown
+
+
+def _open_at_once(path: str, barrier: Any, errors: Any) -> None:
+    barrier.wait()
+    try:
+        open_sink(f"sqlite:///{path}").close()
+    except Exception as exc:  # counted by the parent
+        errors.put(repr(exc))
+
+
+def test_processes_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """Two workers starting together on a new sink file: switching it to WAL answered
+    'database is locked' to one of them about 1 time in 10."""
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+    for attempt in range(20):
+        path = str(tmp_path / f"race{attempt}.db")
+        barrier = ctx.Barrier(4)
+        procs = [ctx.Process(target=_open_at_once, args=(path, barrier, errors))
+                 for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+        assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert found == []

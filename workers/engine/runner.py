@@ -43,8 +43,13 @@ from workers.throttle import Throttled, throttle
 
 log = logging.getLogger("fanout")
 
+class SinkUnavailable(Exception):
+    """The sink could not be opened or written: the items did not fail, their messages go
+    back (the rows are upserted again when they run again)."""
+
+
 #: Errors of fanout's own infrastructure: the item did not fail, its message goes back.
-INFRA_ERRORS = (redis.RedisError, OperationalError)
+INFRA_ERRORS = (redis.RedisError, OperationalError, SinkUnavailable)
 
 
 def publish_children(
@@ -323,9 +328,13 @@ class StageRunner:
 
     def _record(self, batch: _Batch) -> None:
         """Records first, then the terminal transitions: a counted item has its rows."""
-        sink = self.services.sink()
-        for run_id, records in batch.records.items():
-            sink.write(records, run_id)
+        if batch.records:  # a stage that writes no rows never opens the sink
+            try:
+                sink = self.services.sink()
+                for run_id, records in batch.records.items():
+                    sink.write(records, run_id)
+            except Exception as exc:
+                raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
         _, signals = self.services.ledger.finish_batch(batch.finishes)
         batch_maps.settle(self.services, signals)
 

@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS metrics (
     PRIMARY KEY (vendor, account, service, metric, day)
 )
 """
+_SETUP_TIMEOUT_S = 30.0
 _UPSERT = """
 INSERT INTO metrics (vendor, account, service, metric, day, value, run_id, fetched_at)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -41,16 +42,31 @@ class SqliteSink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable across a process kill in WAL mode (only an OS crash can lose data).
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute(_SCHEMA)
-        self._conn.commit()
+        self._set_up()
         self._pending: list[tuple[object, ...]] = []
         self._pending_lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._next_batch = 1  # the batch that new rows join
         self._committed = 0  # the last batch on disk
+
+    def _set_up(self) -> None:
+        """WAL and the table. Two processes opening a new file at once: switching it to WAL
+        answers "database is locked" at once to one of them, whatever the busy timeout (1 in
+        10 fresh starts of two workers); it goes through on another try."""
+        deadline = time.monotonic() + _SETUP_TIMEOUT_S
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                # NORMAL is durable across a process kill in WAL mode (an OS crash can lose
+                # the last commits).
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.execute(_SCHEMA)
+                self._conn.commit()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def write(self, records: Sequence[Record], run_id: str) -> int:
         if not records:
