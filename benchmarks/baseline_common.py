@@ -1,7 +1,8 @@
-"""What both hand-written baselines (Celery, Dramatiq) and the naive loop share: the vendor calls,
-the SQLite row write and the Redis completion counter. Same leaf work as fanout's demo pipeline,
-none of its bookkeeping. Nothing here imports ``workers`` (that would load fanout's Celery app,
-and its reaper, into a baseline worker).
+"""What the hand-written baselines (Celery, Dramatiq) share besides their leaf work
+(``benchmarks/leaf.py``): the Redis completion counter, the driver's accounts listing, the sink
+row count, and the ``client`` leaf kind's pieces: one ``httpx.Client`` per process shared by its
+threads, and a plain ``INSERT OR REPLACE`` per row, committed on its own (what the baselines did
+before they ran fanout's own leaf code). Nothing here imports ``workers``.
 """
 
 from __future__ import annotations
@@ -70,23 +71,6 @@ def list_accounts(vendor_url: str, client: httpx.Client | None = None) -> list[s
     return [a["id"] for a in get_json(f"{vendor_url}/accounts", client)["accounts"]]
 
 
-def list_services(
-    vendor_url: str, account: str, client: httpx.Client | None = None
-) -> list[dict[str, str]]:
-    """Every service of one account, through all cursor pages."""
-    services: list[dict[str, str]] = []
-    query: dict[str, str] = {}
-    while True:
-        page = get_json(f"{vendor_url}/accounts/{account}/services", client, **query)
-        services += [
-            {"account": account, "service": s["id"], "metric": s["metric"]}
-            for s in page["services"]
-        ]
-        if not page.get("next_cursor"):
-            return services
-        query = {"cursor": page["next_cursor"]}
-
-
 def metric_days(end_day: str, days: int) -> list[str]:
     end = dt.date.fromisoformat(end_day)
     return [(end - dt.timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
@@ -126,16 +110,6 @@ def thread_sink() -> sqlite3.Connection:
 def write_row(conn: sqlite3.Connection, row: tuple[Any, ...], tag: str) -> None:
     """One plain INSERT OR REPLACE, committed on its own (autocommit)."""
     conn.execute(_INSERT, (*row, tag))
-
-
-def harvest_leaf(tag: str, vendor_url: str, item: dict[str, str]) -> None:
-    """The leaf task body of both baselines: GET, INSERT, count."""
-    try:
-        write_row(thread_sink(), fetch_metric(vendor_url, item), tag)
-    except Exception:
-        redis_client().incr(failed_key(tag))
-        raise
-    redis_client().incr(done_key(tag))
 
 
 def sink_count(path: str | Path, tag: str) -> int:

@@ -1,10 +1,13 @@
-"""The hand-written Celery fan-out baseline: what a user writes without fanout.
+"""The hand-written Celery fan-out baseline: what a user writes without fanout, the way Celery's
+docs show it (a task per unit of work, ``task.delay()`` per child).
 
-Its own app on the same Redis, its own queue, stock Celery settings except JSON and late acks
-(the same reliability fanout asks for). Three tasks of the demo shape, one ``.delay()`` per child:
-``account`` lists services (every page) and delays one ``service`` each; ``service`` delays one
-``metric_day`` per day; ``metric_day`` GETs the metric, INSERTs the row (autocommit) and INCRs
-the run's completion counter, which the driver watches.
+Its own app on the same Redis, its own queue, stock Celery settings except JSON, late acks (the
+same reliability fanout asks for) and ignored results (no result backend: nobody reads them).
+The prefetch multiplier is Celery's default, 4, as fanout's. Three tasks of the demo shape, one
+``.delay()`` per child: ``account`` lists services (every page) and delays one ``service``
+each; ``service`` delays one ``metric_day`` per day; ``metric_day`` runs the worker's leaf kind
+(``benchmarks/leaf.py``, ``BENCH_LEAF``: fanout's own leaf code by default) and INCRs the run's
+completion counter, which the driver watches.
 
 Worker: ``python -m celery -A benchmarks.celery_baseline worker -E -Q bench.celery ...``.
 ``add`` is the small stock task the memory suite measures a message of.
@@ -17,6 +20,7 @@ import os
 from celery import Celery
 
 from benchmarks import baseline_common as common
+from benchmarks import leaf
 
 QUEUE = "bench.celery"
 
@@ -35,7 +39,7 @@ app.conf.update(
 
 @app.task(name="baseline.account")
 def account(tag: str, vendor_url: str, account_id: str, end_day: str, days: int) -> int:
-    services = common.list_services(vendor_url, account_id)
+    services = leaf.list_services(vendor_url, account_id)
     for item in services:
         service.delay(tag, vendor_url, item, end_day, days)
     return len(services)
@@ -51,7 +55,7 @@ def service(tag: str, vendor_url: str, item: dict[str, str], end_day: str, days:
 
 @app.task(name="baseline.metric_day")
 def metric_day(tag: str, vendor_url: str, item: dict[str, str]) -> None:
-    common.harvest_leaf(tag, vendor_url, item)
+    leaf.harvest_leaf(tag, vendor_url, item)
 
 
 @app.task(name="baseline.add")

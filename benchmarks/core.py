@@ -46,9 +46,13 @@ class Context:
     env: BenchEnv
     quick: bool
     console: Console
-    repeats: int = 1
+    repeats: int | None = None  # --repeat; None: each suite's default (``repeats_or``)
     cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
     results: dict[str, SuiteResult] = field(default_factory=dict)
+
+    def repeats_or(self, default: int) -> int:
+        """Timed runs per measurement: ``--repeat`` when given, else the suite's default."""
+        return self.repeats if self.repeats is not None else default
 
     def log(self, message: str) -> None:
         self.console.log(message)

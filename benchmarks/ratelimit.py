@@ -63,6 +63,7 @@ def ratelimit(ctx: Context) -> SuiteResult:
     from workers.pipelines.demo import VENDOR_LIMIT
 
     case = QUICK if ctx.quick else FULL
+    repeats = ctx.repeats_or(1)
     env = ctx.env
     vendor = env.vendor_handle
     env.flush()
@@ -78,12 +79,12 @@ def ratelimit(ctx: Context) -> SuiteResult:
         "vendor": {"rate_limit_rps": case.rate, "latency_ms": 0, "page_size": page_size},
         "shape": {**asdict(case.shape), "total": case.shape.total},
         "requests": case.requests, "processes": CONFIG.processes, "pool": CONFIG.pool,
-        "concurrency": CONFIG.concurrency, "repeats": ctx.repeats, "http_retries": 0,
+        "concurrency": CONFIG.concurrency, "repeats": repeats, "http_retries": 0,
         "warmup_shape": asdict(WARMUP), "target_wall_over_bound": TARGET,
     }
     ctx.log(f"  fanout: {CONFIG.label}, limit {VENDOR_LIMIT} {limit_text} burst 1, vendor "
             f"429s above {case.rate} rps, shape {case.shape.label} = {case.requests:,} requests "
-            f"(bound {case.bound_s:.2f} s), {ctx.repeats} run(s)")
+            f"(bound {case.bound_s:.2f} s), {repeats} run(s)")
     # Both limits before any worker starts: a worker reads a limit's configuration at most
     # once a second, and must never have seen the limit unset.
     vendor.configure(latency_ms=0, rate_limit_rps=case.rate, accounts=WARMUP.accounts,
@@ -100,7 +101,7 @@ def ratelimit(ctx: Context) -> SuiteResult:
         _check_vendor(vendor.stats(), 1 + WARMUP.accounts + WARMUP.total, "warm-up")
         vendor.configure(accounts=case.shape.accounts, services=case.shape.services)
         pids = [p.pid for p in procs]
-        for _ in range(ctx.repeats):
+        for _ in range(repeats):
             vendor.reset()
             cpu_before = _cpu(env, pids)
             outcome = harness.run(env, case.shape, suite_dir)
@@ -218,7 +219,7 @@ def _table(
     return Table(
         f"Rate-limited harvest: {case.requests:,} requests at {case.rate}/s",
         ["what", "value"], rows,
-        caption=f"median of {ctx.repeats} run(s); fanout's throttle spaces calls "
+        caption=f"median of {len(runs)} run(s); fanout's throttle spaces calls "
                 f"{HEADROOM:.2f} x 1 / rate apart (workers.throttle.HEADROOM), so about "
                 f"{HEADROOM:.2f}x is the floor",
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table as RichTable
 
 from benchmarks.core import SuiteResult
@@ -81,11 +82,13 @@ def render(console: Console, results: list[SuiteResult], header: str) -> None:
             console.print(f"[yellow]{result.name}: skipped[/yellow] — {result.reason}")
             continue
         for table in result.tables:
-            rich_table = RichTable(title=table.title, caption=table.caption, title_justify="left")
+            # Tables hold plain text: "median [min-max]" is not rich markup.
+            rich_table = RichTable(title=escape(table.title), caption=escape(table.caption),
+                                   title_justify="left")
             for i, column in enumerate(table.columns):
-                rich_table.add_column(column, justify="left" if i == 0 else "right")
+                rich_table.add_column(escape(column), justify="left" if i == 0 else "right")
             for row in table.rows:
-                rich_table.add_row(*row)
+                rich_table.add_row(*(escape(cell) for cell in row))
             console.print(rich_table)
         if result.status == "error":
             console.print(f"[red]{result.name}: ERROR[/red] — {result.reason}")

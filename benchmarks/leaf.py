@@ -1,0 +1,125 @@
+"""The leaf work of the hand-written baselines (Celery, Dramatiq) and of the naive loop, in three
+kinds, chosen per worker process by ``BENCH_LEAF``:
+
+- ``fanout`` (the default): exactly fanout's leaf work. The GET is fanout's own
+  ``workers.http.request_json`` (its per-thread httpx transport, no ``httpx.Client``, retries 0
+  as in the benchmark's runs), and the row goes through fanout's own
+  ``workers.sinks.sqlite.SqliteSink`` (WAL, group commit across threads, upsert), one sink per
+  process, as fanout's ``get_sink()`` opens it. What fanout adds around a leaf (ledger, batched
+  consumption, task events) is framework cost and stays out of this module.
+- ``client``: what the baselines did before, kept so the HTTP client's and sink's share is
+  visible: one ``httpx.Client`` per process shared by its threads, and a plain
+  ``INSERT OR REPLACE`` committed on its own (``baseline_common``).
+- ``sleep``: no HTTP and no sink in the leaf, only ``time.sleep`` for the vendor's latency:
+  framework cost alone. Listing (accounts, services) still goes to the vendor, as in fanout's
+  sleep-leaf pipeline (``benchmarks/sleep_pipeline.py``), so the fan-out above the leaves is
+  the same work in every kind.
+
+Every leaf then INCRs the run's completion counter (``baseline_common.done_key``), which the
+driver watches (a failed leaf INCRs ``failed_key``). Importing ``workers.http`` and
+``workers.sinks.sqlite`` loads neither fanout's Celery app nor its engine.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from benchmarks import baseline_common as common
+from workers.http import request_json
+from workers.sinks.base import Record
+from workers.sinks.sqlite import SqliteSink
+
+LEAF_ENV = "BENCH_LEAF"
+SINK_ENV = "BENCH_BASELINE_SINK"
+#: The demo vendor's latency in the harvest suite (``harvest.LATENCY_MS``): the sleep leaf's.
+SLEEP_S = 0.020
+KINDS = {
+    "fanout": "fanout's leaf code: request_json (per-thread transport) + SqliteSink",
+    "client": "shared httpx.Client + plain INSERT (autocommit)",
+    "sleep": f"sleep {SLEEP_S * 1000:.0f} ms (no HTTP, no sink)",
+}
+
+
+def leaf_kind() -> str:
+    kind = os.environ.get(LEAF_ENV) or "fanout"
+    if kind not in KINDS:
+        raise ValueError(f"{LEAF_ENV}={kind!r}: expected one of {', '.join(KINDS)}")
+    return kind
+
+
+def get_json(url: str, **query: str) -> Any:
+    """A vendor GET on this leaf kind's HTTP path (``client``: the shared httpx.Client;
+    otherwise fanout's ``request_json``, as the demo pipeline calls it, without a limit)."""
+    if leaf_kind() == "client":
+        return common.get_json(url, **query)
+    return request_json("GET", url, params=query or None, retries=0)
+
+
+def list_services(vendor_url: str, account: str) -> list[dict[str, str]]:
+    """Every service of one account, through all cursor pages."""
+    services: list[dict[str, str]] = []
+    query: dict[str, str] = {}
+    while True:
+        page = get_json(f"{vendor_url}/accounts/{account}/services", **query)
+        services += [
+            {"account": account, "service": s["id"], "metric": s["metric"]}
+            for s in page["services"]
+        ]
+        if not page.get("next_cursor"):
+            return services
+        query = {"cursor": page["next_cursor"]}
+
+
+# -- the three leaves ---------------------------------------------------------------------------
+
+_sinks: dict[tuple[int, str], SqliteSink] = {}
+_sinks_lock = threading.Lock()
+
+
+def process_sink(path: str | None = None) -> SqliteSink:
+    """This process's SqliteSink (a forked child opens its own), opened once under a lock as
+    fanout's ``get_sink()`` does: 32 threads must not each open one."""
+    key = (os.getpid(), path or os.environ[SINK_ENV])
+    sink = _sinks.get(key)
+    if sink is None:
+        with _sinks_lock:
+            sink = _sinks.get(key)
+            if sink is None:
+                sink = _sinks[key] = SqliteSink(key[1])
+    return sink
+
+
+def fetch_record(vendor_url: str, item: dict[str, str]) -> Record:
+    """The demo pipeline's ``metric_day`` stage body (``workers/pipelines/demo.py``)."""
+    path = f"{vendor_url}/accounts/{item['account']}/services/{item['service']}/metrics"
+    data = request_json("GET", path, params={"day": item["day"]}, retries=0)
+    return Record("demo", item["account"], item["service"], data["metric"], item["day"],
+                  float(data["value"]))
+
+
+def fanout_leaf(tag: str, vendor_url: str, item: dict[str, str]) -> None:
+    process_sink().write([fetch_record(vendor_url, item)], tag)
+
+
+def client_leaf(tag: str, vendor_url: str, item: dict[str, str]) -> None:
+    common.write_row(common.thread_sink(), common.fetch_metric(vendor_url, item), tag)
+
+
+def sleep_leaf(tag: str, vendor_url: str, item: dict[str, str]) -> None:
+    time.sleep(SLEEP_S)
+
+
+_LEAVES = {"fanout": fanout_leaf, "client": client_leaf, "sleep": sleep_leaf}
+
+
+def harvest_leaf(tag: str, vendor_url: str, item: dict[str, str]) -> None:
+    """The leaf task body of both baselines: this process's leaf kind, then the counter."""
+    try:
+        _LEAVES[leaf_kind()](tag, vendor_url, item)
+    except Exception:
+        common.redis_client().incr(common.failed_key(tag))
+        raise
+    common.redis_client().incr(common.done_key(tag))
