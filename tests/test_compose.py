@@ -26,7 +26,8 @@ SERVICES: dict[str, Any] = COMPOSE["services"]
 
 
 def test_compose_file_is_well_formed() -> None:
-    assert set(SERVICES) == {"redis", "vendor", "worker", "flower", "beat", "producer"}
+    assert set(SERVICES) == {"redis", "postgres", "vendor", "worker", "flower", "beat",
+                             "producer"}
     for name, service in SERVICES.items():
         assert "image" in service or "build" in service, name
         command = service["command"]
@@ -39,9 +40,12 @@ def test_compose_file_is_well_formed() -> None:
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]  # a named volume, or a file of this repository
             assert source in COMPOSE["volumes"] or (ROOT / source).is_file(), (name, volume)
-        if name != "redis":
+        if name not in ("redis", "postgres"):  # the stores run their own images
             assert command[0] == "fanout", name
             assert service["environment"]["FANOUT_REDIS_URL"] == "redis://redis:6379/0"
+    # PostgreSQL is opt-in (a profile), and the fanout services can be pointed at it.
+    assert SERVICES["postgres"]["profiles"] == ["postgres"]
+    assert "FANOUT_SINK_URL:-sqlite" in (ROOT / "compose.yaml").read_text()
     redis_command = SERVICES["redis"]["command"]
     assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
     assert redis_command[redis_command.index("--maxmemory-policy") + 1] == "noeviction"
