@@ -32,7 +32,7 @@ from croniter import croniter
 
 from producers.trigger import load_configured_pipelines
 from workers.api import get_pipeline
-from workers.settings import ConfigError
+from workers.settings import ConfigError, env_int
 
 UTC = dt.UTC
 DEFAULT_CONFIG = "fanout.toml"
@@ -130,27 +130,14 @@ def config_path() -> Path | None:
     return default if default.is_file() else None
 
 
-def _env_int(name: str, default: int, minimum: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def grace_s() -> int:
     """How old a slot missed while no beat ran may be and still run (once)."""
-    return _env_int("FANOUT_SCHEDULE_GRACE_S", DEFAULT_GRACE_S, 0)
+    return env_int("FANOUT_SCHEDULE_GRACE_S", DEFAULT_GRACE_S, 0)
 
 
 def lease_s() -> int:
     """How long a beat's claim on a slot lasts before another beat may trigger it."""
-    return _env_int("FANOUT_SCHEDULE_LEASE_S", DEFAULT_LEASE_S, 1)
+    return env_int("FANOUT_SCHEDULE_LEASE_S", DEFAULT_LEASE_S, 1)
 
 
 def load_schedules(path: Path | None = None) -> list[Schedule]:

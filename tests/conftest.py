@@ -26,7 +26,10 @@ import pytest
 import redis
 
 from producers import processes
+from producers.trigger import load_configured_pipelines
 from workers import embedded_redis
+from workers.engine.services import Services, build
+from workers.settings import get_settings
 
 
 def _start_test_redis() -> tuple[str, subprocess.Popen[bytes] | None]:
@@ -254,3 +257,20 @@ def postgres_url() -> Iterator[str]:
         yield with_search_path(POSTGRES_URL, schema)
     finally:
         postgres_admin(f"DROP SCHEMA {schema} CASCADE")
+
+
+class FakeClock:
+    """A clock a test moves by hand (``clock.now += 30``) instead of sleeping."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def svc() -> Services:
+    """This process's fanout services, on the test session's Redis, pipelines loaded."""
+    load_configured_pipelines()
+    return build(get_settings())

@@ -9,35 +9,23 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import FakeClock
 
 from producers.trigger import load_configured_pipelines
 from workers import keys
 from workers.api import Pipeline, get_pipeline
 from workers.engine.reaper import Reaper
 from workers.engine.scheduler import Scheduler
-from workers.engine.services import Services, build
+from workers.engine.services import Services
 from workers.ids import item_id
 from workers.keys import RunKeys
 from workers.ledger import Finish
 from workers.message import Delivery, decode_redis, encode_redis
 from workers.outcome import Outcome
-from workers.settings import get_settings
 
 RUN = "run-lost"
 
 
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def svc() -> Services:
-    load_configured_pipelines()
-    return build(get_settings())
 
 
 @pytest.fixture

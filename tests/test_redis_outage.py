@@ -23,19 +23,17 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
+from conftest import FakeClock, VendorHandle, WorkerFactory, sink_rows, wait_for
 from test_harvest import END_DAY, expected_rows
 
-from producers.trigger import load_configured_pipelines
 from workers import embedded_redis, keys
 from workers.api import get_pipeline
 from workers.app import RedisBrokerHooks, create_app
 from workers.engine.reaper import RECOVERY_GRACE_S, Reaper
-from workers.engine.services import Services, build
+from workers.engine.services import Services
 from workers.ids import item_id
 from workers.keys import RunKeys
 from workers.message import Delivery
-from workers.settings import get_settings
 
 ACCOUNTS, SERVICES, DAYS = 2, 8, 30
 LEAVES = ACCOUNTS * SERVICES * DAYS
@@ -239,18 +237,6 @@ class FakeBroker:
         return self.in_flight
 
 
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def svc() -> Services:
-    load_configured_pipelines()
-    return build(get_settings())
 
 
 def lost_roots(svc: Services, run_id: str) -> float:

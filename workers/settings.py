@@ -17,7 +17,8 @@ class ConfigError(Exception):
     """Bad configuration: the CLI prints it as one line and exits 2."""
 
 
-def _int(name: str, default: int, minimum: int = 0) -> int:
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """A whole number from the environment; a bad value is a ConfigError naming it."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -70,13 +71,13 @@ class Settings:
             broker_url=os.environ.get("FANOUT_BROKER_URL") or None,
             sink_url=sink_url,
             # Must exceed the longest task; a killed worker's messages come back after it.
-            visibility_timeout_s=_int("FANOUT_VISIBILITY_TIMEOUT_S", 300, minimum=1),
-            ledger_ttl_s=_int("FANOUT_LEDGER_TTL_S", 7 * 24 * 3600, minimum=60),
+            visibility_timeout_s=env_int("FANOUT_VISIBILITY_TIMEOUT_S", 300, minimum=1),
+            ledger_ttl_s=env_int("FANOUT_LEDGER_TTL_S", 7 * 24 * 3600, minimum=60),
             http_timeout_s=_float("FANOUT_HTTP_TIMEOUT_S", 30.0),
-            prefetch_multiplier=_int("FANOUT_PREFETCH_MULTIPLIER", 4, minimum=1),
+            prefetch_multiplier=env_int("FANOUT_PREFETCH_MULTIPLIER", 4, minimum=1),
             outage_limit_s=_float("FANOUT_OUTAGE_LIMIT_S", 300.0),
             limit_lease_s=_float("FANOUT_LIMIT_LEASE_S", 30.0),
-            task_events=_int("FANOUT_TASK_EVENTS", 1) != 0,
+            task_events=env_int("FANOUT_TASK_EVENTS", 1) != 0,
             pipelines=tuple(p.strip() for p in extra.split(",") if p.strip()),
         )
 

@@ -32,6 +32,7 @@ end
 state.complete = 1
 redis.call('HSET', KEYS[6], ARGV[1], cjson.encode(state))
 local pending = redis.call('HINCRBY', KEYS[1], 'pending', -1)
+-- Finishing the run: the same steps as finish_item.lua's end (Lua scripts share no code).
 if pending == 0 then
   local status = redis.call('HGET', KEYS[1], 'status')
   if status == 'running' then
