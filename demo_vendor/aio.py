@@ -14,13 +14,13 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from .http import Handler, Request, Response, json_body
+from .http import Handler, Listening, Request, Response, json_body
 
 # Shutdown waits this long for in-flight handlers, then cancels them (stalls).
 SHUTDOWN_GRACE_S = 0.1
 
 
-class AiohttpServer:
+class AiohttpServer(Listening):
     """Serves ``handler`` with aiohttp; same interface as the builtin server."""
 
     def __init__(self, handler: Handler) -> None:
@@ -28,11 +28,6 @@ class AiohttpServer:
         self._runner: web.ServerRunner | None = None
         self.host = ""
         self.port = 0
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
 
     async def start(self, host: str, port: int) -> None:
         server = web.Server(

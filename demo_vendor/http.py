@@ -121,7 +121,19 @@ def encode_response(response: Response, keep_alive: bool) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
-class HttpServer:
+class Listening:
+    """Where a server listens, once started; both HTTP layers share it."""
+
+    host = ""
+    port = 0
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+class HttpServer(Listening):
     """Serves ``handler`` over HTTP/1.1; one task per connection."""
 
     def __init__(self, handler: Handler) -> None:
@@ -130,11 +142,6 @@ class HttpServer:
         self._connections: set[asyncio.Task[None]] = set()
         self.host = ""
         self.port = 0
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
 
     async def start(self, host: str, port: int) -> None:
         # A large backlog so a burst of hundreds of simultaneous connects is
