@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import redis
@@ -96,9 +97,15 @@ def test_a_flaky_vendor_loses_nothing_and_every_retry_is_counted(
     vendor.configure(error_rate=rate, error_times=1, stall_paths=stalling, stall_ms=5000,
                      burst_429={"count": 5, "retry_after_s": 0.3})
     start_worker({"FANOUT_HTTP_TIMEOUT_S": "1"}, queues=[LEAF], concurrency=4)
-    # The stalled calls time out; once each was seen, the vendor stops stalling.
-    wait_for(lambda: all(vendor.stats()["by_path"].get(p) for p in stalling),
-             what="both stalled paths requested")
+    # The stalled calls time out. Once both stall at the vendor (the only calls in flight for
+    # seconds: a path's first call may have been one of the 429s instead), it stops stalling.
+    def stalling_now() -> bool:  # still in flight 0.3 s later: a stall, not two quick calls
+        if vendor.stats()["in_flight"] < len(stalling):
+            return False
+        time.sleep(0.3)
+        return bool(vendor.stats()["in_flight"] >= len(stalling))
+
+    wait_for(stalling_now, what="both paths stalling")
     vendor.configure(stall_paths=[])
     summary = finish(run_id)
 
