@@ -1,62 +1,79 @@
-"""Unit tests of the vendor HTTP retry policy (respx stands in for the vendor here only:
-the edge cases are exact status sequences that a real server makes awkward to script)."""
+"""The vendor HTTP retry policy of ``request_json``, against a real scripted HTTP server on
+127.0.0.1 (the standard library's threading HTTP/1.1 server answering each request with the
+next scripted status, headers and body): exact status sequences, exact call counts."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
-import respx
+from scripted_http import Scripted, ScriptedHTTPServer, reset_thread_transport
 
 from workers.http import VendorHTTPError, request_json
 
-URL = "http://vendor.test/metrics"
-FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}
+FAST: dict[str, Any] = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}
+JSON = {"Content-Type": "application/json"}
 
 
-@respx.mock
+@pytest.fixture(autouse=True)
+def _fresh_transport(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A short timeout, and this thread's transport built afresh (it caches the timeout)."""
+    monkeypatch.setenv("FANOUT_HTTP_TIMEOUT_S", "2")
+    reset_thread_transport()
+    yield
+    reset_thread_transport()
+
+
 def test_5xx_then_success_is_retried() -> None:
-    route = respx.get(URL).mock(side_effect=[httpx.Response(503), httpx.Response(502),
-                                             httpx.Response(200, json={"value": 1})])
-    assert request_json("GET", URL, retries=3, **FAST) == {"value": 1}
-    assert route.call_count == 3
+    script = [Scripted(503), Scripted(502), Scripted(200, JSON, b'{"value": 1}')]
+    with ScriptedHTTPServer(script) as server:
+        assert request_json("GET", server.url("/metrics"), retries=3, **FAST) == {"value": 1}
+        assert len(server.requests) == 3
+        assert {r.request_line for r in server.requests} == {"GET /metrics HTTP/1.1"}
 
 
-@respx.mock
 def test_other_4xx_is_never_retried() -> None:
-    route = respx.get(URL).mock(return_value=httpx.Response(404, json={"error": "not found"}))
-    with pytest.raises(VendorHTTPError) as raised:
-        request_json("GET", URL, retries=3, **FAST)
-    assert route.call_count == 1
+    script = [Scripted(404, JSON, b'{"error": "not found"}')] * 4
+    with ScriptedHTTPServer(script) as server:
+        with pytest.raises(VendorHTTPError) as raised:
+            request_json("GET", server.url("/metrics"), retries=3, **FAST)
+        assert len(server.requests) == 1
     assert raised.value.status == 404
-    assert "not found" in raised.value.body_excerpt
+    assert raised.value.body_excerpt == '{"error": "not found"}'
+    assert raised.value.permanent
 
 
-@respx.mock
 def test_429_waits_at_least_retry_after() -> None:
-    route = respx.get(URL).mock(side_effect=[
-        httpx.Response(429, headers={"Retry-After": "0.3"}),
-        httpx.Response(200, json={"ok": True}),
-    ])
-    started = time.monotonic()
-    assert request_json("GET", URL, retries=1, **FAST) == {"ok": True}
-    assert time.monotonic() - started >= 0.3  # backoff alone would be ~0.01 s
-    assert route.call_count == 2
+    script = [Scripted(429, {"Retry-After": "0.3"}), Scripted(200, JSON, b'{"ok": true}')]
+    with ScriptedHTTPServer(script) as server:
+        started = time.monotonic()
+        assert request_json("GET", server.url("/metrics"), retries=1, **FAST) == {"ok": True}
+        assert time.monotonic() - started >= 0.3  # backoff alone would be ~0.01 s
+        assert len(server.requests) == 2
 
 
-@respx.mock
-def test_timeouts_are_retried_then_raised() -> None:
-    route = respx.get(URL).mock(side_effect=httpx.ReadTimeout("slow"))
-    with pytest.raises(httpx.ReadTimeout):
-        request_json("GET", URL, retries=2, **FAST)
-    assert route.call_count == 3
+def test_timeouts_are_retried_then_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FANOUT_HTTP_TIMEOUT_S", "0.2")
+    reset_thread_transport()  # the transport caches the timeout it was built with
+    script = [Scripted(200, JSON, b"{}", delay_s=1.5)] * 4
+    with ScriptedHTTPServer(script) as server:
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            request_json("GET", server.url("/metrics"), retries=2, **FAST)
+        elapsed = time.monotonic() - started
+        assert len(server.requests) == 3
+        assert server.connections == 3  # a timed-out connection is never reused
+    assert 0.6 <= elapsed < 1.2  # three 0.2 s reads and short backoffs, no 1.5 s answer
 
 
-@respx.mock
 def test_exhausted_retries_raise_a_typed_error_with_a_short_excerpt() -> None:
-    respx.get(URL).mock(return_value=httpx.Response(500, text="x" * 5000))
-    with pytest.raises(VendorHTTPError) as raised:
-        request_json("GET", URL, retries=1, **FAST)
+    with ScriptedHTTPServer([Scripted(500, body=b"x" * 5000)] * 3) as server:
+        with pytest.raises(VendorHTTPError) as raised:
+            request_json("GET", server.url("/metrics"), retries=1, **FAST)
+        assert len(server.requests) == 2
     assert raised.value.status == 500
     assert len(raised.value.body_excerpt) == 200
+    assert raised.value.body_excerpt == "x" * 200

@@ -1,4 +1,4 @@
-"""One pooled httpx client per worker process, and JSON calls with tenacity retries.
+"""JSON calls to the vendor with tenacity retries, over one keep-alive transport per thread.
 
 Retried: connect/read timeouts, transport errors, 5xx, 408 and 429 (honouring
 ``Retry-After``), with exponential backoff and jitter. Never retried: other 4xx, which are
@@ -23,6 +23,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from workers.http_transport import KeepAliveTransport
 from workers.settings import get_settings
 from workers.throttle import throttle
 
@@ -55,25 +56,22 @@ def tries() -> int:
     return int(getattr(_local, "tries", 0))
 
 
-# A worker thread makes one call at a time: a few keep-alive connections (one per vendor
-# host) are all it needs, and a small pool is cheap to scan (httpcore scans its whole pool
-# on every request and release: 35% of a call's CPU with one 32-connection pool per process).
-_THREAD_LIMITS = httpx.Limits(max_connections=8, max_keepalive_connections=8)
 _HEADERS = {"accept": "application/json", "user-agent": "fanout"}
 _local = threading.local()
 
 
-def _transport() -> tuple[httpx.HTTPTransport, dict[str, Any]]:
+def _transport() -> tuple[KeepAliveTransport, dict[str, Any]]:
     """This thread's keep-alive transport and request timeouts (a forked child makes its own).
 
-    Vendor calls go to httpx's transport, not through ``httpx.Client``: the client's
-    per-request work (cookie jar, auth and redirect machinery, a log line) was half of
-    httpx's ~1.2 ms of CPU per call, and a JSON API needs none of it."""
-    entry: tuple[int, httpx.HTTPTransport, dict[str, Any]] | None = getattr(_local, "entry", None)
+    Vendor calls go to a lean transport (``http_transport.py``), not through ``httpx.Client``:
+    the client's per-request work (cookie jar, auth and redirect machinery, a log line) and
+    httpx's pooled transport were most of the ~1 ms of CPU a call cost, and a JSON call from a
+    worker thread, one at a time, needs none of it."""
+    entry: tuple[int, KeepAliveTransport, dict[str, Any]] | None = getattr(_local, "entry", None)
     if entry is None or entry[0] != os.getpid():
         timeout_s = get_settings().http_timeout_s
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)).as_dict()
-        entry = _local.entry = (os.getpid(), httpx.HTTPTransport(limits=_THREAD_LIMITS), timeout)
+        entry = _local.entry = (os.getpid(), KeepAliveTransport(), timeout)
     return entry[1], entry[2]
 
 
@@ -148,10 +146,9 @@ def request_json(
                 response = _counted_send(method, url, client, **kwargs)
             else:
                 if client is None:
-                    # This thread's first transport costs tens of ms (httpx builds an SSL
-                    # context): pay it before taking a turn, or the call arrives late and
-                    # bunches with the next one at the vendor.
-                    _transport()
+                    # The process's first TLS context costs tens of ms: pay it before taking
+                    # a turn, or the call arrives late and bunches with the next one.
+                    _transport()[0].prepare(url)
                 with throttle().hold(limit):
                     response = _counted_send(method, url, client, **kwargs)
             if response.status_code >= 400:

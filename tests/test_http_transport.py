@@ -1,0 +1,338 @@
+"""``KeepAliveTransport`` against real servers on 127.0.0.1: the standard library's HTTP/1.1
+server for ordinary exchanges, and a raw socket server (exact bytes, exact closes) for framing,
+keep-alive and failure cases. Every test counts the connections and requests the server saw."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from scripted_http import (
+    RawServer,
+    Reply,
+    Scripted,
+    ScriptedHTTPServer,
+    reset_thread_transport,
+    response,
+)
+
+from workers.http import request_json
+from workers.http_transport import KeepAliveTransport
+
+TIMEOUTS = httpx.Timeout(2.0).as_dict()
+JSON_TYPE = ("Content-Type", "application/json")
+FAST: dict[str, Any] = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_transport(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A short timeout (nothing hangs), and this thread's transport built afresh."""
+    monkeypatch.setenv("FANOUT_HTTP_TIMEOUT_S", "2")
+    reset_thread_transport()
+    yield
+    reset_thread_transport()
+
+
+@pytest.fixture
+def transport() -> Iterator[KeepAliveTransport]:
+    keep_alive = KeepAliveTransport()
+    yield keep_alive
+    keep_alive.close()
+
+
+def ok(n: int, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """A keep-alive 200 answer with the JSON body {"n": n}."""
+    return response(body=json.dumps({"n": n}).encode(), headers=(JSON_TYPE, *headers))
+
+
+def send(
+    transport: KeepAliveTransport, method: str, url: str, **kwargs: Any
+) -> httpx.Response:
+    """One request straight through the transport, body read, as ``request_json`` does."""
+    request = httpx.Request(method, url, **kwargs)
+    request.extensions["timeout"] = TIMEOUTS
+    answer = transport.handle_request(request)
+    try:
+        answer.read()
+    finally:
+        answer.close()
+    return answer
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+def test_keep_alive_five_gets_share_one_connection() -> None:
+    script = [Scripted(200, {"Content-Type": "application/json"}, b'{"n": %d}' % n)
+              for n in range(5)]
+    with ScriptedHTTPServer(script) as server:
+        results = [request_json("GET", server.url(f"/item/{n}"), retries=0) for n in range(5)]
+        assert results == [{"n": n} for n in range(5)]
+        assert server.connections == 1
+        assert [r.request_line for r in server.requests] == [
+            f"GET /item/{n} HTTP/1.1" for n in range(5)
+        ]
+        assert {r.connection for r in server.requests} == {1}
+
+
+def test_query_string_and_headers_are_sent_exactly() -> None:
+    with RawServer([[Reply(ok(1))]]) as server:
+        params = {"a": "1 2", "b": ["x", "y"], "c": "é/&="}
+        assert request_json("GET", server.url("/metrics"), params=params, retries=0) == {"n": 1}
+        [request] = server.requests
+    assert request.request_line == "GET /metrics?a=1+2&b=x&b=y&c=%C3%A9%2F%26%3D HTTP/1.1"
+    assert request.headers == [
+        ("Host", f"127.0.0.1:{server.port}"),
+        ("accept", "application/json"),
+        ("user-agent", "fanout"),
+    ]
+    assert request.body == b""
+
+
+@pytest.mark.parametrize("size", [10, 100_000], ids=["small", "over-64KiB"])
+def test_post_json_body_arrives_exactly(size: int) -> None:
+    payload = {"text": "é" * size, "values": [1, 2.5, None]}
+    expected = httpx.Request("POST", "http://x/", json=payload).content
+    with RawServer([[Reply(ok(7))]]) as server:
+        assert request_json("POST", server.url("/submit"), json=payload, retries=0) == {"n": 7}
+        [request] = server.requests
+    assert request.request_line == "POST /submit HTTP/1.1"
+    assert request.body == expected
+    assert json.loads(request.body) == payload
+    assert request.header("Content-Length") == str(len(expected))
+    assert request.header("Content-Type") == "application/json"
+    assert request.header("Transfer-Encoding") is None
+
+
+# --- response framing ----------------------------------------------------------------------
+
+
+def test_chunked_body_with_extensions_and_trailers_is_decoded() -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        b"5;x=y\r\n{\"n\":\r\n"
+        b"a\r\n [1, 2, 3]\r\n"
+        b"1;name=\"quoted\";z\r\n}\r\n"
+        b"0;last=1\r\nX-Checksum: abc\r\nX-Other: 2\r\n\r\n"
+    )
+    with RawServer([[Reply(chunked), Reply(ok(2))]]) as server:
+        assert request_json("GET", server.url("/a"), retries=0) == {"n": [1, 2, 3]}
+        # the trailers were consumed: the next answer on the same connection is in step
+        assert request_json("GET", server.url("/b"), retries=0) == {"n": 2}
+        assert server.connections == 1
+        assert server.requests_per_connection() == [2]
+
+
+@pytest.mark.parametrize(
+    "headers", [(JSON_TYPE, ("Connection", "close")), (JSON_TYPE,)], ids=["close", "no-header"]
+)
+def test_body_framed_by_close_is_read_whole_and_next_call_redials(
+    headers: tuple[tuple[str, str], ...],
+) -> None:
+    body = json.dumps({"n": 1, "pad": "p" * 100_000}).encode()
+    framed_by_close = response(body=body, headers=headers, length=False)
+    with RawServer([[Reply(framed_by_close, close=True)], [Reply(ok(2))]]) as server:
+        first = request_json("GET", server.url("/a"), retries=0)
+        assert first == {"n": 1, "pad": "p" * 100_000}
+        assert request_json("GET", server.url("/b"), retries=0) == {"n": 2}
+        assert server.connections == 2
+        assert server.requests_per_connection() == [1, 1]
+
+
+def test_connection_close_with_content_length_is_not_reused() -> None:
+    # The server leaves the connection open: only the client's reading of the header stops it
+    # from sending the next request there.
+    closing = ok(1, (("connection", "Close"),))
+    with RawServer([[Reply(closing)], [Reply(ok(2))]]) as server:
+        assert request_json("GET", server.url("/a"), retries=0) == {"n": 1}
+        server.wait_closed(1)
+        assert server.eofs == 1  # the client closed the first connection itself
+        assert request_json("GET", server.url("/b"), retries=0) == {"n": 2}
+        assert server.connections == 2
+        assert server.requests_per_connection() == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("headers", "per_connection"),
+    [((JSON_TYPE,), [1, 1]), ((JSON_TYPE, ("Connection", "keep-alive")), [2])],
+    ids=["http10-default-close", "http10-keep-alive"],
+)
+def test_http10_answers_keep_alive_only_when_asked(
+    headers: tuple[tuple[str, str], ...], per_connection: list[int]
+) -> None:
+    first = response(body=b'{"n": 1}', headers=headers, version="HTTP/1.0")
+    with RawServer([[Reply(first), Reply(ok(2))], [Reply(ok(2))]]) as server:
+        assert request_json("GET", server.url("/a"), retries=0) == {"n": 1}
+        assert request_json("GET", server.url("/b"), retries=0) == {"n": 2}
+        assert server.requests_per_connection() == per_connection
+
+
+def test_status_line_without_reason_phrase(transport: KeepAliveTransport) -> None:
+    with RawServer([[Reply(b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\n{}")]]) as server:
+        answer = send(transport, "GET", server.url())
+    assert (answer.status_code, answer.content) == (200, b"{}")
+    assert answer.extensions["reason_phrase"] == b""
+    assert answer.extensions["http_version"] == b"HTTP/1.1"
+
+
+@pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
+def test_bodiless_statuses_do_not_hang(transport: KeepAliveTransport, status: bytes) -> None:
+    # a 304 may carry the Content-Length of the resource it stands for: no body follows
+    bodiless = b"HTTP/1.1 " + status + b"\r\nContent-Length: 50\r\nETag: \"e\"\r\n\r\n"
+    with RawServer([[Reply(bodiless), Reply(ok(2))]]) as server:
+        started = time.monotonic()
+        answer = send(transport, "GET", server.url("/a"))
+        assert time.monotonic() - started < 1.0
+        assert answer.status_code == int(status[:3])
+        assert answer.content == b""
+        assert send(transport, "GET", server.url("/b")).json() == {"n": 2}
+        assert server.requests_per_connection() == [2]
+
+
+def test_head_answer_has_no_body_and_does_not_hang(transport: KeepAliveTransport) -> None:
+    head = response(headers=(JSON_TYPE, ("Content-Length", "5000")), length=False)
+    with RawServer([[Reply(head), Reply(ok(2))]]) as server:
+        started = time.monotonic()
+        answer = send(transport, "HEAD", server.url("/a"))
+        assert time.monotonic() - started < 1.0
+        assert answer.status_code == 200
+        assert answer.headers["content-length"] == "5000"
+        assert answer.content == b""
+        assert send(transport, "GET", server.url("/b")).json() == {"n": 2}
+        assert [r.request_line for r in server.requests] == ["HEAD /a HTTP/1.1", "GET /b HTTP/1.1"]
+        assert server.requests_per_connection() == [2]
+
+
+def test_gzip_body_is_decoded_by_httpx(transport: KeepAliveTransport) -> None:
+    payload = {"n": 1, "text": "compressible " * 200}
+    compressed = gzip.compress(json.dumps(payload).encode())
+    gzipped = response(body=compressed, headers=(JSON_TYPE, ("Content-Encoding", "gzip")))
+    with RawServer([[Reply(gzipped)], [Reply(gzipped)]]) as server:
+        answer = send(transport, "GET", server.url("/a"))
+        assert answer.json() == payload
+        assert answer.headers["content-length"] == str(len(compressed))
+        assert request_json("GET", server.url("/b"), retries=0) == payload  # its own transport
+        assert server.connections == 2
+
+
+# --- keep-alive and failures ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "reset"])
+def test_stale_keep_alive_connection_is_redialled_transparently(reset: bool) -> None:
+    script = [[Reply(ok(1), close=True, reset=reset)], [Reply(ok(2))]]
+    with RawServer(script) as server:
+        assert request_json("GET", server.url("/a"), retries=0) == {"n": 1}
+        server.wait_closed(1)  # the server dropped the idle connection
+        assert request_json("GET", server.url("/b"), retries=0) == {"n": 2}
+        assert server.connections == 2
+        assert [(r.connection, r.request_line) for r in server.requests] == [
+            (1, "GET /a HTTP/1.1"),
+            (2, "GET /b HTTP/1.1"),
+        ]
+
+
+def test_stale_connection_is_redialled_only_once() -> None:
+    script = [[Reply(ok(1), close=True)], [Reply(None, close=True)], [Reply(ok(3))]]
+    with RawServer(script) as server:
+        assert request_json("GET", server.url("/a"), retries=0) == {"n": 1}
+        server.wait_closed(1)
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            request_json("GET", server.url("/b"), retries=0)
+        assert server.connections == 2
+        assert server.requests_per_connection() == [1, 1]
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_fresh_connection_closed_without_answer_raises(retries: int) -> None:
+    with RawServer([[Reply(None, close=True)]] * 4) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            request_json("GET", server.url("/a"), retries=retries, **FAST)
+        assert server.connections == retries + 1
+        assert server.requests_per_connection() == [1] * (retries + 1)
+
+
+def test_connect_refused_raises_connect_error(transport: KeepAliveTransport) -> None:
+    with socket.socket() as bound:  # bound, never listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{bound.getsockname()[1]}/a"
+        with pytest.raises(httpx.ConnectError):
+            request_json("GET", url, retries=1, **FAST)
+        with pytest.raises(httpx.ConnectError):
+            send(transport, "GET", url)
+
+
+def test_body_shorter_than_content_length_raises() -> None:
+    short = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"
+    with RawServer([[Reply(short, close=True)]]) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match="ended after 3 of 10 bytes"):
+            request_json("GET", server.url("/a"), retries=0)
+        assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    "status_line",
+    [b"HTTP/1.1 abc OK", b"garbage", b"HTTP/2 200 OK", b"HTTP/1.1 99 Low", b"ICY 200 OK"],
+)
+def test_malformed_status_line_raises(status_line: bytes) -> None:
+    malformed = status_line + b"\r\nContent-Length: 2\r\n\r\n{}"
+    with RawServer([[Reply(malformed, close=True)]]) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match="malformed status line"):
+            request_json("GET", server.url("/a"), retries=0)
+        assert server.connections == 1
+
+
+def test_read_timeout_raises_read_timeout(transport: KeepAliveTransport) -> None:
+    with RawServer([[Reply(None)], [Reply(ok(2))]]) as server:  # reads, never answers
+        request = httpx.Request("GET", server.url("/a"))
+        request.extensions["timeout"] = httpx.Timeout(0.2).as_dict()
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            transport.handle_request(request)
+        assert 0.2 <= time.monotonic() - started < 1.0
+        assert send(transport, "GET", server.url("/b")).json() == {"n": 2}
+        assert server.connections == 2  # the timed-out connection was dropped
+
+
+def test_mounted_in_an_httpx_client() -> None:
+    with RawServer([[Reply(ok(1)), Reply(ok(2))]]) as server:
+        with httpx.Client(transport=KeepAliveTransport(), timeout=2.0) as client:
+            first = client.get(server.url("/a"), params={"q": "1"})
+            second = client.post(server.url("/b"), json={"k": "v"})
+            assert (first.status_code, first.json()) == (200, {"n": 1})
+            assert (second.status_code, second.json()) == (200, {"n": 2})
+        server.wait_closed(1)  # closing the client closed its transport's connection
+        assert server.eofs == 1
+        assert server.connections == 1
+        get, post = server.requests
+    assert get.request_line == "GET /a?q=1 HTTP/1.1"
+    assert get.header("user-agent") == f"python-httpx/{httpx.__version__}"
+    assert get.header("accept-encoding") is not None
+    assert post.request_line == "POST /b HTTP/1.1"
+    assert post.body == b'{"k":"v"}'
+
+
+# --- interim answers and streamed bodies -------------------------------------------------
+
+
+def test_informational_answer_before_the_final_one_is_skipped() -> None:
+    early_hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    with RawServer([[Reply(early_hints + ok(1)), Reply(ok(2))]]) as server:
+        assert request_json("GET", server.url("/a"), retries=0) == {"n": 1}
+        assert request_json("GET", server.url("/b"), retries=0) == {"n": 2}
+        assert server.requests_per_connection() == [2]
+
+
+def test_streamed_request_body_is_framed() -> None:
+    with RawServer([[Reply(ok(1))]], timeout_s=0.3) as server:
+        content = iter([b"hello", b"world"])
+        assert request_json("POST", server.url("/a"), content=content, retries=0) == {"n": 1}
+        [request] = server.requests
+    assert request.body == b"helloworld"
