@@ -170,28 +170,32 @@ class Ledger:
         return self.finish_batch(done)[0]
 
     def finish_batch(self, done: Sequence[Finish]) -> tuple[list[int], list[MapSignal]]:
-        """``finish_many``, and what the batch maps of these items ask the engine to do."""
+        """``finish_many``, and what the batch maps of these items ask the engine to do.
+        One script call per run (a claimed batch is nearly always one run)."""
         if not done:
             return [], []
         now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
-        for f in done:
-            args = [
-                f.item_id, f.stage, f.outcome.ledger_code, f.rows,
-                canonical_json(f.failure) if f.failure else "", now, self.ttl_s,
-                "" if f.result is None else canonical_json(f.result), f.iteration,
-            ]
-            self._finish(self.redis, RunKeys.of(f.run_id), args, pipe=pipe)
-        codes, signals = [], []
-        for f, reply in zip(done, pipe.execute(raise_on_error=False), strict=True):
-            if isinstance(reply, Exception):
-                log.error("run %s item %s: finish refused: %s", f.run_id, f.item_id, reply)
-                codes.append(-1)
-            elif isinstance(reply, list):
-                codes.append(int(reply[0]))
-                signals.append(MapSignal(f.run_id, str(reply[1]), bool(int(reply[2]))))
-            else:
-                codes.append(int(reply))
+        by_run: dict[str, list[int]] = {}
+        for index, f in enumerate(done):
+            by_run.setdefault(f.run_id, []).append(index)
+        codes = [0] * len(done)
+        signals = []
+        for run_id, indexes in by_run.items():
+            args: list[Any] = [now, self.ttl_s]
+            for index in indexes:
+                f = done[index]
+                args += (f.item_id, f.stage, f.outcome.ledger_code, f.rows,
+                         canonical_json(f.failure) if f.failure else "",
+                         "" if f.result is None else canonical_json(f.result), f.iteration)
+            replies = self._finish(self.redis, RunKeys.of(run_id), args)
+            for n, index in enumerate(indexes):
+                code, map_id, deciding = replies[3 * n : 3 * n + 3]
+                codes[index] = int(code)
+                if code == -1:
+                    log.error("run %s item %s: finish refused: NOITEM never registered",
+                              run_id, done[index].item_id)
+                elif map_id:
+                    signals.append(MapSignal(run_id, str(map_id), bool(int(deciding))))
         return codes, signals
 
     # -- batch maps -------------------------------------------------------------------------
@@ -270,20 +274,26 @@ class Ledger:
         self, items: Sequence[tuple[str, str]]
     ) -> list[tuple[str | None, int, bool]]:
         """(state, current loop iteration, run stopped) of many (run id, item id), in one
-        round trip. A stopped run is killed or cancelled: its items are skipped."""
-        pipe = self.redis.pipeline(transaction=False)
+        round trip of three reads per run. A stopped run is killed or cancelled: its items
+        are skipped."""
+        by_run: dict[str, list[str]] = {}
         for run_id, item in items:
+            by_run.setdefault(run_id, []).append(item)
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id, run_items in by_run.items():
             run_keys = RunKeys.of(run_id)
-            pipe.hget(run_keys.items, item)
-            pipe.hget(run_keys.loops, item)
+            pipe.hmget(run_keys.items, run_items)
+            pipe.hmget(run_keys.loops, run_items)
             pipe.hget(run_keys.run, "status")
-        replies = pipe.execute()
-        progress = []
-        for state, loop, status in zip(replies[::3], replies[1::3], replies[2::3], strict=True):
-            iteration = int(json.loads(loop)["iteration"]) if loop else 1
+        replies = iter(pipe.execute())
+        found: dict[tuple[str, str], tuple[str | None, int, bool]] = {}
+        for run_id, run_items in by_run.items():
+            states, loops, status = next(replies), next(replies), next(replies)
             stopped = status in ("killed", "cancelled")
-            progress.append((None if state is None else str(state), iteration, stopped))
-        return progress
+            for item, state, loop in zip(run_items, states, loops, strict=True):
+                iteration = int(json.loads(loop)["iteration"]) if loop else 1
+                found[run_id, item] = (None if state is None else str(state), iteration, stopped)
+        return [found[key] for key in items]
 
     def advance_loop(
         self, run_id: str, stage: str, item: str, iteration: int, payload: Any
