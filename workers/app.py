@@ -21,7 +21,12 @@ import redis
 from celery import Celery, Task
 from celery.app.amqp import AMQP
 from celery.exceptions import Reject
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_ready,
+)
 from kombu import Connection, Exchange, Queue
 from kombu.exceptions import OperationalError
 from kombu.transport.redis import Mutex, MutexHeld
@@ -119,13 +124,26 @@ def register_stages(app: Celery, stages: list[Stage]) -> None:
     }
 
 
+class _PoolSize:
+    """This worker's pool size (``-c``): the threads a claim shares a stage queue with (set at
+    worker_init, before a prefork pool forks)."""
+
+    threads = 1
+
+
+def _note_pool_size(sender: Any = None, **_: object) -> None:
+    concurrency = getattr(sender, "concurrency", None)
+    if isinstance(concurrency, int) and concurrency > 0:
+        _PoolSize.threads = concurrency
+
+
 def _make_task(app: Celery, stage: Stage, item_events: ItemEvents) -> Task:
     runner: list[StageRunner] = []  # made in the process that runs the task (after a fork)
 
     def run_stage(self: Task, *args: Any, **kwargs: Any) -> str:
         svc = services()
         if not runner or runner[0].services is not svc:
-            runner[:] = [StageRunner(svc)]
+            runner[:] = [StageRunner(svc, claim_share=_PoolSize.threads)]
         try:
             delivery = from_task_call(self.name, args, kwargs, self.request.retries)
         except BadMessage as exc:
@@ -246,6 +264,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     def install_filter(logger: logging.Logger, **_: object) -> None:
         _install_outage_filter(log_filter, logger)
 
+    worker_init.connect(_note_pool_size, weak=False, dispatch_uid="fanout-pool-size")
     worker_ready.connect(start_threads, weak=False, dispatch_uid="fanout-threads")
     # Once Celery has set up its handlers (the root logger's and the task logger's).
     after_setup_logger.connect(install_filter, weak=False, dispatch_uid="fanout-outage-log")

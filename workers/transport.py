@@ -34,9 +34,10 @@ class Transport(Protocol):
     def publish(self, deliveries: Sequence[Delivery]) -> None:
         """Put each delivery on its stage's queue."""
 
-    def claim(self, queue: str, count: int) -> list[str]:
+    def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
         """Take up to ``count`` raw messages off ``queue`` to run in a batch, recorded as
-        claimed until ``release``; [] where the broker cannot."""
+        claimed until ``release``; [] where the broker cannot. ``share``: the threads that
+        compete for the queue; no more than its length / ``share`` is taken."""
 
     def release(self, queue: str, raws: Sequence[str]) -> None:
         """The claimed messages are done (or dead-lettered)."""
@@ -71,9 +72,9 @@ class RedisTransport:
         if len(pipe):
             pipe.execute()
 
-    def claim(self, queue: str, count: int) -> list[str]:
+    def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
         keys_ = {"queue": queue, "claimed": keys.claimed(queue)}
-        taken = self._claim(self.redis, keys_, [count, time.time(), self.ttl_s])
+        taken = self._claim(self.redis, keys_, [count, time.time(), self.ttl_s, share])
         return [str(m) for m in taken]
 
     def release(self, queue: str, raws: Sequence[str]) -> None:
@@ -119,7 +120,7 @@ class KombuTransport:
                     declare=[self._queue(delivery.queue)], retry=True,
                 )
 
-    def claim(self, queue: str, count: int) -> list[str]:
+    def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
         return []
 
     def release(self, queue: str, raws: Sequence[str]) -> None:

@@ -92,8 +92,9 @@ class _Batch:
 
 
 class StageRunner:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, claim_share: int = 1) -> None:
         self.services = services
+        self.claim_share = claim_share  # the threads of this worker a claim competes with
         self._params: dict[str, dict[str, Any]] = {}
         self._stage_hooks: dict[str, tuple[Hook, ...]] = {}
         self._params_lock = threading.Lock()
@@ -102,10 +103,12 @@ class StageRunner:
 
     def run_claimed(self, first: Delivery, stage: Stage) -> list[ItemReport]:
         """Run ``first`` and, for a ``claim_batch`` stage, up to N-1 more messages claimed
-        from its queue. A claimed message that does not decode is dead-lettered; the rest of
-        the batch goes on. Claims are released once their items are recorded."""
+        from its queue (no more than this thread's fair share of what waits, so a short queue
+        is spread over the threads). A claimed message that does not decode is
+        dead-lettered; the rest of the batch goes on. Claims are released once their items
+        are recorded."""
         transport = self.services.transport
-        claimed = transport.claim(stage.queue, stage.claim_batch - 1) \
+        claimed = transport.claim(stage.queue, stage.claim_batch - 1, self.claim_share) \
             if stage.claim_batch > 1 else []
         work = [(first, stage)]
         for raw in claimed:

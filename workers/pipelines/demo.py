@@ -79,7 +79,7 @@ def service(ctx: StageContext, item: dict[str, str]) -> list[dict[str, str]]:
 
 # A failed metric-day is tried again up to 3 times, 0.5 s, 1 s, 2 s later (+/- 50%), after the
 # HTTP client's own retries (``http_retries``); a vendor 4xx fails it at once.
-@demo.stage("metric_day", claim_batch=16, retries=3, retry_delay_s=exponential(0.5, 2, 30),
+@demo.stage("metric_day", claim_batch=32, retries=3, retry_delay_s=exponential(0.5, 2, 30),
             retry_jitter=0.5)
 def metric_day(ctx: StageContext, item: dict[str, str]) -> Record:
     path = f"/accounts/{item['account']}/services/{item['service']}/metrics"
