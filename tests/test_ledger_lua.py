@@ -500,6 +500,25 @@ def test_claim_takes_from_the_consuming_end_in_fifo_order(
     assert transport.queue_depth(queue) == 0
 
 
+def test_a_claim_takes_no_more_than_its_fair_share_of_the_queue(
+    transport: RedisTransport, redis_client: redis.Redis
+) -> None:
+    ds = deliveries(10)
+    queue = ds[0].queue
+    transport.publish(ds)
+
+    # 10 waiting, 4 threads compete: 10 // 4 = 2, though 8 were asked for.
+    assert [decode_redis(raw) for raw in transport.claim(queue, 8, share=4)] == ds[:2]
+    # 8 waiting, 3 threads: 2; then 6 waiting, 2 threads: 3 (under the 5 asked for).
+    assert len(transport.claim(queue, 5, share=3)) == 2
+    assert len(transport.claim(queue, 5, share=2)) == 3
+    # 3 waiting, 4 threads: less than one each, so a claim takes none and the rest is
+    # left to the threads' own deliveries.
+    assert transport.claim(queue, 5, share=4) == []
+    assert redis_client.llen(queue) == 3
+    assert redis_client.zcard(keys.claimed(queue)) == 7
+
+
 def test_restore_puts_back_only_old_claims_at_the_consuming_end(
     transport: RedisTransport, redis_client: redis.Redis
 ) -> None:
