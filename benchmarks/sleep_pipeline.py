@@ -3,7 +3,7 @@ through ``FANOUT_PIPELINES=benchmarks.sleep_pipeline``.
 
 The demo pipeline's own roots, ``accounts`` and ``services`` stages (the same listing calls to
 the vendor, the same fan-out), and a ``metric_day`` leaf with the demo leaf's settings
-(``claim_batch=16``, its retries) whose body only sleeps for the vendor's latency: no HTTP, no
+(its ``claim_batch``, its retries) whose body only sleeps for the vendor's latency: no HTTP, no
 sink, no record. What a leaf then costs is fanout's framework alone, as in the baselines'
 ``sleep`` leaf kind (``benchmarks/leaf.py``).
 """
