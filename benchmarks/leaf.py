@@ -3,7 +3,8 @@ kinds, chosen per worker process by ``BENCH_LEAF``:
 
 - ``fanout`` (the default): exactly fanout's leaf work. The GET is fanout's own
   ``workers.http.request_json`` (its per-thread keep-alive transport,
-  ``workers/http_transport.py``, no ``httpx.Client``, retries 0 as in the benchmark's runs), and the row goes through fanout's own
+  ``workers/http_transport.py``, no ``httpx.Client``, retries 0 as in the benchmark's runs),
+  and the row goes through fanout's own
   ``workers.sinks.sqlite.SqliteSink`` (WAL, group commit across threads, upsert), one sink per
   process, as fanout's ``get_sink()`` opens it. What fanout adds around a leaf (ledger, batched
   consumption, task events) is framework cost and stays out of this module.
