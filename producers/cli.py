@@ -9,6 +9,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from kombu.exceptions import OperationalError
+
 from demo_vendor.__main__ import main as vendor_main
 from producers import commands, limits_cli, processes, schedules
 from producers.errors import CliError, UsageError
@@ -19,10 +21,13 @@ from workers.connections import (
     resolve_broker_url,
     resolve_redis_url,
 )
+from workers.outage import DOWN_ERRORS
 from workers.settings import ConfigError, get_settings
 from workers.transport import check_broker
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Redis or the broker going away mid-command.
+_LOST_ERRORS: tuple[type[BaseException], ...] = (*DOWN_ERRORS, OperationalError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -162,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except (CliError, ConfigError) as exc:
         return _fail(str(exc))
+    except _LOST_ERRORS as exc:
+        # Redis or the broker went away in the middle of a command (a check at its start
+        # found them up): one line, exit 1, as when a wait gives up on an outage.
+        print(f"fanout: error: lost Redis or the broker: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 

@@ -15,7 +15,7 @@ from rich.table import Table
 from producers import limits_cli, processes
 from producers.errors import RunNotFound
 from producers.local import local_system
-from producers.report import done_count, exit_code, summary_table, wait_for_run
+from producers.report import RedisGone, done_count, exit_code, summary_table, wait_for_run
 from producers.trigger import replay_run, start_run
 from workers.api import get_pipeline
 from workers.connections import (
@@ -120,14 +120,28 @@ def run(args: argparse.Namespace) -> int:
         print(run_id)
         return 0
     console.print(f"run {run_id} started")
-    return _wait_and_finish(args, run_id, console)
+    return _wait_and_finish(args, run_id, console, pipeline=args.pipeline)
 
 
-def _wait_and_finish(args: argparse.Namespace, run_id: str, console: Console) -> int:
-    snap = _snapshot(run_id)
-    order = get_pipeline(snap.pipeline).stage_order()
+def _wait_and_finish(
+    args: argparse.Namespace, run_id: str, console: Console, pipeline: str | None = None
+) -> int:
+    """Wait for the run and print how it ended. ``pipeline``: known to the caller (``run``),
+    so nothing is read from Redis before the wait, which rides out an outage."""
+    if pipeline is None:
+        pipeline = _snapshot(run_id).pipeline
+    order = get_pipeline(pipeline).stage_order()
     show = None if args.json or not sys.stderr.isatty() else console
-    snap = wait_for_run(_ledger(), run_id, order, console=show, timeout_s=args.timeout)
+    try:
+        snap = wait_for_run(_ledger(), run_id, order, console=show, timeout_s=args.timeout)
+    except RedisGone as gone:  # the line is printed; the JSON still comes last
+        if args.json:
+            summary = gone.last.summary() if gone.last else {
+                "run_id": run_id, "pipeline": pipeline, "status": "unknown"}
+            summary["error"] = (f"Redis unreachable for {gone.down_for_s:.0f} s: stopped "
+                                "waiting (the run goes on once Redis is back)")
+            print(json.dumps(summary), flush=True)
+        return 1
     if not snap.finished:
         console.print(f"run {run_id} still {snap.status} after {args.timeout}s")
         if args.json:

@@ -38,10 +38,13 @@ NO_WORKER_S = 5.0
 
 
 class RedisGone(SystemExit):
-    """Redis stayed unreachable longer than the outage limit (the line is printed): exit 1."""
+    """Redis stayed unreachable longer than the outage limit (the line is printed): exit 1.
+    ``last``: the run as last seen before the outage (None if never seen)."""
 
-    def __init__(self) -> None:
+    def __init__(self, last: RunSnapshot | None = None, down_for_s: float = 0.0) -> None:
         super().__init__(1)
+        self.last = last
+        self.down_for_s = down_for_s
 
 
 def exit_code(status: str) -> int:
@@ -140,7 +143,7 @@ def wait_for_run(
                 if outage.down_for_s() >= limit_s:
                     say(f"Redis at {url} still unreachable after {outage.down_for_s():.0f} s: "
                         "giving up")
-                    raise RedisGone() from None
+                    raise RedisGone(snap, outage.down_for_s()) from None
                 if deadline is not None and snap is not None and time.monotonic() > deadline:
                     return snap
                 time.sleep(delay_s)

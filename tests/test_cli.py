@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,64 @@ def test_an_unknown_run_is_one_line_and_exit_2() -> None:
 def test_unreachable_redis_is_one_line_and_exit_2() -> None:
     result = fanout("status", env={"FANOUT_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert_one_line_error(result, "cannot reach Redis at redis://127.0.0.1:1/0")
+
+
+class RedisThatDiesAfterPing:
+    """A socket server speaking just enough RESP to pass the start-up check (HELLO, PING,
+    CLIENT SETINFO); any other command finds the connection closed, as if Redis died right
+    after the check."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.server.getsockname()[1]}/0"
+        self.dropped = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            reader = conn.makefile("rb")
+            while True:
+                header = reader.readline()  # *N: a command of N bulk strings
+                if not header.startswith(b"*"):
+                    return
+                words = []
+                for _ in range(int(header[1:])):
+                    size = int(reader.readline()[1:])
+                    words.append(reader.read(size + 2)[:-2].upper())
+                if words[0] == b"HELLO":  # redis-py asks for RESP3
+                    conn.sendall(b"%2\r\n$5\r\nproto\r\n:3\r\n$6\r\nserver\r\n$5\r\nredis\r\n")
+                elif words[0] == b"PING":
+                    conn.sendall(b"+PONG\r\n")
+                elif words[0] == b"CLIENT":
+                    conn.sendall(b"+OK\r\n")
+                else:
+                    self.dropped += 1
+                    return
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_redis_lost_mid_command_is_one_line_and_exit_1() -> None:
+    dying = RedisThatDiesAfterPing()
+    try:
+        result = fanout("failures", "some-run", env={"FANOUT_REDIS_URL": dying.url})
+    finally:
+        dying.close()
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("fanout: error: lost Redis or the broker: ConnectionError")
+    assert "Traceback" not in result.stderr
+    assert dying.dropped >= 1
 
 
 @pytest.mark.parametrize(

@@ -217,6 +217,32 @@ def test_a_run_no_worker_takes_says_so_once_and_ends_when_one_starts(
     assert err_path.read_text().count("no worker") == 1
 
 
+def test_a_wait_that_gives_up_on_an_outage_prints_one_line_and_the_json_last(
+    own_redis: OwnRedis, vendor: VendorHandle, fanout_cli: CliFactory,
+) -> None:
+    client = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    run = fanout_cli("run", "demo", "--days", "2", "--end-day", END_DAY, "--vendor-url",
+                     vendor.url, "--wait", "--json",
+                     env={"FANOUT_REDIS_URL": own_redis.url, "FANOUT_OUTAGE_LIMIT_S": "1"})
+    run_id = wait_for(lambda: newest_run(client), what="the run to start")
+
+    def waits() -> int:  # BLPOPs on the done list; the second comes after the first snapshot
+        return int(client.info("commandstats").get("cmdstat_blpop", {}).get("calls", 0))
+
+    wait_for(lambda: waits() >= 2, what="the waiter's first look at the run")
+    own_redis.kill()  # no worker ever started: the run is still running
+
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 1
+    summary = json.loads(out.splitlines()[-1])
+    assert (summary["run_id"], summary["pipeline"], summary["status"]) == (
+        run_id, "demo", "running")
+    assert summary["stages"]["accounts"]["enqueued"] == 2
+    assert summary["error"].startswith("Redis unreachable for ")
+    assert "Traceback" not in err
+    assert sum("giving up" in line for line in err.splitlines()) == 1
+
+
 # -- the reaper's recovery, step by step ----------------------------------------------------
 
 
