@@ -37,9 +37,18 @@ def _lookup(keys: Any, name: str) -> str:
     return str(keys[name] if isinstance(keys, Mapping) else getattr(keys, name))
 
 
+_INCLUDE_LINE = re.compile(r"^-- INCLUDE: (\w+)$", re.MULTILINE)
+
+
+def _source(name: str) -> str:
+    return resources.files("workers").joinpath("lua", f"{name}.lua").read_text()
+
+
 @functools.cache
 def load(name: str) -> Script:
-    source = resources.files("workers").joinpath("lua", f"{name}.lua").read_text()
+    """The script ``lua/NAME.lua``, with each "-- INCLUDE: _snippet" line replaced by
+    ``lua/_snippet.lua`` (Lua scripts sent to Redis share no code otherwise)."""
+    source = _INCLUDE_LINE.sub(lambda m: _source(m.group(1)).rstrip("\n"), _source(name))
     match = _KEYS_LINE.search(source)
     if match is None:
         raise ValueError(f"lua/{name}.lua has no '-- KEYS: name, name' header")

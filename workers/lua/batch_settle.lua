@@ -4,6 +4,7 @@
 -- KEYS: run, counts, failed, done, payloads, batchmaps, bmqueue
 -- ARGV: [1] map id, [2] now, [3] ttl_s
 -- Returns the batch to publish: {id, payload, ...} ({} after the last batch).
+-- INCLUDE: _end_run
 local raw = redis.call('HGET', KEYS[6], ARGV[1])
 if not raw then return {} end
 local state = cjson.decode(raw)
@@ -32,16 +33,8 @@ end
 state.complete = 1
 redis.call('HSET', KEYS[6], ARGV[1], cjson.encode(state))
 local pending = redis.call('HINCRBY', KEYS[1], 'pending', -1)
--- Finishing the run: the same steps as finish_item.lua's end (Lua scripts share no code).
 if pending == 0 then
-  local status = redis.call('HGET', KEYS[1], 'status')
-  if status == 'running' then
-    status = 'succeeded'
-    if redis.call('HLEN', KEYS[3]) > 0 then status = 'partial' end
-    redis.call('HSET', KEYS[1], 'status', status)
-  end
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
-  redis.call('RPUSH', KEYS[4], status)
+  end_run(KEYS[1], KEYS[3], KEYS[4], ARGV[2])
   local ttl = tonumber(ARGV[3])
   for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 end

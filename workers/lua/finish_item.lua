@@ -11,6 +11,7 @@
 -- of a batch map is counted in its map too, and then comes back with its map id when the
 -- engine has something to do: deciding is 1 for the one item that completed its batch (check
 -- the switch, release the next), 0 for any item of a map whose switch is checked per item.
+-- INCLUDE: _end_run
 local now, ttl = ARGV[1], tonumber(ARGV[2])
 local counters = {s = 'succeeded', f = 'failed', c = 'cached', k = 'skipped'}
 local replies = {}
@@ -62,16 +63,7 @@ local function finish(item, stage, outcome, rows, failure, result, iteration)
   end
   counted = counted + 1
   if redis.call('HINCRBY', KEYS[1], 'pending', -1) > 0 then return 1, map_id, deciding end
-  -- The last terminal item finishes the run. A run already killed or cancelled keeps that
-  -- status. (batch_settle.lua and stop_run.lua repeat these steps: Lua scripts share no code.)
-  local status = redis.call('HGET', KEYS[1], 'status')
-  if status == 'running' then
-    status = 'succeeded'
-    if redis.call('HLEN', KEYS[4]) > 0 then status = 'partial' end
-    redis.call('HSET', KEYS[1], 'status', status)
-  end
-  redis.call('HSET', KEYS[1], 'finished_at', now)
-  redis.call('RPUSH', KEYS[5], status)
+  end_run(KEYS[1], KEYS[4], KEYS[5], now)  -- the last terminal item finishes the run
   finished = true
   return 2, map_id, deciding
 end

@@ -5,6 +5,7 @@
 -- KEYS: run, counts, items, done, batchmaps, bmqueue
 -- ARGV: [1] status (killed | cancelled), [2] reason, [3] now, [4] ttl_s
 -- Returns the number of items skipped here, or -1 when the run had already finished.
+-- INCLUDE: _end_run
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return redis.error_reply('NORUN the run is unknown or expired') end
 if status ~= 'running' then return -1 end
@@ -34,8 +35,7 @@ for i = 1, #maps, 2 do
 end
 local pending = redis.call('HINCRBY', KEYS[1], 'pending', -(skipped + tokens))
 if pending <= 0 then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
-  redis.call('RPUSH', KEYS[4], ARGV[1])
+  end_run(KEYS[1], nil, KEYS[4], ARGV[3])  -- keeps its status (killed or cancelled)
   local ttl = tonumber(ARGV[4])
   for i = 1, 6 do redis.call('EXPIRE', KEYS[i], ttl) end
 end
