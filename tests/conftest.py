@@ -274,3 +274,15 @@ def svc() -> Services:
     """This process's fanout services, on the test session's Redis, pipelines loaded."""
     load_configured_pipelines()
     return build(get_settings())
+
+
+@pytest.fixture
+def fresh_transport(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A short HTTP timeout (nothing hangs), and this thread's keep-alive transport built
+    afresh before and after (it caches the timeout). The HTTP client tests use it."""
+    from scripted_http import reset_thread_transport
+
+    monkeypatch.setenv("FANOUT_HTTP_TIMEOUT_S", "2")
+    reset_thread_transport()
+    yield
+    reset_thread_transport()

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Self, cast
 
 from workers import http
 
@@ -149,17 +149,11 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class ScriptedHTTPServer:
-    """A real HTTP/1.1 keep-alive server answering requests with scripted responses."""
+class _RecordingServer:
+    """What both servers share: their URL, what they recorded, and ``with`` closing them."""
 
-    def __init__(self, responses: Sequence[Scripted]):
-        self._recorder = _Recorder()
-        self._server = _Server(responses, self._recorder)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+    port: int
+    _recorder: _Recorder
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -175,12 +169,9 @@ class ScriptedHTTPServer:
             return self._recorder.connections
 
     def close(self) -> None:
-        self._server.stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(2)
+        raise NotImplementedError
 
-    def __enter__(self) -> ScriptedHTTPServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -188,6 +179,25 @@ class ScriptedHTTPServer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class ScriptedHTTPServer(_RecordingServer):
+    """A real HTTP/1.1 keep-alive server answering requests with scripted responses."""
+
+    def __init__(self, responses: Sequence[Scripted]):
+        self._recorder = _Recorder()
+        self._server = _Server(responses, self._recorder)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(2)
 
 
 # --- a raw socket server ---------------------------------------------------------------------
@@ -251,7 +261,7 @@ def _read_request(reader: BinaryIO, number: int) -> Recorded | None:
     return Recorded(number, recorded.request_line, headers, body)
 
 
-class RawServer:
+class RawServer(_RecordingServer):
     """Each accepted connection plays the next script in ``scripts`` (a list of ``Reply``).
 
     When a connection's script ends without closing, the server waits for the client: a
@@ -269,19 +279,6 @@ class RawServer:
         self.port = self._listener.getsockname()[1]
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
-
-    def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    @property
-    def requests(self) -> list[Recorded]:
-        with self._recorder.lock:
-            return list(self._recorder.requests)
-
-    @property
-    def connections(self) -> int:
-        with self._recorder.lock:
-            return self._recorder.connections
 
     @property
     def eofs(self) -> int:
@@ -348,12 +345,3 @@ class RawServer:
         self._stopping.set()
         self._thread.join(2)
         self._listener.close()
-
-    def __enter__(self) -> RawServer:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

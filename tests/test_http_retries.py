@@ -5,7 +5,6 @@ next scripted status, headers and body): exact status sequences, exact call coun
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,13 +17,7 @@ FAST: dict[str, Any] = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_transport(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A short timeout, and this thread's transport built afresh (it caches the timeout)."""
-    monkeypatch.setenv("FANOUT_HTTP_TIMEOUT_S", "2")
-    reset_thread_transport()
-    yield
-    reset_thread_transport()
+pytestmark = pytest.mark.usefixtures("fresh_transport")
 
 
 def test_5xx_then_success_is_retried() -> None:

@@ -18,7 +18,6 @@ from scripted_http import (
     Reply,
     Scripted,
     ScriptedHTTPServer,
-    reset_thread_transport,
     response,
 )
 
@@ -30,13 +29,7 @@ JSON_TYPE = ("Content-Type", "application/json")
 FAST: dict[str, Any] = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_transport(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A short timeout (nothing hangs), and this thread's transport built afresh."""
-    monkeypatch.setenv("FANOUT_HTTP_TIMEOUT_S", "2")
-    reset_thread_transport()
-    yield
-    reset_thread_transport()
+pytestmark = pytest.mark.usefixtures("fresh_transport")
 
 
 @pytest.fixture
