@@ -225,7 +225,8 @@ class Beat:
         schedule = pending.schedule
         self._holding = run_id
         try:
-            self.trigger(schedule.pipeline, dict(schedule.params), run_id=run_id)
+            self.trigger(schedule.pipeline, dict(schedule.params), run_id=run_id,
+                         **schedule.run_options())
         except Exception as exc:
             self.store.release(run_id, self.token)
             pending.failures += 1

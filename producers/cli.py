@@ -22,6 +22,8 @@ from workers.connections import (
     resolve_redis_url,
 )
 from workers.outage import DOWN_ERRORS
+from workers.policy import kill_switch
+from workers.policy.kill_switch import Switch
 from workers.settings import ConfigError, get_settings
 from workers.transport import check_broker
 
@@ -43,6 +45,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _kill_switch(text: str) -> Switch:
+    try:
+        return kill_switch.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _non_negative_float(text: str) -> float:
@@ -95,6 +104,14 @@ def build_parser() -> Parser:
     run.add_argument("--vendor-url", default=None)
     run.add_argument("-p", "--param", type=_key_value, action="append", default=[],
                      help="a pipeline parameter KEY=VALUE (VALUE parsed as JSON if it can be)")
+    run.add_argument("--batch-size", type=_positive_int, default=None,
+                     help="run the roots as a batch map, N at a time")
+    run.add_argument("--kill-switch", type=_kill_switch, default=None,
+                     help="with --batch-size: stop the run when it trips: any_failed, "
+                          "failure_count:MAX, failure_rate:MIN_SAMPLE:MAX_RATE or "
+                          "package.module:function")
+    run.add_argument("--per-item", action="store_true",
+                     help="with --kill-switch: check it after every item, not every batch")
     run.add_argument("--wait", action="store_true", help="wait for the run to finish")
     run.add_argument("--timeout", type=_non_negative_float, default=None)
     run.add_argument("--json", action="store_true")

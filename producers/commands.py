@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from producers import limits_cli, processes
-from producers.errors import RunNotFound
+from producers.errors import RunNotFound, UsageError
 from producers.local import local_system
 from producers.report import RedisGone, done_count, exit_code, summary_table, wait_for_run
 from producers.trigger import replay_run, start_run
@@ -108,13 +108,18 @@ def replay(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size is None and (args.kill_switch is not None or args.per_item):
+        raise UsageError("--kill-switch and --per-item need --batch-size")
+    if args.per_item and args.kill_switch is None:
+        raise UsageError("--per-item needs --kill-switch")
     _connect()
     params: dict[str, Any] = dict(args.param)
     for key in ("days", "end_day", "vendor_url"):
         value = getattr(args, key)
         if value is not None:
             params[key] = value
-    run_id = start_run(args.pipeline, params)
+    run_id = start_run(args.pipeline, params, batch_size=args.batch_size,
+                       kill_switch=args.kill_switch, per_item=args.per_item)
     console = make_console(stderr=True)
     if not args.wait:
         print(run_id)

@@ -1,4 +1,5 @@
-"""``fanout limits set|list|delete``: global limits, managed like ``prefect gcl``."""
+"""``fanout limits set|list|delete|apply``: global limits, managed like ``prefect gcl``;
+``apply`` creates or replaces those of the config file (``[limits.NAME]``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from producers.config_file import config_path, load_limits
 from workers.connections import get_redis
 from workers.limits import Limits, UnknownLimit
 from workers.settings import ConfigError
@@ -27,9 +29,13 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     list_.add_argument("--json", action="store_true")
     delete = actions.add_parser("delete", help="remove a limit")
     delete.add_argument("name")
+    actions.add_parser("apply", help="create or replace the limits of the config file "
+                                     "(FANOUT_CONFIG or ./fanout.toml, [limits.NAME] tables)")
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    if args.limits_command == "apply":
+        return _apply(console)
     limits = Limits(get_redis())
     try:
         if args.limits_command == "set":
@@ -67,6 +73,22 @@ def run(args: argparse.Namespace, console: Console) -> int:
         table.add_row(*(str(row[k] if row[k] is not None else "-") for k in
                         ("name", "rate", "burst", "concurrency", "in_use", "wait_s")))
     console.print(table)
+    return 0
+
+
+def _apply(console: Console) -> int:
+    """Every limit of the config file, checked before any is written."""
+    configs = load_limits()
+    if not configs:
+        where = config_path() or "no config file (FANOUT_CONFIG or ./fanout.toml)"
+        raise ConfigError(f"no [limits.NAME] tables in {where}")
+    limits = Limits(get_redis())
+    for config in configs:
+        limits.set_limit(config.name, rate=config.rate,
+                         burst=config.burst if config.rate else None,
+                         concurrency=config.concurrency)
+        console.print(f"limit {config.name}: "
+                      f"{_describe(config.rate, config.burst, config.concurrency)}")
     return 0
 
 

@@ -148,7 +148,7 @@ def run_command(args: argparse.Namespace) -> int:
     _connect()
     now = dt.datetime.now(UTC)
     run_id = start_run(schedule.pipeline, dict(schedule.params),
-                       run_id=schedule.manual_run_id(now))
+                       run_id=schedule.manual_run_id(now), **schedule.run_options())
     store_from_settings().record_run(schedule.name, run_id, now)
     console = Console(stderr=True)
     if not args.wait:

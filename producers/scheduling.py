@@ -1,7 +1,5 @@
-"""Schedules from the config file, and their slots: pure functions of a given time.
-
-The config file is TOML, at ``FANOUT_CONFIG`` (default: ``fanout.toml`` in the working
-directory, if it exists)::
+"""Schedules from the config file (``config_file.py``), and their slots: pure functions of a
+given time::
 
     [schedules.demo_daily]
     cron = "15 2 * * *"          # 5 fields, in `tz`; or every_s = 2 (seconds, for tests)
@@ -9,6 +7,8 @@ directory, if it exists)::
     pipeline = "demo"
     params = { days = 1 }        # the run's parameters
     enabled = true               # default true
+    batch_size = 2               # optional: the roots run as a batch map, 2 at a time...
+    kill_switch = "any_failed"   # ...stopped when this trips (policy/kill_switch.py's parse)
 
 A slot is one time a schedule fires; its run id is ``sched-NAME-YYYYMMDDTHHMMSSZ`` (the slot
 in UTC), the same on every beat, so a slot triggered twice creates one run. A local time that
@@ -19,9 +19,7 @@ starts with ``*`` keeps both, as cron does).
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +28,19 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
+from producers.config_file import check_sections, config_path, read_config, section
 from producers.trigger import load_configured_pipelines
 from workers.api import get_pipeline
+from workers.policy import kill_switch
 from workers.settings import ConfigError, env_int
 
+__all__ = ["config_path"]  # where the file is: kept importable from here
+
 UTC = dt.UTC
-DEFAULT_CONFIG = "fanout.toml"
 DEFAULT_GRACE_S = 3600
 DEFAULT_LEASE_S = 30
 NAME_RE = re.compile(r"[a-z0-9_-]+")
-KEYS = ("cron", "every_s", "tz", "pipeline", "params", "enabled")
+KEYS = ("cron", "every_s", "tz", "pipeline", "params", "enabled", "batch_size", "kill_switch")
 _STAMP = "%Y%m%dT%H%M%SZ"
 _MAX_SLOTS = 10_000  # slots_between never walks further (a stalled beat replays at most this)
 
@@ -53,6 +54,15 @@ class Schedule:
     tz: str = "UTC"
     params: Mapping[str, Any] = field(default_factory=dict)
     enabled: bool = True
+    batch_size: int | None = None  # the roots as a batch map of this size
+    kill_switch: str | None = None  # its switch, in text form (kill_switch.parse)
+
+    def run_options(self) -> dict[str, Any]:
+        """``start_run``'s batch map options for this schedule's runs."""
+        if self.batch_size is None:
+            return {}
+        switch = None if self.kill_switch is None else kill_switch.parse(self.kill_switch)
+        return {"batch_size": self.batch_size, "kill_switch": switch}
 
     @property
     def zone(self) -> dt.tzinfo:
@@ -118,18 +128,6 @@ def _utc(value: dt.datetime) -> dt.datetime:
     return value.astimezone(UTC)
 
 
-def config_path() -> Path | None:
-    """``FANOUT_CONFIG`` (which must exist), else ``./fanout.toml`` if it exists, else None."""
-    raw = os.environ.get("FANOUT_CONFIG")
-    if raw:
-        path = Path(raw)
-        if not path.is_file():
-            raise ConfigError(f"FANOUT_CONFIG: no such file {raw!r}")
-        return path
-    default = Path(DEFAULT_CONFIG)
-    return default if default.is_file() else None
-
-
 def grace_s() -> int:
     """How old a slot missed while no beat ran may be and still run (once)."""
     return env_int("FANOUT_SCHEDULE_GRACE_S", DEFAULT_GRACE_S, 0)
@@ -142,23 +140,14 @@ def lease_s() -> int:
 
 def load_schedules(path: Path | None = None) -> list[Schedule]:
     """The schedules of the config file (none without one); a bad one is a ConfigError."""
-    path = path or config_path()
-    if path is None:
-        return []
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return parse_config(data, str(path))
+    data, source = read_config(path)
+    return parse_config(data, source or "config")
 
 
 def parse_config(data: Mapping[str, Any], source: str = "config") -> list[Schedule]:
-    for key in data:
-        if key != "schedules":
-            raise ConfigError(f"{source}: unknown key {key!r} (known: schedules)")
-    tables = data.get("schedules", {})
-    if not isinstance(tables, dict):
-        raise ConfigError(f"{source}: 'schedules' must be a table of schedules")
+    """The schedules of a config file's tables (``config_file.read_config``)."""
+    check_sections(data, source)
+    tables = section(data, "schedules", source)
     return [parse_schedule(name, table, source) for name, table in tables.items()]
 
 
@@ -205,8 +194,22 @@ def parse_schedule(name: str, table: Any, source: str = "config") -> Schedule:
     enabled = table.get("enabled", True)
     if not isinstance(enabled, bool):
         raise bad(f"enabled must be true or false, got {enabled!r}")
+    batch_size, switch = table.get("batch_size"), table.get("kill_switch")
+    if batch_size is not None and (
+        not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+    ):
+        raise bad(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if switch is not None:
+        if batch_size is None:
+            raise bad("kill_switch needs a batch_size")
+        if not isinstance(switch, str):
+            raise bad(f"kill_switch must be text like 'any_failed', got {switch!r}")
+        try:
+            kill_switch.parse(switch)
+        except ValueError as exc:
+            raise bad(str(exc)) from None
     return Schedule(name=name, pipeline=pipeline, cron=cron, every_s=every_s, tz=tz,
-                    params=params, enabled=enabled)
+                    params=params, enabled=enabled, batch_size=batch_size, kill_switch=switch)
 
 
 def _check_cron(cron: Any, bad: Any) -> None:

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import redis
 
+from demo_vendor.config import VendorConfig
 from producers import processes
 from producers.trigger import load_configured_pipelines
 from workers import embedded_redis
@@ -128,11 +129,9 @@ class VendorHandle:
         self.configure(**defaults)
 
 
-VENDOR_DEFAULTS: dict[str, Any] = {
-    "accounts": 2, "services": 3, "page_size": 20, "seed": 7, "latency_ms": 0,
-    "error_rate": 0, "error_times": 0, "rate_limit_rps": 0, "stall_rate": 0,
-    "fail_paths": {},
-}
+#: Every knob back to its default before each test (a knob one test set must not leak into
+#: the next), with the tests' own shape: 2 accounts x 3 services.
+VENDOR_DEFAULTS: dict[str, Any] = {**VendorConfig().to_dict(), "accounts": 2, "services": 3}
 
 
 @pytest.fixture(scope="session")

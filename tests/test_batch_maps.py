@@ -4,6 +4,7 @@ was skipped, switches checked after every batch including the last, at most N in
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -151,3 +152,44 @@ def test_batch_add_example_prints_what_the_seed_prints(redis_url: str) -> None:
     assert killed.returncode == 1
     assert "ended killed: AnyFailed: 1 failed" in killed.stderr
     assert "after 2 of 4 items" in killed.stderr
+
+
+def test_fanout_run_starts_a_batch_map_with_a_kill_switch(
+    vendor: VendorHandle, start_worker: WorkerFactory
+) -> None:
+    # Accounts 1 and 2 (batch 1) fail at once (404); the switch trips after that batch, and
+    # accounts 3-5 are never fetched.
+    vendor.configure(accounts=5, services=2,
+                     not_found_paths=["/accounts/acct-001/services",
+                                      "/accounts/acct-002/services"])
+    start_worker(concurrency=4)
+    result = subprocess.run(
+        [sys.executable, "-m", "producers.cli", "run", "demo", "--days", "1", "--vendor-url",
+         vendor.url, "--batch-size", "2", "--kill-switch", "failure_count:2", "--wait",
+         "--json"], capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "killed"
+    assert "FailureCount: 2 failed" in summary["stop_reason"]
+    assert summary["stages"]["accounts"] == {**ZERO, "enqueued": 5, "failed": 2, "skipped": 3}
+    assert summary["stages"]["services"] == ZERO
+    assert sorted(p for p in vendor.stats()["by_path"] if p.endswith("/services")) == [
+        "/accounts/acct-001/services", "/accounts/acct-002/services"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--kill-switch", "any_failed"], "--kill-switch and --per-item need --batch-size"),
+        (["--batch-size", "2", "--per-item"], "--per-item needs --kill-switch"),
+        (["--batch-size", "2", "--kill-switch", "often"],
+         "kill switch 'often': expected one of any_failed"),
+        (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+    ],
+)
+def test_bad_batch_options_are_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "producers.cli", "run", "demo", *args],
+                            capture_output=True, text=True, timeout=60, env=os.environ.copy())
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr

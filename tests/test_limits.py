@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import redis
 from conftest import VendorHandle, WorkerFactory, wait_for
@@ -113,3 +114,40 @@ def test_limits_commands(redis_url: str) -> None:
     missing = fanout("delete", "db")
     assert missing.returncode == 2 and "no limit named 'db'" in missing.stderr
     assert [row["name"] for row in json.loads(fanout("list", "--json").stdout)] == ["github-api"]
+
+
+def test_limits_apply_creates_or_replaces_the_config_files_limits(
+    redis_url: str, tmp_path: Path
+) -> None:
+    def fanout(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "producers.cli", "limits", *args],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "FANOUT_CONFIG": str(config)})
+
+    config = tmp_path / "fanout.toml"
+    config.write_text('[limits.vendor-a]\nrate = "50/s"\nburst = 5\n\n'
+                      '[limits.vendor-b]\nconcurrency = 3\n')
+    assert fanout("set", "vendor-a", "--concurrency", "9", config=config).returncode == 0
+    applied = fanout("apply", config=config)
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stdout.splitlines() == ["limit vendor-a: rate 50/s, burst 5",
+                                           "limit vendor-b: concurrency 3"]
+    listed = json.loads(fanout("list", "--json", config=config).stdout)
+    assert listed == [  # vendor-a replaced: its concurrency 9 is gone
+        {"name": "vendor-a", "rate": "50/s", "burst": 5, "concurrency": None, "in_use": 0,
+         "wait_s": 0.0},
+        {"name": "vendor-b", "rate": None, "burst": None, "concurrency": 3, "in_use": 0,
+         "wait_s": 0.0},
+    ]
+
+    # A bad limit is one line, and nothing of the file is applied.
+    config.write_text('[limits.vendor-a]\nrate = "10/s"\n\n[limits.vendor-c]\nburst = 2\n')
+    bad = fanout("apply", config=config)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("fanout: error: " + str(config) + ": limit 'vendor-c' needs "
+                                  "a rate, a concurrency, or both")
+    assert json.loads(fanout("list", "--json", config=config).stdout)[0]["rate"] == "50/s"
+    config.write_text('[schedules]\n')
+    empty = fanout("apply", config=config)
+    assert empty.returncode == 2
+    assert empty.stderr.strip() == f"fanout: error: no [limits.NAME] tables in {config}"

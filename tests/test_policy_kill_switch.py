@@ -15,6 +15,7 @@ from workers.policy.kill_switch import (
     Trip,
     check,
     from_spec,
+    parse,
     to_spec,
 )
 
@@ -109,3 +110,37 @@ def test_switches_that_cannot_travel_are_refused() -> None:
 def test_bad_specs_raise_value_error(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         from_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("text", "switch"),
+    [
+        ("any_failed", AnyFailed()),
+        (" any_failed ", AnyFailed()),
+        ("failure_count:3", FailureCount(3)),
+        ("failure_rate:10:0.2", FailureRate(10, 0.2)),
+        ("test_policy_kill_switch:more_failed_than_succeeded", more_failed_than_succeeded),
+    ],
+)
+def test_the_text_form_of_each_switch(text: str, switch: Any) -> None:
+    assert parse(text) == switch
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("bogus", "kill switch 'bogus': expected one of any_failed, failure_count:MAX, "
+                  "failure_rate:MIN_SAMPLE:MAX_RATE, package.module:function"),
+        ("any_failed:1", "kill switch 'any_failed:1': expected one of"),
+        ("failure_count:x", "failure_count:MAX takes a whole number"),
+        ("failure_count:0", "FailureCount max_count must be a whole number >= 1, got 0"),
+        ("failure_rate:10", "failure_rate:MIN_SAMPLE:MAX_RATE takes a whole number and a rate"),
+        ("failure_rate:10:2", "failure_rate:MIN_SAMPLE:MAX_RATE takes a whole number and a rate"),
+        ("no_such_module:fn", "kill switch 'no_such_module:fn' cannot be imported"),
+        ("a b:c", "expected one of"),
+    ],
+)
+def test_a_bad_text_form_says_what_is_expected(text: str, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse(text)
+    assert message in str(caught.value)

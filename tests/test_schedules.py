@@ -20,6 +20,7 @@ import redis
 from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
 
 from producers.beat import Beat, SlotStore
+from producers.config_file import parse_limits
 from producers.scheduling import (
     Schedule,
     grace_s,
@@ -30,6 +31,7 @@ from producers.scheduling import (
 )
 from workers import keys
 from workers.ledger import Ledger
+from workers.policy.kill_switch import AnyFailed, FailureCount
 from workers.settings import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +89,13 @@ def test_defaults() -> None:
         ({"every_s": 2, "params": {"days": 0}}, "schedule 's': --days must be a whole number"),
         ({"every_s": 2, "enabled": "yes"}, "enabled must be true or false, got 'yes'"),
         ({"every_s": 2, "pipeline": 3}, "pipeline must be a pipeline name, got 3"),
+        ({"every_s": 2, "batch_size": 0}, "batch_size must be a whole number >= 1, got 0"),
+        ({"every_s": 2, "batch_size": True}, "batch_size must be a whole number >= 1, got True"),
+        ({"every_s": 2, "kill_switch": "any_failed"}, "kill_switch needs a batch_size"),
+        ({"every_s": 2, "batch_size": 2, "kill_switch": 3},
+         "kill_switch must be text like 'any_failed', got 3"),
+        ({"every_s": 2, "batch_size": 2, "kill_switch": "sometimes"},
+         "schedule 's': kill switch 'sometimes': expected one of any_failed"),
     ],
 )
 def test_a_bad_schedule_names_itself_and_the_value(table: dict[str, Any], fragment: str) -> None:
@@ -99,10 +108,50 @@ def test_a_bad_schedule_names_itself_and_the_value(table: dict[str, Any], fragme
 def test_bad_names_and_unknown_sections() -> None:
     with pytest.raises(ConfigError, match=r"schedule 'Daily': a name is \[a-z0-9_-\]\+"):
         parse_config({"schedules": {"Daily": {"every_s": 2, "pipeline": "demo"}}})
-    with pytest.raises(ConfigError, match="unknown key 'schedule' \\(known: schedules\\)"):
+    with pytest.raises(ConfigError,
+                       match="unknown key 'schedule' \\(known: schedules, limits\\)"):
         parse_config({"schedule": {}})
     with pytest.raises(ConfigError, match="schedule 'x': must be a table"):
         parse_config({"schedules": {"x": 1}})
+
+
+def test_a_schedule_may_start_its_runs_as_a_batch_map() -> None:
+    batched = sched(every_s=2, batch_size=2, kill_switch="failure_count:2")
+    assert (batched.batch_size, batched.kill_switch) == (2, "failure_count:2")
+    assert batched.run_options() == {"batch_size": 2, "kill_switch": FailureCount(2)}
+    assert sched(every_s=2, batch_size=3).run_options() == {"batch_size": 3,
+                                                           "kill_switch": None}
+    assert sched(every_s=2).run_options() == {}
+
+
+def test_limits_in_the_config_file() -> None:
+    data = {"limits": {"vendor-a": {"rate": "50/s", "burst": 5},
+                       "vendor-b": {"concurrency": 3},
+                       "vendor-c": {"rate": "60/h", "concurrency": 2}}}
+    found = {c.name: (str(c.rate), c.burst, c.concurrency) for c in parse_limits(data)}
+    assert found == {"vendor-a": ("50/s", 5, None), "vendor-b": ("None", 1, 3),
+                     "vendor-c": ("60/h", 1, 2)}
+    assert parse_config(data) == []  # a file with limits only has no schedules
+
+
+@pytest.mark.parametrize(
+    ("table", "fragment"),
+    [
+        ({}, "fanout.toml: limit 'v' needs a rate, a concurrency, or both"),
+        ({"rate": "fast"}, "fanout.toml: bad rate 'fast': expected COUNT/UNIT"),
+        ({"burst": 2, "concurrency": 1}, "limit 'v': a burst needs a rate"),
+        ({"rate": "5/s", "burst": 0}, "burst must be a whole number >= 1, got 0"),
+        ({"concurrency": "3"}, "concurrency must be a whole number >= 1, got '3'"),
+        ({"rate": "5/s", "rps": 5}, "limit 'v': unknown key 'rps' (known: rate, burst, "
+                                    "concurrency)"),
+    ],
+)
+def test_a_bad_limit_names_itself(table: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_limits({"limits": {"v": table}}, "fanout.toml")
+    assert fragment in str(caught.value)
+    with pytest.raises(ConfigError, match="limit 'v': must be a table"):
+        parse_limits({"limits": {"v": 5}})
 
 
 def test_where_the_config_file_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,10 +257,13 @@ class Trigger:
 
     def __init__(self, failures: int = 0) -> None:
         self.calls: list[str] = []
+        self.options: list[dict[str, Any]] = []  # start_run's other keyword arguments
         self.failures = failures
 
-    def __call__(self, pipeline: str, params: dict[str, Any], *, run_id: str) -> str:
+    def __call__(self, pipeline: str, params: dict[str, Any], *, run_id: str,
+                 **options: Any) -> str:
         self.calls.append(run_id)
+        self.options.append(options)
         if self.failures:
             self.failures -= 1
             raise RuntimeError("vendor down")
@@ -250,6 +302,17 @@ def test_one_beat_triggers_each_slot_once(redis_client: redis.Redis) -> None:
         assert redis_client.get(keys.schedule_slot(run_id)) == "fired"
         assert 0 < redis_client.ttl(keys.schedule_slot(run_id)) <= 3600 + 30 + 60
     assert 0 < redis_client.ttl(keys.schedule_runs("ten")) <= 3600
+
+
+def test_a_batched_schedule_starts_its_run_as_a_batch_map(redis_client: redis.Redis) -> None:
+    clock, trigger = Clock(T0 + dt.timedelta(seconds=1)), Trigger()
+    schedules = [sched("plain", every_s=10),
+                 sched("batched", every_s=10, batch_size=2, kill_switch="any_failed")]
+    make_beat(redis_client, schedules, clock, trigger).tick()
+    assert dict(zip(trigger.calls, trigger.options, strict=True)) == {
+        ids("plain", T0)[0]: {},
+        ids("batched", T0)[0]: {"batch_size": 2, "kill_switch": AnyFailed()},
+    }
 
 
 def test_two_beats_at_once_trigger_each_slot_once(redis_client: redis.Redis) -> None:

@@ -95,7 +95,7 @@ class Limits:
         concurrency: int | None = None,
     ) -> LimitConfig:
         """Create or replace a limit: afterwards it has exactly the parts given."""
-        config = _config(name, rate, burst, concurrency)
+        config = make_config(name, rate, burst, concurrency)
         fields: list[str | int] = []
         if config.rate is not None:
             fields += ["rate", str(config.rate), "burst", config.burst]
@@ -293,9 +293,10 @@ class Lease:
                             self.holder_id, self.name, exc)
 
 
-def _config(
+def make_config(
     name: str, rate: str | Rate | None, burst: int | None, concurrency: int | None
 ) -> LimitConfig:
+    """A limit's configuration, checked (ValueError with the reason), without Redis."""
     check_name(name)
     parsed = Rate.parse(rate) if isinstance(rate, str) else rate
     if parsed is not None and not isinstance(parsed, Rate):

@@ -145,6 +145,34 @@ def from_spec(spec: Mapping[str, Any]) -> Switch:
     )
 
 
+#: The text form of a switch, for the CLI and the config file (``parse``).
+TEXT_FORMS = ("any_failed", "failure_count:MAX", "failure_rate:MIN_SAMPLE:MAX_RATE",
+              "package.module:function")
+
+
+def parse(text: str) -> Switch:
+    """A switch from its text form: ``any_failed``, ``failure_count:3`` (trips at 3 failed
+    items), ``failure_rate:10:0.2`` (trips once 10 have ended and more than 20% failed), or
+    ``package.module:function`` (a callable workers can import). ValueError otherwise."""
+    kind, _, rest = text.strip().partition(":")
+    expected = f"kill switch {text!r}: expected one of {', '.join(TEXT_FORMS)}"
+    if kind == "any_failed":
+        _require(not rest, expected)
+        return AnyFailed()
+    if kind == "failure_count":
+        _require(rest.isdigit(), f"kill switch {text!r}: failure_count:MAX takes a whole number")
+        return FailureCount(int(rest))
+    if kind == "failure_rate":
+        min_sample, _, max_rate = rest.partition(":")
+        try:
+            return FailureRate(int(min_sample), float(max_rate))
+        except ValueError:
+            raise ValueError(f"kill switch {text!r}: failure_rate:MIN_SAMPLE:MAX_RATE takes a "
+                             "whole number and a rate between 0 and 1") from None
+    _require(bool(rest) and all(part.isidentifier() for part in kind.split(".")), expected)
+    return from_spec({"kind": "callable", "ref": text.strip()})
+
+
 def _resolve(ref: str) -> Any:
     module, _, qualname = ref.partition(":")
     try:
