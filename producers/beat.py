@@ -32,12 +32,13 @@ from celery import Celery
 from celery.beat import Scheduler
 from celery.utils.log import get_logger
 
+from producers.config_file import config_stamp
 from producers.scheduling import UTC, Schedule, grace_s, lease_s, load_schedules
 from producers.trigger import start_run
 from workers import keys
 from workers.connections import get_redis
 from workers.keys import RunKeys
-from workers.settings import get_settings
+from workers.settings import ConfigError, get_settings
 
 logger = get_logger("fanout.beat")
 
@@ -177,6 +178,19 @@ class Beat:
         self._last_tick: dt.datetime | None = None
         self._holding: str | None = None
 
+    def replace_schedules(self, schedules: Iterable[Schedule]) -> None:
+        """The config changed: an unchanged schedule keeps its place in time (no slot is
+        replayed); a new or changed one starts afresh, as when a beat starts (its latest slot
+        runs if within the grace period); the pending slots of a removed, disabled or changed
+        one are dropped."""
+        new = {s.name: s for s in schedules if s.enabled}
+        for schedule in self.schedules:
+            if new.get(schedule.name) != schedule:
+                self._seen.pop(schedule.name, None)
+        self.pending = {run_id: p for run_id, p in self.pending.items()
+                        if new.get(p.schedule.name) == p.schedule}
+        self.schedules = list(new.values())
+
     def tick(self) -> float:
         """Trigger every slot that is due; seconds until something may be due again."""
         now = self.clock()
@@ -264,6 +278,13 @@ class Beat:
             self._holding = None
 
 
+def _log_schedules(schedules: list[Schedule]) -> None:
+    for schedule in schedules:
+        state = "enabled" if schedule.enabled else "disabled"
+        logger.info("beat: schedule %s (%s, %s) -> pipeline %s, %s", schedule.name,
+                    schedule.when, schedule.tz, schedule.pipeline, state)
+
+
 class FanoutScheduler(Scheduler):
     """Celery beat's scheduler for fanout: the schedules come from the config file, and a due
     slot starts a run in this process (``start_run``) rather than sending a task."""
@@ -274,18 +295,39 @@ class FanoutScheduler(Scheduler):
 
     def __init__(self, app: Celery, *args: Any, **kwargs: Any) -> None:
         self.beat: Beat | None = None
+        self._stamp: tuple[str, int, int] | None = None
         super().__init__(app, *args, **kwargs)  # calls setup_schedule unless lazy
 
     def setup_schedule(self) -> None:
+        self._stamp = config_stamp()
         schedules = load_schedules()
         self.beat = Beat(schedules, store_from_settings(), grace_s=grace_s())
-        for schedule in schedules:
-            state = "enabled" if schedule.enabled else "disabled"
-            logger.info("beat: schedule %s (%s, %s) -> pipeline %s, %s", schedule.name,
-                        schedule.when, schedule.tz, schedule.pipeline, state)
+        _log_schedules(schedules)
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
-        return self.beat.tick() if self.beat else float(self.max_interval)
+        if self.beat is None:
+            return float(self.max_interval)
+        self.reload_if_changed()
+        return min(self.beat.tick(), float(self.max_interval))
+
+    def reload_if_changed(self) -> bool:
+        """Read the config file again if it changed since it was read (a tick comes at least
+        every ``max_interval`` seconds). A bad new file is logged, and the schedules already
+        loaded go on. Returns whether schedules were replaced."""
+        stamp = config_stamp()
+        if stamp == self._stamp or self.beat is None:
+            return False
+        self._stamp = stamp
+        try:
+            schedules = load_schedules()
+        except ConfigError as exc:
+            logger.error("beat: the config file changed but cannot be used, keeping the "
+                         "schedules loaded before: %s", exc)
+            return False
+        logger.info("beat: the config file changed: %d schedules", len(schedules))
+        self.beat.replace_schedules(schedules)
+        _log_schedules(schedules)
+        return True
 
     def close(self) -> None:
         if self.beat is not None:

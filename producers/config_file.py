@@ -41,6 +41,22 @@ def config_path() -> Path | None:
     return default if default.is_file() else None
 
 
+def config_stamp() -> tuple[str, int, int] | None:
+    """What changes when the config file is edited, replaced or removed: its path, mtime
+    and size (None without a file)."""
+    try:
+        path = config_path()
+    except ConfigError:
+        return None  # FANOUT_CONFIG names a file that is gone
+    if path is None:
+        return None
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
 def read_config(path: Path | None = None) -> tuple[dict[str, Any], str]:
     """The config file's tables and its name ({} and "" without a file); a file that is not
     TOML or has an unknown section is a ConfigError naming it."""

@@ -19,7 +19,7 @@ import pytest
 import redis
 from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
 
-from producers.beat import Beat, SlotStore
+from producers.beat import Beat, FanoutScheduler, SlotStore
 from producers.config_file import parse_limits
 from producers.scheduling import (
     Schedule,
@@ -30,6 +30,7 @@ from producers.scheduling import (
     parse_schedule,
 )
 from workers import keys
+from workers.celery import app
 from workers.ledger import Ledger
 from workers.policy.kill_switch import AnyFailed, FailureCount
 from workers.settings import ConfigError
@@ -435,6 +436,53 @@ def test_a_disabled_schedule_never_fires(redis_client: redis.Redis) -> None:
     clock.advance(10)
     beat.tick()
     assert trigger.calls == []
+
+
+def test_a_new_config_keeps_unchanged_schedules_in_time(redis_client: redis.Redis) -> None:
+    clock, trigger = Clock(T0 + dt.timedelta(seconds=1)), Trigger()
+    kept, edited = sched("kept", every_s=10), sched("edited", every_s=10)
+    beat = make_beat(redis_client, [kept, edited, sched("removed", every_s=10)], clock, trigger)
+    beat.tick()
+    assert sorted(trigger.calls) == sorted(ids("kept", T0) + ids("edited", T0)
+                                           + ids("removed", T0))
+
+    clock.advance(5)  # T0 + 6 s
+    beat.replace_schedules([kept, sched("edited", every_s=2), sched("added", every_s=10),
+                            sched("off", every_s=10, enabled=False)])
+    assert [s.name for s in beat.schedules] == ["kept", "edited", "added"]
+    beat.tick()
+    # "kept" replays nothing. The edited one starts afresh, as on a beat's start: its latest
+    # slot only (T0+6), not the T0+2 and T0+4 it would have had since T0; the new one too.
+    at_ = [T0 + dt.timedelta(seconds=n) for n in range(12)]
+    assert sorted(trigger.calls[3:]) == sorted(ids("edited", at_[6]) + ids("added", T0))
+    clock.advance(5)  # T0 + 11 s: from here every schedule runs each slot it passes
+    beat.tick()
+    assert sorted(trigger.calls[5:]) == sorted(
+        ids("kept", at_[10]) + ids("added", at_[10]) + ids("edited", at_[8], at_[10]))
+
+
+def test_fanout_beat_rereads_an_edited_config_and_keeps_the_old_one_if_bad(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "fanout.toml"
+    config.write_text('[schedules.daily]\ncron = "0 3 * * *"\npipeline = "demo"\n')
+    monkeypatch.setenv("FANOUT_CONFIG", str(config))
+    scheduler = FanoutScheduler(app)
+    assert scheduler.beat is not None
+    assert [s.name for s in scheduler.beat.schedules] == ["daily"]
+    # The next slot is hours away, yet the beat wakes every max_interval to look.
+    assert 0 < scheduler.tick() <= FanoutScheduler.max_interval
+    assert scheduler.reload_if_changed() is False  # nothing changed
+
+    config.write_text('[schedules.daily]\ncron = "0 3 * * *"\npipeline = "demo"\n\n'
+                      '[schedules.hourly]\ncron = "5 * * * *"\npipeline = "demo"\n')
+    assert scheduler.reload_if_changed() is True
+    assert [s.name for s in scheduler.beat.schedules] == ["daily", "hourly"]
+
+    config.write_text('[schedules.hourly]\ncron = "61 * * * *"\npipeline = "demo"\n')
+    assert scheduler.reload_if_changed() is False  # a bad edit: the loaded ones go on
+    assert [s.name for s in scheduler.beat.schedules] == ["daily", "hourly"]
+    scheduler.close()
 
 
 # --- the command line -------------------------------------------------------------------------
