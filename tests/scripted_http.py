@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 from collections.abc import Sequence
@@ -153,10 +154,11 @@ class _RecordingServer:
     """What both servers share: their URL, what they recorded, and ``with`` closing them."""
 
     port: int
+    scheme = "http"
     _recorder: _Recorder
 
     def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     @property
     def requests(self) -> list[Recorded]:
@@ -182,11 +184,15 @@ class _RecordingServer:
 
 
 class ScriptedHTTPServer(_RecordingServer):
-    """A real HTTP/1.1 keep-alive server answering requests with scripted responses."""
+    """A real HTTP/1.1 keep-alive server answering requests with scripted responses; with
+    ``tls`` (a server-side SSL context), over HTTPS."""
 
-    def __init__(self, responses: Sequence[Scripted]):
+    def __init__(self, responses: Sequence[Scripted], tls: ssl.SSLContext | None = None):
         self._recorder = _Recorder()
         self._server = _Server(responses, self._recorder)
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            self.scheme = "https"
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True

@@ -7,12 +7,15 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trustme
 from scripted_http import (
     RawServer,
     Reply,
@@ -21,6 +24,7 @@ from scripted_http import (
     response,
 )
 
+from workers import http_transport
 from workers.http import request_json
 from workers.http_transport import KeepAliveTransport
 
@@ -329,3 +333,59 @@ def test_streamed_request_body_is_framed() -> None:
         assert request_json("POST", server.url("/a"), content=content, retries=0) == {"n": 1}
         [request] = server.requests
     assert request.body == b"helloworld"
+
+
+# --- idle connections and TLS ------------------------------------------------------------------
+
+
+def test_a_connection_idle_past_the_expiry_is_not_reused() -> None:
+    now = [100.0]
+    transport = KeepAliveTransport(keepalive_expiry_s=5.0, clock=lambda: now[0])
+    script = [Scripted(200, {"Content-Type": "application/json"}, b'{"n": %d}' % n)
+              for n in range(3)]
+    with ScriptedHTTPServer(script) as server:
+        assert send(transport, "GET", server.url("/a")).json() == {"n": 0}
+        now[0] += 5.0  # idle exactly the expiry: still reused
+        assert send(transport, "GET", server.url("/b")).json() == {"n": 1}
+        now[0] += 5.01  # idle past it: closed, and a new connection dialled
+        assert send(transport, "GET", server.url("/c")).json() == {"n": 2}
+        assert [r.connection for r in server.requests] == [1, 1, 2]
+    transport.close()
+
+
+@pytest.fixture
+def vendor_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[trustme.CA]:
+    """A certificate authority the TLS context trusts (through SSL_CERT_FILE, as httpx reads
+    it), built afresh for the test and forgotten after."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    http_transport._tls_context.cache_clear()
+    yield ca
+    http_transport._tls_context.cache_clear()
+
+
+def test_https_calls_verify_the_vendor_and_share_one_connection(vendor_ca: trustme.CA) -> None:
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    vendor_ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    script = [Scripted(200, {"Content-Type": "application/json"}, b'{"n": %d}' % n)
+              for n in range(3)]
+    with ScriptedHTTPServer(script, tls=server_tls) as server:
+        assert server.url().startswith("https://127.0.0.1:")
+        got = [request_json("GET", server.url(f"/m/{n}"), retries=0) for n in range(3)]
+        assert got == [{"n": 0}, {"n": 1}, {"n": 2}]
+        assert server.connections == 1
+        assert [r.request_line for r in server.requests] == [
+            f"GET /m/{n} HTTP/1.1" for n in range(3)]
+
+
+def test_https_to_a_vendor_whose_certificate_is_not_trusted_fails_to_connect(
+    vendor_ca: trustme.CA,
+) -> None:
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(server_tls)  # another CA's
+    with ScriptedHTTPServer([Scripted(200, body=b"{}")], tls=server_tls) as server:
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            request_json("GET", server.url("/m"), retries=0)
+        assert server.requests == []

@@ -9,7 +9,8 @@ demo vendor, httpx's transport costs about 200 µs of CPU per GET, this one abou
 
 What it speaks: HTTP/1.1 requests with a body of known length; responses framed by
 Content-Length, chunked transfer coding, or the connection closing; keep-alive with one
-connection per origin; TLS with httpx's own SSL context (same certificates and verification).
+connection per origin, not reused after 5 s idle; TLS with httpx's own SSL context (same
+certificates and verification, ``SSL_CERT_FILE`` included).
 A reused connection the server closed while idle is redialled once, but only when not a byte of
 the answer came back (as other clients do: a server that read the request and then closed
 without a word sees it once more). Interim 1xx answers are skipped; a streamed request body is
@@ -22,10 +23,15 @@ from __future__ import annotations
 import functools
 import socket
 import ssl
+import time
+from collections.abc import Callable
 from typing import BinaryIO
 
 import httpx
 
+#: A connection idle this long is closed, not reused (httpx's default too): servers and NATs
+#: drop idle connections, often silently, and a request sent into one waits for its timeout.
+KEEPALIVE_EXPIRY_S = 5.0
 _MAX_LINE = 65536
 _MAX_HEADERS = 200
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -47,6 +53,7 @@ class _Connection:
         self.sock = sock
         self.reader: BinaryIO = sock.makefile("rb")
         self.used = False  # has answered a request already (so it may have gone stale)
+        self.idle_since = 0.0
 
     def close(self) -> None:
         self.reader.close()
@@ -56,8 +63,13 @@ class _Connection:
 class KeepAliveTransport(httpx.BaseTransport):
     """An ``httpx`` transport for one thread: one keep-alive connection per origin."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._connections: dict[tuple[bytes, bytes, int], _Connection] = {}
+        self.keepalive_expiry_s = keepalive_expiry_s
+        self._clock = clock
 
     def prepare(self, url: str) -> None:
         """Build now what the first call to ``url`` would build (the TLS context)."""
@@ -71,6 +83,11 @@ class KeepAliveTransport(httpx.BaseTransport):
         body = request.read()
         head = _request_head(request, len(body))
         connection = self._connections.pop(origin, None)
+        if connection is not None and (
+            self._clock() - connection.idle_since > self.keepalive_expiry_s
+        ):
+            connection.close()  # idle too long to trust
+            connection = None
         if connection is not None:
             try:
                 return self._exchange(connection, origin, request, head, body, timeouts)
@@ -118,6 +135,7 @@ class KeepAliveTransport(httpx.BaseTransport):
             raise
         if keep_alive:
             connection.used = True
+            connection.idle_since = self._clock()
             old = self._connections.pop(origin, None)
             if old is not None:
                 old.close()
