@@ -23,6 +23,7 @@ from __future__ import annotations
 import secrets
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -98,13 +99,74 @@ POOL_CONFIGS = (
 
 # The figures every run has, each summarised as median [min-max] over the runs.
 SPREAD_FIGURES = ("rate", "wall_s", "worker_cpu_ms_per_item", "redis_cpu_ms_per_item",
-                  "vendor_cpu_ms_per_item", "worker_rss_bytes")
+                  "vendor_cpu_ms_per_item", "worker_rss_bytes", "leaf_phase_rate")
+#: The leaf phase of a run: from this share of the leaves done to that one. Its rate leaves
+#: out the start (the fan-out still making the first leaves) and the tail.
+LEAF_PHASE = (0.2, 0.8)
+SAMPLE_EVERY_S = 0.1
 
 
 @dataclass
 class RunOutcome:
     wall_s: float
     checks: dict[str, Any]
+    #: (seconds since the trigger, leaves done) every SAMPLE_EVERY_S, read from Redis
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+
+class LeafSampler:
+    """Reads a run's done-leaf count every ``SAMPLE_EVERY_S`` in a thread, from the trigger
+    to the end (one small Redis read each: fanout's ledger counter, or a baseline's INCR
+    counter)."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self.count = count
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._started = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_EVERY_S):
+            try:
+                self.samples.append((round(time.perf_counter() - self._started, 3),
+                                     self.count()))
+            except Exception:  # a missed sample is no reason to fail a run
+                continue
+
+    def stop(self) -> list[tuple[float, int]]:
+        self._stop.set()
+        self._thread.join(2)
+        return self.samples
+
+
+def thread_ceiling(config: WorkerConfig) -> float:
+    """Leaves per second that ``config``'s threads could run at most, each waiting the
+    vendor's latency per call, whatever the framework around them."""
+    return config.processes * config.concurrency * 1000 / LATENCY_MS
+
+
+def leaf_phase_rate(samples: Sequence[tuple[float, int]], total: int) -> float | None:
+    """Leaves per second between LEAF_PHASE[0] and LEAF_PHASE[1] of ``total`` done, the
+    instant of each mark interpolated between the two samples around it (the count is 0 at
+    the trigger); None when a mark was never reached."""
+    marks = [share * total for share in LEAF_PHASE]
+    times = [_crossing(samples, mark) for mark in marks]
+    if times[0] is None or times[1] is None or times[1] <= times[0]:
+        return None
+    return round((marks[1] - marks[0]) / (times[1] - times[0]), 1)
+
+
+def _crossing(samples: Sequence[tuple[float, int]], mark: float) -> float | None:
+    before = (0.0, 0)
+    for at, count in samples:
+        if count >= mark:
+            if count == before[1]:
+                return at
+            return before[0] + (mark - before[1]) / (count - before[1]) * (at - before[0])
+        before = (at, count)
+    return None
 
 
 @dataclass
@@ -191,11 +253,11 @@ def _wait_counter(env: BenchEnv, tag: str, expected: int, timeout_s: float) -> i
     r = env.redis
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        done, failed = r.mget(common.done_key(tag), common.failed_key(tag))
+        done, failed = (int(v or 0) for v in r.mget(common.done_key(tag), common.failed_key(tag)))
         if failed:
-            raise BenchmarkError(f"{int(failed)} leaf task(s) failed in {tag}")
-        if int(done or 0) >= expected:
-            return int(done)
+            raise BenchmarkError(f"{failed} leaf task(s) failed in {tag}")
+        if done >= expected:
+            return done
         time.sleep(0.005)
     raise BenchmarkError(f"{tag}: timed out after {timeout_s:.0f}s")
 
@@ -263,8 +325,13 @@ class FanoutHarness:
         ledger = services().ledger
         started = time.perf_counter()
         run_id = start_run(self.pipeline, params)
+        from workers.keys import RunKeys
+
+        counts = RunKeys.of(run_id).counts
+        sampler = LeafSampler(lambda: int(env.redis.hget(counts, "metric_day:succeeded") or 0))
         status = ledger.wait(run_id, _run_timeout_s(shape))
         wall = time.perf_counter() - started
+        samples = sampler.stop()
         snapshot = ledger.snapshot(run_id)
         if snapshot is None:
             raise BenchmarkError(f"run {run_id} vanished from the ledger")
@@ -282,7 +349,7 @@ class FanoutHarness:
         if not self.sleep:
             wants["sink_rows"] = (common.sink_count(suite_dir / "sink.db", run_id), rows)
         _verify(checks, wants)
-        return RunOutcome(wall, checks)
+        return RunOutcome(wall, checks, samples)
 
 
 class CeleryBaselineHarness:
@@ -396,16 +463,18 @@ def _run_baseline(
     tag = f"{name}-{secrets.token_hex(4)}"
     url = env.vendor_handle.url
     started = time.perf_counter()
+    sampler = LeafSampler(lambda: int(env.redis.get(common.done_key(tag)) or 0))
     for account_id in common.list_accounts(url):
         send(tag, url, account_id, END_DAY, shape.days)
     done = _wait_counter(env, tag, shape.total, _run_timeout_s(shape))
     wall = time.perf_counter() - started
+    samples = sampler.stop()
     checks: dict[str, Any] = {"tag": tag, "leaf": leaf_kind, "leaves_done": done}
     if leaf_kind != "sleep":
         _verify(checks, {
             "sink_rows": (common.sink_count(suite_dir / "baseline-sink.db", tag), shape.total),
         })
-    return RunOutcome(wall, checks)
+    return RunOutcome(wall, checks, samples)
 
 
 @dataclass(frozen=True)
@@ -486,6 +555,8 @@ def _run_figures(
     return {
         "wall_s": round(outcome.wall_s, 3),
         "rate": round(items / outcome.wall_s, 1),
+        "leaf_phase_rate": leaf_phase_rate(outcome.samples, items),
+        "samples": outcome.samples,
         "worker_cpu_ms_per_item": ms_per_item("workers"),
         "redis_cpu_ms_per_item": ms_per_item("redis"),
         "vendor_cpu_ms_per_item": ms_per_item("vendor"),
@@ -747,8 +818,12 @@ def harvest(ctx: Context) -> SuiteResult:
         return {k: getattr(m, attr) for k, m in measurements.items()
                 if getattr(m, attr) is not None}
 
+    ceiling = thread_ceiling(config)
     result.figures = {
         "metric_days_per_s": medians("rate"),
+        "leaf_phase_per_s": {k: m.stats["leaf_phase_rate"]["median"]
+                             for k, m in measurements.items() if "leaf_phase_rate" in m.stats},
+        "thread_ceiling_per_s": ceiling,
         "ratios": ratios,
         "ratios_per_round": per_round,
         "worker_cpu_ms_per_metric_day": medians("worker_cpu_ms_per_item"),
@@ -766,11 +841,15 @@ def harvest(ctx: Context) -> SuiteResult:
         f"Harvest throughput: {shape.label} = {shape.total:,} metric-days, "
         f"{LATENCY_MS:.0f} ms vendor latency, {config.label} "
         f"(Dramatiq {config.processes} processes x {config.concurrency} threads)",
-        ["contender", "leaf code", "metric-days/s", "fanout / this",
+        ["contender", "leaf code", "metric-days/s", "leaf phase /s", "fanout / this",
          "worker CPU ms / leaf", "Redis CPU ms / leaf", "vendor CPU ms / leaf",
          "worker RSS MiB", "other+steal cores"],
         caption=f"median [min-max] of {repeats} interleaved round(s) (each run on fresh "
-                "workers); fanout / this = ratio of medians, against fanout-sleep for the "
+                f"workers); leaf phase = the rate from {LEAF_PHASE[0]:.0%} to "
+                f"{LEAF_PHASE[1]:.0%} of the leaves done, against a ceiling of "
+                f"{ceiling:,.0f}/s for any contender ({config.processes * config.concurrency} "
+                f"threads / {LATENCY_MS:.0f} ms); "
+                "fanout / this = ratio of medians, against fanout-sleep for the "
                 "sleep rows; leaf code: fanout's = workers.http.request_json + SqliteSink, "
                 "client+INSERT = shared httpx.Client + plain INSERT; naive: 1 thread, sampled "
                 f"and extrapolated, its own CPU as worker CPU; machine: {ctx.cpu_count} cores",
@@ -779,13 +858,14 @@ def harvest(ctx: Context) -> SuiteResult:
         m = measurements.get(c.name)
         if m is None:
             table.rows.append([c.name, leaf_labels[c.leaf], "FAILED", "-", "-", "-", "-", "-",
-                               "-"])
+                               "-", "-"])
             continue
         ratio = 1.0 if c.name == c.reference else ratios.get(f"{c.reference}/{c.name}")
         noise = _spread([_noise(r["cores_used"]) for r in m.runs])
         table.rows.append([
             c.name, leaf_labels[c.leaf],
-            fmt_spread(m.stats, "rate", fmt_rate), "-" if ratio is None else f"{ratio:.2f}x",
+            fmt_spread(m.stats, "rate", fmt_rate), fmt_spread(m.stats, "leaf_phase_rate", fmt_rate),
+            "-" if ratio is None else f"{ratio:.2f}x",
             fmt_spread(m.stats, "worker_cpu_ms_per_item", _ms),
             fmt_spread(m.stats, "redis_cpu_ms_per_item", _ms),
             fmt_spread(m.stats, "vendor_cpu_ms_per_item", _ms),

@@ -55,7 +55,7 @@ def get_json(url: str, **query: str) -> Any:
     """A vendor GET on this leaf kind's HTTP path (``client``: the shared httpx.Client;
     otherwise fanout's ``request_json``, as the demo pipeline calls it, without a limit)."""
     if leaf_kind() == "client":
-        return common.get_json(url, **query)
+        return common.get_json(url, None, **query)
     return request_json("GET", url, params=query or None, retries=0)
 
 
