@@ -87,6 +87,7 @@ class Scripted:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     delay_s: float = 0.0  # wait this long before answering
+    close_after: bool = False  # then close the connection without saying so (no header)
 
 
 class _Server(ThreadingHTTPServer):
@@ -143,6 +144,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(reply.body)
+        if reply.close_after:
+            self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _answer
 

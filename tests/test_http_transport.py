@@ -389,3 +389,17 @@ def test_https_to_a_vendor_whose_certificate_is_not_trusted_fails_to_connect(
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             request_json("GET", server.url("/m"), retries=0)
         assert server.requests == []
+
+
+def test_an_https_connection_the_vendor_dropped_while_idle_is_redialled(
+    vendor_ca: trustme.CA,
+) -> None:
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    vendor_ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    script = [Scripted(200, {"Content-Type": "application/json"}, b'{"n": 0}', close_after=True),
+              Scripted(200, {"Content-Type": "application/json"}, b'{"n": 1}')]
+    with ScriptedHTTPServer(script, tls=server_tls) as server:
+        assert request_json("GET", server.url("/a"), retries=0) == {"n": 0}
+        # The vendor closed the kept connection after answering (no header, no close_notify).
+        assert request_json("GET", server.url("/b"), retries=0) == {"n": 1}
+        assert [r.connection for r in server.requests] == [1, 2]

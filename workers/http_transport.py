@@ -234,7 +234,7 @@ def _read_head(
     and the Connection header."""
     try:
         status_line = reader.readline(_MAX_LINE + 1)
-    except ConnectionError:
+    except (ConnectionError, ssl.SSLEOFError):  # a TLS peer that closed without close_notify
         if reused:
             raise _StaleConnection from None
         raise
