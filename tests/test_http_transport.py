@@ -52,14 +52,7 @@ def send(
     transport: KeepAliveTransport, method: str, url: str, **kwargs: Any
 ) -> httpx.Response:
     """One request straight through the transport, body read, as ``request_json`` does."""
-    request = httpx.Request(method, url, **kwargs)
-    request.extensions["timeout"] = TIMEOUTS
-    answer = transport.handle_request(request)
-    try:
-        answer.read()
-    finally:
-        answer.close()
-    return answer
+    return transport.fetch(httpx.Request(method, url, **kwargs), TIMEOUTS)
 
 
 # --- requests ------------------------------------------------------------------------------

@@ -79,14 +79,7 @@ def _send(method: str, url: str, client: httpx.Client | None, **kwargs: Any) -> 
     if client is not None:
         return client.request(method, url, **kwargs)
     transport, timeout = _transport()
-    request = httpx.Request(method, url, headers=_HEADERS, **kwargs)
-    request.extensions["timeout"] = timeout
-    response = transport.handle_request(request)
-    try:
-        response.read()
-    finally:
-        response.close()
-    return response
+    return transport.fetch(httpx.Request(method, url, headers=_HEADERS, **kwargs), timeout)
 
 
 def _counted_send(

@@ -76,6 +76,16 @@ class KeepAliveTransport(httpx.BaseTransport):
         if url.startswith("https:"):
             _tls_context()
 
+    def fetch(self, request: httpx.Request, timeouts: dict[str, float | None]) -> httpx.Response:
+        """``request`` with these timeouts (httpx.Timeout(...).as_dict()), its body read."""
+        request.extensions["timeout"] = timeouts
+        response = self.handle_request(request)
+        try:
+            response.read()
+        finally:
+            response.close()
+        return response
+
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         url = request.url
