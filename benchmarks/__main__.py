@@ -31,6 +31,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="timed runs per measurement, interleaved across contenders; "
                              "median [min-max] reported (default: 3 for harvest, 1 for the "
                              "others)")
+    parser.add_argument("--latency-ms", type=float, default=None,
+                        help="the demo vendor's latency per request, which the sleep leaf "
+                             "sleeps too (default 20); 0 makes CPU the only bound")
     parser.add_argument("--keep-tmp", action="store_true", help="keep worker logs and sinks")
     args = parser.parse_args(argv)
     args.suites = [s.strip() for s in args.only.split(",") if s.strip()] or list(SUITES)
@@ -39,6 +42,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unknown suite(s) {', '.join(unknown)} (known: {', '.join(SUITES)})")
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat must be >= 1")
+    if args.latency_ms is not None and not 0 <= args.latency_ms <= 1000:
+        parser.error("--latency-ms must be between 0 and 1000")
     return args
 
 
@@ -50,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
 
+    # Before benchmarks.leaf is imported: the driver and every worker it starts read it.
+    if args.latency_ms is not None:
+        os.environ["BENCH_LATENCY_MS"] = str(args.latency_ms)  # benchmarks.leaf.LATENCY_ENV
     # The environment first: it sets FANOUT_REDIS_URL before anything imports `workers`.
     from benchmarks.env import BenchEnv
     from benchmarks.harvest import LATENCY_MS

@@ -43,15 +43,13 @@ from benchmarks.env import BenchEnv, cpu_seconds, machine_cpu_seconds, python, r
 from producers.processes import DEFAULT_CONCURRENCY, DEFAULT_POOL, default_processes
 
 END_DAY = "2026-01-31"
-LATENCY_MS = 20.0
+LATENCY_MS = leaf.LATENCY_MS
 WARMUP_SHAPE_ARGS = (2, 10, 2)
 READY_TIMEOUT_S = 90.0
 NAIVE_SAMPLE = 300
 NAIVE_SAMPLE_QUICK = 50
 HARVEST_REPEATS = 3  # the harvest suite's default --repeat
 SLEEP_PIPELINE = "benchsleep"  # benchmarks/sleep_pipeline.py
-
-assert abs(leaf.SLEEP_S * 1000 - LATENCY_MS) < 1e-9, "the sleep leaf sleeps the vendor latency"
 
 
 @dataclass(frozen=True)
@@ -141,10 +139,20 @@ class LeafSampler:
         return self.samples
 
 
-def thread_ceiling(config: WorkerConfig) -> float:
+def thread_ceiling(config: WorkerConfig, latency_ms: float = LATENCY_MS) -> float | None:
     """Leaves per second that ``config``'s threads could run at most, each waiting the
-    vendor's latency per call, whatever the framework around them."""
-    return config.processes * config.concurrency * 1000 / LATENCY_MS
+    vendor's latency per call, whatever the framework around them; None at 0 ms, where only
+    CPU bounds the rate."""
+    if latency_ms <= 0:
+        return None
+    return config.processes * config.concurrency * 1000 / latency_ms
+
+
+def _ceiling_note(config: WorkerConfig, ceiling: float | None) -> str:
+    if ceiling is None:
+        return " (no vendor latency: CPU alone bounds every contender)"
+    return (f", against a ceiling of {ceiling:,.0f}/s for any contender "
+            f"({config.processes * config.concurrency} threads / {LATENCY_MS:g} ms)")
 
 
 def leaf_phase_rate(samples: Sequence[tuple[float, int]], total: int) -> float | None:
@@ -839,16 +847,14 @@ def harvest(ctx: Context) -> SuiteResult:
                    "sleep": f"sleep {leaf.SLEEP_S * 1000:.0f} ms"}
     table = Table(
         f"Harvest throughput: {shape.label} = {shape.total:,} metric-days, "
-        f"{LATENCY_MS:.0f} ms vendor latency, {config.label} "
+        f"{LATENCY_MS:g} ms vendor latency, {config.label} "
         f"(Dramatiq {config.processes} processes x {config.concurrency} threads)",
         ["contender", "leaf code", "metric-days/s", "leaf phase /s", "fanout / this",
          "worker CPU ms / leaf", "Redis CPU ms / leaf", "vendor CPU ms / leaf",
          "worker RSS MiB", "other+steal cores"],
         caption=f"median [min-max] of {repeats} interleaved round(s) (each run on fresh "
                 f"workers); leaf phase = the rate from {LEAF_PHASE[0]:.0%} to "
-                f"{LEAF_PHASE[1]:.0%} of the leaves done, against a ceiling of "
-                f"{ceiling:,.0f}/s for any contender ({config.processes * config.concurrency} "
-                f"threads / {LATENCY_MS:.0f} ms); "
+                f"{LEAF_PHASE[1]:.0%} of the leaves done{_ceiling_note(config, ceiling)}; "
                 "fanout / this = ratio of medians, against fanout-sleep for the "
                 "sleep rows; leaf code: fanout's = workers.http.request_json + SqliteSink, "
                 "client+INSERT = shared httpx.Client + plain INSERT; naive: 1 thread, sampled "

@@ -35,12 +35,16 @@ from workers.sinks.sqlite import SqliteSink
 
 LEAF_ENV = "BENCH_LEAF"
 SINK_ENV = "BENCH_BASELINE_SINK"
-#: The demo vendor's latency in the harvest suite (``harvest.LATENCY_MS``): the sleep leaf's.
-SLEEP_S = 0.020
+LATENCY_ENV = "BENCH_LATENCY_MS"
+DEFAULT_LATENCY_MS = 20.0
+#: The demo vendor's latency in the harvest suite (``python -m benchmarks --latency-ms``, which
+#: sets ``BENCH_LATENCY_MS`` for the driver and every worker it starts); the sleep leaf sleeps it.
+LATENCY_MS = float(os.environ.get(LATENCY_ENV) or DEFAULT_LATENCY_MS)
+SLEEP_S = LATENCY_MS / 1000
 KINDS = {
     "fanout": "fanout's leaf code: request_json (per-thread transport) + SqliteSink",
     "client": "shared httpx.Client + plain INSERT (autocommit)",
-    "sleep": f"sleep {SLEEP_S * 1000:.0f} ms (no HTTP, no sink)",
+    "sleep": f"sleep {LATENCY_MS:g} ms (no HTTP, no sink)",
 }
 
 

@@ -25,3 +25,6 @@ def test_few_samples_interpolate_and_none_never_reach_a_mark() -> None:
 
 def test_the_thread_ceiling_is_threads_over_latency() -> None:
     assert thread_ceiling(WorkerConfig(2, "threads", 32)) == 3200.0
+    assert thread_ceiling(WorkerConfig(2, "threads", 32), latency_ms=2) == 32_000.0
+    # Without latency the threads never wait: no ceiling but the CPU.
+    assert thread_ceiling(WorkerConfig(2, "threads", 32), latency_ms=0) is None
