@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,12 @@ def bad_messages(queue: str) -> dict[str, tuple[str, str]]:
 KINDS = len(bad_messages(LEAF))
 
 
+def _said_ready(log: Path) -> str:
+    """The worker's log once it says it is ready, else ""."""
+    text = log.read_text()
+    return text if " ready." in text else ""
+
+
 def test_bad_messages_are_dead_lettered_and_the_run_ends_exactly(
     vendor: VendorHandle, start_worker: WorkerFactory, redis_client: redis.Redis,
     sink_path: Path,
@@ -97,7 +104,8 @@ def test_bad_messages_are_dead_lettered_and_the_run_ends_exactly(
     logs = sorted(Path(os.environ["FANOUT_HOME"]).parent.glob("worker*.log"))
     assert len(logs) == 3
     for log in logs:
-        text = log.read_text()
+        # A worker started last may still be starting when the others have ended the run.
+        text = wait_for(partial(_said_ready, log), what=f"{log.name} ready")
         assert text.count(" ready.") == 1, text[-2000:]
         assert "Unrecoverable error" not in text
 
