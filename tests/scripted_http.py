@@ -29,7 +29,7 @@ def reset_thread_transport() -> None:
     entry = getattr(http._local, "entry", None)
     if entry is not None:
         del http._local.entry
-        entry[1].close()
+        entry.close()
 
 
 @dataclass(frozen=True)

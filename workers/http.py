@@ -4,7 +4,8 @@ Retried: connect/read timeouts, transport errors, 5xx, 408 and 429 (honouring
 ``Retry-After``), with exponential backoff and jitter. Never retried: other 4xx, which are
 permanent (the stage fails at once, whatever its retries). What finally fails raises
 ``VendorHTTPError`` carrying the status and a short excerpt of the body. Every try is counted
-per thread (``tries``), so a failed item reports its HTTP retries too.
+per thread (``tries``), so a failed item reports its HTTP retries too. A proxy named in the
+environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY) is honoured as httpx honours it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -60,26 +63,61 @@ _HEADERS = {"accept": "application/json", "user-agent": "fanout"}
 _local = threading.local()
 
 
-def _transport() -> tuple[KeepAliveTransport, dict[str, Any]]:
-    """This thread's keep-alive transport and request timeouts (a forked child makes its own).
+@dataclass(frozen=True)
+class _ThreadHTTP:
+    """One worker thread's way to the vendor (a forked child makes its own)."""
+
+    pid: int
+    transport: KeepAliveTransport
+    timeout: dict[str, Any]  # httpx's request extensions form
+    #: When the environment names a proxy: an httpx.Client, which honours it (and NO_PROXY)
+    #: as httpx always does; the lean transport has no proxy support.
+    proxied: httpx.Client | None
+
+    def prepare(self, url: str) -> None:
+        """Pay a first TLS context's cost now (the lean transport's; a client's is paid when
+        it is made)."""
+        if self.proxied is None:
+            self.transport.prepare(url)
+
+    def close(self) -> None:
+        self.transport.close()
+        if self.proxied is not None:
+            self.proxied.close()
+
+
+def environment_proxies() -> dict[str, str]:
+    """The proxies the environment names (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, lower case
+    too), as httpx reads them."""
+    return {k: v for k, v in urllib.request.getproxies().items() if k in ("http", "https", "all")}
+
+
+def _thread_http() -> _ThreadHTTP:
+    """This thread's way to the vendor, made on its first call.
 
     Vendor calls go to a lean transport (``http_transport.py``), not through ``httpx.Client``:
     the client's per-request work (cookie jar, auth and redirect machinery, a log line) and
     httpx's pooled transport were most of the ~1 ms of CPU a call cost, and a JSON call from a
-    worker thread, one at a time, needs none of it."""
-    entry: tuple[int, KeepAliveTransport, dict[str, Any]] | None = getattr(_local, "entry", None)
-    if entry is None or entry[0] != os.getpid():
+    worker thread, one at a time, needs none of it. Behind a proxy they go through a client."""
+    entry: _ThreadHTTP | None = getattr(_local, "entry", None)
+    if entry is None or entry.pid != os.getpid():
         timeout_s = get_settings().http_timeout_s
-        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)).as_dict()
-        entry = _local.entry = (os.getpid(), KeepAliveTransport(), timeout)
-    return entry[1], entry[2]
+        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
+        proxied = httpx.Client(timeout=timeout, headers=_HEADERS) if environment_proxies() \
+            else None
+        entry = _local.entry = _ThreadHTTP(os.getpid(), KeepAliveTransport(),
+                                           timeout.as_dict(), proxied)
+    return entry
 
 
 def _send(method: str, url: str, client: httpx.Client | None, **kwargs: Any) -> httpx.Response:
     if client is not None:
         return client.request(method, url, **kwargs)
-    transport, timeout = _transport()
-    return transport.fetch(httpx.Request(method, url, headers=_HEADERS, **kwargs), timeout)
+    way = _thread_http()
+    if way.proxied is not None:
+        return way.proxied.request(method, url, **kwargs)
+    return way.transport.fetch(httpx.Request(method, url, headers=_HEADERS, **kwargs),
+                               way.timeout)
 
 
 def _counted_send(
@@ -134,7 +172,7 @@ def request_json(
             if client is None:
                 # The process's first TLS context costs tens of ms: pay it before taking a
                 # turn, or the call arrives late and bunches with the next one.
-                _transport()[0].prepare(url)
+                _thread_http().prepare(url)
             with throttle().hold(limit):
                 response = _counted_send(method, url, client, **kwargs)
         if response.status_code >= 400:

@@ -15,7 +15,8 @@ A reused connection the server closed while idle is redialled once, but only whe
 the answer came back (as other clients do: a server that read the request and then closed
 without a word sees it once more). Interim 1xx answers are skipped; a streamed request body is
 collected and sent with its Content-Length. No HTTP/2, proxies or
-Unix sockets: a stage that needs them passes its own ``httpx.Client`` to ``request_json``.
+Unix sockets: a stage that needs them passes its own ``httpx.Client`` to ``request_json``,
+which also takes one itself when the environment names a proxy (``workers/http.py``).
 """
 
 from __future__ import annotations
