@@ -80,6 +80,7 @@ def test_query_string_and_headers_are_sent_exactly() -> None:
     assert request.headers == [
         ("Host", f"127.0.0.1:{server.port}"),
         ("accept", "application/json"),
+        ("accept-encoding", "gzip, deflate"),  # as httpx.Client asks
         ("user-agent", "fanout"),
     ]
     assert request.body == b""

@@ -59,7 +59,9 @@ def tries() -> int:
     return int(getattr(_local, "tries", 0))
 
 
-_HEADERS = {"accept": "application/json", "user-agent": "fanout"}
+# Compressed answers are asked for as httpx.Client asks (httpx decodes them when read).
+_HEADERS = {"accept": "application/json", "accept-encoding": "gzip, deflate",
+            "user-agent": "fanout"}
 _local = threading.local()
 
 
