@@ -85,7 +85,7 @@ class WorkerConfig:
         return f"{self.processes} proc x {self.pool} {self.concurrency}"
 
 
-# fanout's own defaults (`fanout worker`): one process per core, 64 threads each; every
+# fanout's own defaults (`fanout worker`): one process per core, 32 threads each; every
 # contender runs with the same processes x threads.
 MAIN_CONFIG = WorkerConfig(default_processes(), DEFAULT_POOL, DEFAULT_CONCURRENCY)
 POOL_CONFIGS = (
