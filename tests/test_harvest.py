@@ -14,7 +14,7 @@ from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
 from demo_vendor.data import fault_hit, metric_value, service_metric
 from producers.trigger import start_run
 from workers.engine.services import services
-from workers.keys import queue_name
+from workers.keys import claimed, queue_name
 from workers.pipelines.demo import metric_days
 from workers.transport import RedisTransport
 
@@ -125,6 +125,41 @@ def test_worker_sigkilled_mid_run_loses_nothing(
     fetched = {p: n for p, n in by_path.items() if "/metrics?" in p}
     assert len(fetched) == 200
     assert sum(fetched.values()) - 200 <= 8 * (16 + 4)
+
+
+def test_worker_stopped_mid_run_finishes_its_work_and_refetches_nothing(
+    vendor: VendorHandle, start_worker: WorkerFactory, redis_client: redis.Redis,
+    sink_path: Path,
+) -> None:
+    """A deploy's SIGTERM: the worker finishes what it runs (its claimed batches included),
+    gives back what it had only prefetched, and exits 0; a new worker ends the run and no
+    metric-day is fetched twice."""
+    vendor.configure(accounts=2, services=10, latency_ms=40)
+    stopping = start_worker(concurrency=8)
+    run_id = run_demo(vendor, days=10)
+    ledger = services().ledger
+
+    def leaves_done() -> int:
+        snap = ledger.snapshot(run_id)
+        return snap.stages.get("metric_day", {}).get("succeeded", 0) if snap else 0
+
+    wait_for(lambda: leaves_done() >= 40, what="40 leaves done before the stop")
+    stopping.send_signal(signal.SIGTERM)
+    assert stopping.wait(timeout=60) == 0
+    done_at_stop = leaves_done()
+    assert done_at_stop < 200, "the run finished before the worker was stopped"
+    assert redis_client.zcard(claimed(queue_name("demo", "metric_day"))) == 0
+
+    start_worker(concurrency=8)
+    summary = finish(run_id)
+
+    assert summary["status"] == "succeeded"
+    assert summary["stages"]["metric_day"]["succeeded"] == 200
+    assert summary["rows_written"] == 200
+    assert [r[:6] for r in sink_rows(sink_path)] == expected_rows(2, 10, 10)
+    fetched = {p: n for p, n in vendor.stats()["by_path"].items() if "/metrics?" in p}
+    assert len(fetched) == 200
+    assert set(fetched.values()) == {1}
 
 
 def test_message_delivered_twice_is_counted_once(
