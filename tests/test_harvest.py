@@ -37,6 +37,12 @@ def finish(run_id: str, timeout_s: float = 90) -> dict[str, Any]:
     return snap.summary()
 
 
+def leaves_done(run_id: str) -> int:
+    """Metric-days of the run succeeded so far."""
+    snap = services().ledger.snapshot(run_id)
+    return snap.stages.get("metric_day", {}).get("succeeded", 0) if snap else 0
+
+
 def expected_rows(accounts: int, services: int, days: int, seed: int = 7) -> list[tuple[Any, ...]]:
     rows = []
     for a in range(1, accounts + 1):
@@ -98,16 +104,11 @@ def test_worker_sigkilled_mid_run_loses_nothing(
     short_visibility = {"FANOUT_VISIBILITY_TIMEOUT_S": "3"}
     victim = start_worker(short_visibility, concurrency=8)
     run_id = run_demo(vendor, days=10)
-    ledger = services().ledger
 
-    def leaves_done() -> int:
-        snap = ledger.snapshot(run_id)
-        return snap.stages.get("metric_day", {}).get("succeeded", 0) if snap else 0
-
-    wait_for(lambda: leaves_done() >= 40, what="40 leaves done before the kill")
+    wait_for(lambda: leaves_done(run_id) >= 40, what="40 leaves done before the kill")
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
-    done_at_kill = leaves_done()
+    done_at_kill = leaves_done(run_id)
     assert done_at_kill < 200, "the run finished before the worker was killed"
 
     start_worker(short_visibility, concurrency=8)
@@ -137,16 +138,11 @@ def test_worker_stopped_mid_run_finishes_its_work_and_refetches_nothing(
     vendor.configure(accounts=2, services=10, latency_ms=40)
     stopping = start_worker(concurrency=8)
     run_id = run_demo(vendor, days=10)
-    ledger = services().ledger
 
-    def leaves_done() -> int:
-        snap = ledger.snapshot(run_id)
-        return snap.stages.get("metric_day", {}).get("succeeded", 0) if snap else 0
-
-    wait_for(lambda: leaves_done() >= 40, what="40 leaves done before the stop")
+    wait_for(lambda: leaves_done(run_id) >= 40, what="40 leaves done before the stop")
     stopping.send_signal(signal.SIGTERM)
     assert stopping.wait(timeout=60) == 0
-    done_at_stop = leaves_done()
+    done_at_stop = leaves_done(run_id)
     assert done_at_stop < 200, "the run finished before the worker was stopped"
     assert redis_client.zcard(claimed(queue_name("demo", "metric_day"))) == 0
 
