@@ -543,3 +543,22 @@ def test_restore_puts_back_only_old_claims_at_the_consuming_end(
     assert redis_client.llen(queue) == 4
     assert json.loads(redis_client.lrange(queue, 0, -1)[0])["headers"]["task"] == (
         "demo.metric_day")
+
+
+def test_give_back_puts_claims_back_first_and_never_doubles_one(
+    transport: RedisTransport, redis_client: redis.Redis
+) -> None:
+    ds = deliveries(4)
+    queue = ds[0].queue
+    transport.publish(ds)
+    taken = transport.claim(queue, 3)
+    # The reaper already put one back: giving it back again must not queue it twice.
+    redis_client.zrem(keys.claimed(queue), taken[2])
+    redis_client.rpush(queue, taken[2])
+
+    assert transport.give_back(queue, taken) == 2
+    assert transport.give_back(queue, []) == 0
+    assert redis_client.zcard(keys.claimed(queue)) == 0
+    # Given back at the consuming end, in the order they were claimed, before the rest.
+    assert [decode_redis(m) for m in transport.claim(queue, 4)] == [ds[0], ds[1], ds[2], ds[3]]
+

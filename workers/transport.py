@@ -42,6 +42,10 @@ class Transport(Protocol):
     def release(self, queue: str, raws: Sequence[str]) -> None:
         """The claimed messages are done (or dead-lettered)."""
 
+    def give_back(self, queue: str, raws: Sequence[str]) -> int:
+        """Put claimed messages back on ``queue`` now: their batch could not be recorded (an
+        infrastructure error), and the items must run again. Returns how many went back."""
+
     def restore_claims(self, queues: Sequence[str], claimed_before: float) -> int:
         """Put back messages claimed before ``claimed_before`` and never released (their
         worker died). Returns how many."""
@@ -56,6 +60,7 @@ class RedisTransport:
         self.ttl_s = ttl_s
         self._claim = scripts.load("claim")
         self._restore = scripts.load("restore_claimed")
+        self._give_back = scripts.load("give_back")
 
     def publish(self, deliveries: Sequence[Delivery]) -> None:
         by_queue: dict[str, list[str]] = defaultdict(list)
@@ -80,6 +85,12 @@ class RedisTransport:
     def release(self, queue: str, raws: Sequence[str]) -> None:
         if raws:
             self.redis.zrem(keys.claimed(queue), *raws)
+
+    def give_back(self, queue: str, raws: Sequence[str]) -> int:
+        if not raws:
+            return 0
+        keys_ = {"claimed": keys.claimed(queue), "queue": queue}
+        return int(self._give_back(self.redis, keys_, list(raws)))
 
     def restore_claims(self, queues: Sequence[str], claimed_before: float) -> int:
         restored = 0
@@ -125,6 +136,9 @@ class KombuTransport:
 
     def release(self, queue: str, raws: Sequence[str]) -> None:
         return None
+
+    def give_back(self, queue: str, raws: Sequence[str]) -> int:
+        return 0
 
     def restore_claims(self, queues: Sequence[str], claimed_before: float) -> int:
         return 0

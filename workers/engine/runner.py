@@ -106,18 +106,39 @@ class StageRunner:
         from its queue (no more than this thread's fair share of what waits, so a short queue
         is spread over the threads). A claimed message that does not decode is
         dead-lettered; the rest of the batch goes on. Claims are released once their items
-        are recorded."""
+        are recorded, or given back at once when they cannot be."""
         transport = self.services.transport
         claimed = transport.claim(stage.queue, stage.claim_batch - 1, self.claim_share) \
             if stage.claim_batch > 1 else []
         work = [(first, stage)]
+        runnable: list[str] = []
         for raw in claimed:
             decoded = self._decode_claimed(raw, stage)
             if decoded is not None:
                 work.append(decoded)
-        reports = self.run(work)
+                runnable.append(raw)
+        try:
+            reports = self.run(work)
+        except INFRA_ERRORS:
+            self._give_back(stage.queue, claimed, runnable)
+            raise
         transport.release(stage.queue, claimed)
         return reports
+
+    def _give_back(self, queue: str, claimed: Sequence[str], runnable: Sequence[str]) -> None:
+        """The batch could not be recorded (the sink or Redis failed): its runnable claimed
+        messages go back on their queue now instead of after the visibility timeout, and the
+        dead-lettered ones are released (the task's own message goes back through Celery).
+        With Redis itself down they stay claimed, and the reaper puts them back."""
+        transport = self.services.transport
+        try:
+            transport.give_back(queue, runnable)
+            # Only the dead-lettered ones: a message given back may be claimed again already.
+            kept = set(runnable)
+            transport.release(queue, [raw for raw in claimed if raw not in kept])
+        except INFRA_ERRORS as exc:
+            log.warning("%d claimed messages of %s stay claimed until the reaper puts them "
+                        "back: %s", len(runnable), queue, exc)
 
     def run(self, work: Sequence[tuple[Delivery, Stage]]) -> list[ItemReport]:
         """Run deliveries (each with its stage); returns what happened to each."""
