@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -177,7 +177,7 @@ def test_every_run_key_has_a_ttl_and_the_run_is_indexed(
     assert set(existing) == {"run", "counts", "items", "payloads", "roots"}
     for name, key in existing.items():
         assert TTL_S - 5 <= redis_client.ttl(key) <= TTL_S, name
-    created_at = float(redis_client.hget(RunKeys.of(RUN).run, "created_at"))
+    created_at = float(str(redis_client.hget(RunKeys.of(RUN).run, "created_at")))
     assert redis_client.zrange(keys.RUNS_INDEX, 0, -1, withscores=True) == [(RUN, created_at)]
     assert ledger.latest_run() == RUN
 
@@ -481,7 +481,8 @@ def test_claim_takes_from_the_consuming_end_in_fifo_order(
 
     assert [decode_redis(raw) for raw in taken] == ds[:2]
     assert [decode_redis(raw) for raw in redis_client.lrange(queue, 0, -1)] == ds[2:]
-    claimed = redis_client.zrange(keys.claimed(queue), 0, -1, withscores=True)
+    claimed = cast(list[tuple[str, float]],
+                   redis_client.zrange(keys.claimed(queue), 0, -1, withscores=True))
     assert sorted(m for m, _ in claimed) == sorted(taken)
     assert all(before <= score <= after for _, score in claimed)
     assert 0 < redis_client.ttl(keys.claimed(queue)) <= TTL_S
