@@ -244,6 +244,18 @@ def postgres_admin(statement: str) -> None:
         conn.execute(statement)
 
 
+def terminate_postgres_backends(application_name: str) -> int:
+    """Close, as a server restart would, every connection whose application_name this is."""
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = %s", (application_name,),
+        ).fetchall()
+    return len(rows)
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL URL whose search path is a schema of this test's own, dropped after it."""

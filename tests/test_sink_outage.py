@@ -10,21 +10,12 @@ from typing import Any
 
 import psycopg
 import redis
-from conftest import POSTGRES_URL, VendorHandle, WorkerFactory, wait_for
+from conftest import VendorHandle, WorkerFactory, terminate_postgres_backends, wait_for
 from test_harvest import expected_rows, finish, leaves_done, run_demo
 
 from workers.keys import claimed, queue_name
 
 LEAF = queue_name("demo", "metric_day")
-
-
-def terminate_backends(application_name: str) -> int:
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name = %s", (application_name,),
-        ).fetchall()
-    return len(rows)
 
 
 def postgres_rows(url: str) -> list[tuple[Any, ...]]:
@@ -45,7 +36,7 @@ def test_a_sink_that_drops_its_connections_mid_run_loses_and_fails_nothing(
     run_id = run_demo(vendor, days=10)
 
     wait_for(lambda: leaves_done(run_id) >= 40, what="40 leaves done before the drop")
-    assert terminate_backends(application) >= 1
+    assert terminate_postgres_backends(application) >= 1
     done_at_drop = leaves_done(run_id)
     assert done_at_drop < 200, "the run finished before the sink dropped its connections"
 

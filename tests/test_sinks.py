@@ -11,13 +11,14 @@ import multiprocessing
 import random
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import POSTGRES_URL, require_service, rows_at
+from conftest import POSTGRES_URL, require_service, rows_at, terminate_postgres_backends
 
 from workers.redact import redact
 from workers.settings import ConfigError
@@ -194,3 +195,18 @@ def test_processes_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path: Path)
     while not errors.empty():
         found.append(errors.get())
     assert found == []
+
+
+def test_postgres_sink_replaces_connections_the_server_closed(postgres_url: str) -> None:
+    """After a PostgreSQL restart the pool's idle connections are dead: each is checked when
+    taken and replaced, so no write fails for it."""
+    application = f"fanout-sink-{uuid.uuid4().hex[:8]}"
+    sink = open_sink(f"{postgres_url}&application_name={application}")
+    try:
+        assert sink.write([record(1, 1.0)], "run-1") == 1
+        assert terminate_postgres_backends(application) >= 1
+        assert sink.write([record(2, 2.0)], "run-1") == 1
+        assert sink.count("run-1") == 2
+    finally:
+        sink.close()
+

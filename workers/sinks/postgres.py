@@ -61,9 +61,11 @@ class PostgresSink:
                 _create_table(conn)
         except psycopg.Error as exc:
             raise ConfigError(f"cannot open sink {redact(url)}: {_one_line(exc)}") from exc
+        # check: a connection is tried when taken (one round trip per batch written), so
+        # those a server restart or failover closed are replaced instead of failing a write.
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url, kwargs=kwargs, min_size=1, max_size=max_connections, open=True,
-            timeout=timeout_s, name="fanout-sink",
+            timeout=timeout_s, name="fanout-sink", check=ConnectionPool.check_connection,
         )
 
     def write(self, records: Sequence[Record], run_id: str) -> int:
