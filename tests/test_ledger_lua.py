@@ -467,12 +467,17 @@ def deliveries(n: int) -> list[Delivery]:
     return [Delivery("demo.metric_day", RUN, f"metric_day:m{i}", {"i": i}) for i in range(n)]
 
 
+def queued(transport: RedisTransport, n: int) -> tuple[list[Delivery], str]:
+    """``n`` leaf deliveries published on their queue, and the queue's name."""
+    ds = deliveries(n)
+    transport.publish(ds)
+    return ds, ds[0].queue
+
+
 def test_claim_takes_from_the_consuming_end_in_fifo_order(
     transport: RedisTransport, redis_client: redis.Redis
 ) -> None:
-    ds = deliveries(3)
-    queue = ds[0].queue
-    transport.publish(ds)
+    ds, queue = queued(transport, 3)
     assert transport.queue_depth(queue) == 3
 
     before = time.time()
@@ -504,9 +509,7 @@ def test_claim_takes_from_the_consuming_end_in_fifo_order(
 def test_a_claim_takes_no_more_than_its_fair_share_of_the_queue(
     transport: RedisTransport, redis_client: redis.Redis
 ) -> None:
-    ds = deliveries(10)
-    queue = ds[0].queue
-    transport.publish(ds)
+    ds, queue = queued(transport, 10)
 
     # 10 waiting, 4 threads compete: 10 // 4 = 2, though 8 were asked for.
     assert [decode_redis(raw) for raw in transport.claim(queue, 8, share=4)] == ds[:2]
@@ -523,9 +526,7 @@ def test_a_claim_takes_no_more_than_its_fair_share_of_the_queue(
 def test_restore_puts_back_only_old_claims_at_the_consuming_end(
     transport: RedisTransport, redis_client: redis.Redis
 ) -> None:
-    ds = deliveries(4)
-    queue = ds[0].queue
-    transport.publish(ds)
+    ds, queue = queued(transport, 4)
     old, recent = transport.claim(queue, 2)
     claimed_key = keys.claimed(queue)
     redis_client.zadd(claimed_key, {old: 1000.0, recent: 2000.0}, xx=True)
@@ -549,9 +550,7 @@ def test_restore_puts_back_only_old_claims_at_the_consuming_end(
 def test_give_back_puts_claims_back_first_and_never_doubles_one(
     transport: RedisTransport, redis_client: redis.Redis
 ) -> None:
-    ds = deliveries(4)
-    queue = ds[0].queue
-    transport.publish(ds)
+    ds, queue = queued(transport, 4)
     taken = transport.claim(queue, 3)
     # The reaper already put one back: giving it back again must not queue it twice.
     redis_client.zrem(keys.claimed(queue), taken[2])
