@@ -33,7 +33,7 @@ from kombu.transport.redis import Mutex, MutexHeld
 
 from workers import broker
 from workers.api import Stage, all_pipelines, load_pipelines
-from workers.connections import broker_redis, resolve_broker_url
+from workers.connections import broker_redis, get_redis, resolve_broker_url, warn_if_evicting
 from workers.engine.reaper import start_reaper
 from workers.engine.runner import INFRA_ERRORS, StageRunner
 from workers.engine.scheduler import start_mover
@@ -221,6 +221,10 @@ class RedisBrokerHooks:
 def _start_background_threads(app: Celery) -> None:
     svc = services()
     client = broker_redis(resolve_broker_url(svc.settings))
+    ledger_redis = get_redis()
+    warn_if_evicting(ledger_redis, "the run ledger")
+    if client is not None and client is not ledger_redis:  # one client per URL
+        warn_if_evicting(client, "the broker")
     hooks = RedisBrokerHooks(app, client) if client is not None else None
     start_reaper(svc, svc.settings.visibility_timeout_s, broker=hooks)
     start_mover(svc.scheduler)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import redis
 
 from workers import embedded_redis
 from workers.redact import redact
 from workers.settings import ConfigError, Settings, get_settings
+
+log = logging.getLogger("fanout")
 
 
 def resolve_redis_url(settings: Settings | None = None) -> str:
@@ -50,3 +53,20 @@ def broker_redis(broker_url: str) -> redis.Redis | None:
 def get_redis() -> redis.Redis:
     """The process-wide Redis client for the ledger (strings in, strings out)."""
     return _client_for(resolve_redis_url())
+
+
+def warn_if_evicting(client: redis.Redis, what: str) -> str | None:
+    """Say once, as a warning, when this Redis may evict keys under memory pressure: a run's
+    ledger or a queued message could then vanish without a trace. Returns the policy when it
+    is not ``noeviction`` (read from INFO, which managed Redis services allow where CONFIG is
+    often disabled); None when it is, or when it cannot be read."""
+    try:
+        policy = str(client.info("memory").get("maxmemory_policy", "noeviction"))
+    except redis.RedisError:
+        return None
+    if policy == "noeviction":
+        return None
+    log.warning("the Redis of %s may evict keys (maxmemory-policy %s): a run's ledger or a "
+                "queued message could be lost; set maxmemory-policy noeviction", what, policy)
+    return policy
+
