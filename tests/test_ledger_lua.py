@@ -561,4 +561,3 @@ def test_give_back_puts_claims_back_first_and_never_doubles_one(
     assert redis_client.zcard(keys.claimed(queue)) == 0
     # Given back at the consuming end, in the order they were claimed, before the rest.
     assert [decode_redis(m) for m in transport.claim(queue, 4)] == [ds[0], ds[1], ds[2], ds[3]]
-

@@ -209,4 +209,3 @@ def test_postgres_sink_replaces_connections_the_server_closed(postgres_url: str)
         assert sink.count("run-1") == 2
     finally:
         sink.close()
-

@@ -56,10 +56,10 @@ def get_redis() -> redis.Redis:
 
 
 def warn_if_evicting(client: redis.Redis, what: str) -> str | None:
-    """Say once, as a warning, when this Redis may evict keys under memory pressure: a run's
-    ledger or a queued message could then vanish without a trace. Returns the policy when it
-    is not ``noeviction`` (read from INFO, which managed Redis services allow where CONFIG is
-    often disabled); None when it is, or when it cannot be read."""
+    """Log a warning when this Redis may evict keys under memory pressure: a run's ledger or
+    a queued message could then vanish without a trace (a worker calls this once, at start).
+    Returns the policy when it is not ``noeviction`` (read from INFO, which managed Redis
+    services allow where CONFIG is often disabled); None when it is, or cannot be read."""
     try:
         policy = str(client.info("memory").get("maxmemory_policy", "noeviction"))
     except redis.RedisError:
@@ -69,4 +69,3 @@ def warn_if_evicting(client: redis.Redis, what: str) -> str | None:
     log.warning("the Redis of %s may evict keys (maxmemory-policy %s): a run's ledger or a "
                 "queued message could be lost; set maxmemory-policy noeviction", what, policy)
     return policy
-
