@@ -5,7 +5,6 @@ itself and records the request line the client sent it."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
@@ -58,10 +57,9 @@ def test_the_proxied_path_keeps_the_timeout(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("FANOUT_HTTP_TIMEOUT_S", "0.2")
     with ScriptedHTTPServer([Scripted(200, JSON, b"{}", delay_s=1.5)] * 2) as proxy:
         monkeypatch.setenv("HTTP_PROXY", proxy.url())
-        started = time.monotonic()
+        # The proxy answers after 1.5 s: only a 0.2 s read timeout turns that into an error.
         with pytest.raises(httpx.ReadTimeout):
             request_json("GET", "http://vendor.invalid/metrics", retries=1, **FAST)
-        assert time.monotonic() - started < 1.4  # two tries of 0.2 s, not one of 1.5 s
         assert len(proxy.requests) == 2
 
 
