@@ -14,6 +14,7 @@ from kombu.exceptions import OperationalError
 from demo_vendor.__main__ import main as vendor_main
 from producers import commands, limits_cli, processes, schedules
 from producers.errors import CliError, UsageError
+from producers.supervisor import supervise_workers
 from producers.trigger import load_configured_pipelines
 from workers import embedded_redis
 from workers.connections import (
@@ -256,10 +257,7 @@ def _worker(args: argparse.Namespace) -> int:
         "loglevel": args.loglevel,
     }
     count = args.processes or processes.default_processes()
-    if count == 1:
-        cmd = processes.worker_command(**options)
-        os.execvpe(cmd[0], cmd, env)  # the worker replaces this process: signals go to Celery
-    return processes.supervise_workers(count, env, options)
+    return supervise_workers(count, env, options)
 
 
 def _flower(args: argparse.Namespace) -> int:
