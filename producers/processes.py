@@ -49,18 +49,18 @@ def _load_prctl() -> Callable[..., int] | None:
 _PRCTL = _load_prctl()
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that gives the child SIGTERM when the calling thread of this process
-    dies (Linux's parent-death signal, kept across exec); None where there is none."""
+def die_with_parent(death_signal: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that sends the child ``death_signal`` when the calling thread of this
+    process dies (Linux's parent-death signal, kept across exec); None where there is none."""
     prctl = _PRCTL
     if prctl is None:
         return None
     parent_pid = os.getpid()
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl(_PR_SET_PDEATHSIG, death_signal)
         if os.getppid() != parent_pid:  # the parent died before prctl: no signal will come
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), death_signal)
 
     return preexec
 
@@ -72,8 +72,10 @@ def spawn(
     stdout: int | IO[Any] | None = None,
     stderr: int | IO[Any] | None = None,
     text: bool = False,
+    death_signal: int = signal.SIGTERM,
 ) -> subprocess.Popen[Any]:
-    """Start ``command`` in a session of its own, dying with this process (see the module)."""
+    """Start ``command`` in a session of its own; it gets ``death_signal`` when this process
+    dies (see the module)."""
     return subprocess.Popen(
         list(command),
         env=None if env is None else dict(env),
@@ -81,7 +83,7 @@ def spawn(
         stderr=stderr,
         text=text,
         start_new_session=True,
-        preexec_fn=die_with_parent(),  # fork-safe: it only calls prctl, getppid and kill
+        preexec_fn=die_with_parent(death_signal),  # fork-safe: only prctl, getppid and kill
     )
 
 
@@ -139,9 +141,11 @@ def start_worker(
     env: Mapping[str, str] | None = None,
     *,
     log_path: str | None = None,
+    death_signal: int = signal.SIGTERM,
     **options: object,
 ) -> subprocess.Popen[bytes]:
-    """Start one Celery worker process (its own session, so a signal reaches only it)."""
+    """Start one Celery worker process (its own session, so a signal reaches only it; it
+    gets ``death_signal`` when this process dies: SIGTERM is a warm shutdown)."""
     full_env = {**os.environ, **(env or {})}
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     return spawn(
@@ -149,6 +153,7 @@ def start_worker(
         full_env,
         stdout=out,
         stderr=subprocess.STDOUT,
+        death_signal=death_signal,
     )
 
 

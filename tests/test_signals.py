@@ -315,3 +315,17 @@ def test_down_stops_supervised_workers_for_good(tmp_path: Path) -> None:
         assert re.fullmatch(r"fanout worker: fanout\d-\d+@\S+ \(pid \d+\) shut down \(exit "
                             r"code 0: it was asked to\): not restarted", line), line
     assert_all_gone(started, everything)
+
+
+def test_sigkill_of_the_demo_leaves_nothing_behind(tmp_path: Path) -> None:
+    started = start_fanout(tmp_path, *_DEMO_ARGS)
+    match = wait_for(lambda: re.search(r"^run (\S+): ", started.stdout(), re.M),
+                     what="the demo's run")
+    wait_for(lambda: _leaves_done(match.group(1)) > 0, what="the first leaves")
+    everything = descendants(started.proc.pid)
+    assert len(everything) == 2  # the vendor and one worker
+    started.proc.kill()
+    started.proc.wait(timeout=10)
+    # The parent-death signals: SIGTERM for the vendor, SIGKILL for the worker.
+    wait_for(lambda: not tagged(started.tag) and not any(map(_alive, everything)),
+             timeout_s=30, what="the demo's vendor and worker gone")
