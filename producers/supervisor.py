@@ -63,16 +63,19 @@ class Child:
 
 
 class Supervisor:
-    """Runs ``commands`` (node name -> command) until they are all done; see the module."""
+    """Runs ``commands`` (node name -> command) until they are all done; see the module.
+    A child up ``stable_after_s`` before it died starts its backoff over."""
 
     def __init__(
         self, commands: Mapping[str, Sequence[str]], env: Mapping[str, str], *,
         say: Callable[[str], None] = _to_stderr, clock: Callable[[], float] = time.monotonic,
+        stable_after_s: float = STABLE_AFTER_S,
     ) -> None:
         self.children = [Child(name, list(cmd)) for name, cmd in commands.items()]
         self.env = dict(env)
         self.say = say
         self.clock = clock
+        self.stable_after_s = stable_after_s
         self.stopping: int | None = None  # the signal that started the shutdown
         self.escalated = False
         self.failed_in_shutdown = False
@@ -167,7 +170,8 @@ class Supervisor:
         if code == 0:
             self.say(f"{what} shut down (exit code 0: it was asked to): not restarted")
             return
-        child.failures_in_a_row = 1 if up_s >= STABLE_AFTER_S else child.failures_in_a_row + 1
+        stable = up_s >= self.stable_after_s
+        child.failures_in_a_row = 1 if stable else child.failures_in_a_row + 1
         delay_s = restart_delay_s(child.failures_in_a_row)
         child.restart_at = self.clock() + delay_s
         self.say(f"{what} died ({describe_exit(code)}) after {up_s:.0f} s up; restarting it "

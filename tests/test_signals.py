@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
 
+from producers.supervisor import Supervisor, restart_delay_s
 from producers.trigger import start_run
 from workers.engine.services import services
 from workers.ledger import RunSnapshot
@@ -329,3 +330,37 @@ def test_sigkill_of_the_demo_leaves_nothing_behind(tmp_path: Path) -> None:
     # The parent-death signals: SIGTERM for the vendor, SIGKILL for the worker.
     wait_for(lambda: not tagged(started.tag) and not any(map(_alive, everything)),
              timeout_s=30, what="the demo's vendor and worker gone")
+
+
+def test_restart_delays_double_up_to_a_cap() -> None:
+    assert [restart_delay_s(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_a_child_that_keeps_dying_is_restarted_later_each_time(tmp_path: Path) -> None:
+    """A real child that fails three times (exit 3, SIGKILL, exit 4 after staying up past
+    ``stable_after_s``) and then exits 0: one line per death with the delay, 1 s, 2 s, then
+    1 s again (it had been up a while), and no restart after exit 0."""
+    tries = tmp_path / "tries"
+    script = (
+        "import os, pathlib, signal, sys, time\n"
+        f"p = pathlib.Path({str(tries)!r}); n = len(p.read_text()) if p.exists() else 0\n"
+        "p.write_text('x' * (n + 1))\n"
+        "if n == 0: sys.exit(3)\n"
+        "if n == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "if n == 2: time.sleep(3.0); sys.exit(4)\n"
+    )
+    lines: list[str] = []
+    supervisor = Supervisor({"flaky@here": [sys.executable, "-c", script]}, os.environ,
+                            say=lines.append, stable_after_s=2.0)
+    assert supervisor.run() == 0
+    assert tries.read_text() == "xxxx"
+    unpinned = [re.sub(r"after \d+ s", "after T s", re.sub(r"pid \d+", "pid N", line))
+                for line in lines]
+    assert unpinned == [
+        "fanout worker: flaky@here (pid N) died (exit code 3) after T s up; restarting it in 1 s",
+        "fanout worker: flaky@here (pid N) died (killed by SIGKILL) after T s up; restarting "
+        "it in 2 s",
+        "fanout worker: flaky@here (pid N) died (exit code 4) after T s up; restarting it in 1 s",
+        "fanout worker: flaky@here (pid N) shut down (exit code 0: it was asked to): not "
+        "restarted",
+    ]
