@@ -27,6 +27,7 @@ from workers.connections import (
 from workers.engine import cache_hook
 from workers.engine.services import services
 from workers.ledger import Ledger, LedgerError, RunSnapshot
+from workers.outage import DOWN_ERRORS
 from workers.redact import redact
 from workers.settings import ConfigError, get_settings
 from workers.sinks import check_sink_url
@@ -100,6 +101,8 @@ def demo(args: argparse.Namespace) -> int:
     except Interrupted as stop:
         print(f"fanout demo: interrupted ({stop.name}): {outcome}, workers and vendor stopped",
               file=sys.stderr, flush=True)
+        if args.json:
+            _print_last_json(run_id, "demo", f"fanout demo interrupted ({stop.name})")
         return stop.exit_code
     return _finish(snap, as_json=args.json, console=console)
 
@@ -173,6 +176,9 @@ def _wait_and_finish(
     except Interrupted as stop:
         print(f"fanout: stopped waiting ({stop.name}): run {run_id} goes on in the workers; "
               f"watch it with: fanout status {run_id} --watch", file=sys.stderr, flush=True)
+        if args.json:
+            _print_last_json(run_id, pipeline, f"stopped waiting ({stop.name}): the run goes "
+                                               "on in the workers")
         return stop.exit_code
     except RedisGone as gone:  # the line is printed; the JSON still comes last
         if args.json:
@@ -188,6 +194,19 @@ def _wait_and_finish(
             print(json.dumps(snap.summary()), flush=True)
         return 1
     return _finish(snap, as_json=args.json, console=console)
+
+
+def _print_last_json(run_id: str, pipeline: str, error: str) -> None:
+    """The JSON summary of a run a signal stopped the wait for, as it is now, with ``error``
+    (the JSON comes last, as it does when a wait gives up on an outage)."""
+    try:
+        snap = _ledger().snapshot(run_id, get_pipeline(pipeline).stage_order())
+    except DOWN_ERRORS:
+        snap = None
+    summary = snap.summary() if snap else {"run_id": run_id, "pipeline": pipeline,
+                                           "status": "unknown"}
+    summary["error"] = error
+    print(json.dumps(summary), flush=True)
 
 
 def _snapshot(run_id: str | None) -> RunSnapshot:

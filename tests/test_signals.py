@@ -9,6 +9,7 @@ it is gone no process on the machine may carry the tag (none left behind, whoeve
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -223,13 +224,16 @@ _DEMO_ARGS = ("demo", "--accounts", "2", "--services", "3", "--days", "30",
               "--latency-ms", "200", "--processes", "1", "--concurrency", "2")
 
 
-@pytest.mark.parametrize("signum", SIGNALS)
+@pytest.mark.parametrize(("signum", "as_json"), [
+    pytest.param(signal.SIGINT, False, id="SIGINT-ctrl-c"),
+    pytest.param(signal.SIGTERM, True, id="SIGTERM-json"),
+])
 def test_demo_cancels_its_run_and_stops_everything_on_a_signal(
-    tmp_path: Path, signum: signal.Signals
+    tmp_path: Path, signum: signal.Signals, as_json: bool
 ) -> None:
-    started = start_fanout(tmp_path, *_DEMO_ARGS)
-    match = wait_for(lambda: re.search(r"^run (\S+): ", started.stdout(), re.M),
-                     what="the demo's run")
+    started = start_fanout(tmp_path, *_DEMO_ARGS, *(["--json"] if as_json else []))
+    shown = started.stderr if as_json else started.stdout  # --json: the console on stderr
+    match = wait_for(lambda: re.search(r"^run (\S+): ", shown(), re.M), what="the demo's run")
     run_id = match.group(1)
     wait_for(lambda: _leaves_done(run_id) > 0, what="the first leaves")  # work in flight
     everything = descendants(started.proc.pid)
@@ -237,10 +241,16 @@ def test_demo_cancels_its_run_and_stops_everything_on_a_signal(
     started.send(signum)
     # SIGTERM to all, SIGKILL after a 3 s grace: not 20 s per process in turn.
     assert started.proc.wait(timeout=30) == 128 + signum
-    assert started.stderr().splitlines() == [
-        f"fanout demo: interrupted ({signum.name}): run {run_id} cancelled, workers and "
-        "vendor stopped"
-    ]
+    line = (f"fanout demo: interrupted ({signum.name}): run {run_id} cancelled, workers and "
+            "vendor stopped")
+    if as_json:
+        assert started.stderr().splitlines()[-1] == line
+        [last] = started.stdout().splitlines()
+        summary = json.loads(last)
+        assert (summary["run_id"], summary["status"]) == (run_id, "cancelled")
+        assert summary["error"] == f"fanout demo interrupted ({signum.name})"
+    else:
+        assert started.stderr().splitlines() == [line]
     snap = _snapshot(run_id)
     assert snap.status == "cancelled"
     assert snap.stop_reason == f"fanout demo interrupted ({signum.name})"
@@ -273,7 +283,7 @@ def test_run_wait_stops_waiting_not_the_run(
     vendor.configure(latency_ms=200)
     start_worker(concurrency=2, ready=True)
     started = start_fanout(tmp_path, "run", "demo", "--days", "3", "--end-day", "2026-01-31",
-                           "--vendor-url", vendor.url, "--wait")
+                           "--vendor-url", vendor.url, "--wait", "--json")
     match = wait_for(lambda: re.search(r"^run (\S+) started$", started.stderr(), re.M),
                      what="the run started")
     run_id = match.group(1)
@@ -285,6 +295,10 @@ def test_run_wait_stops_waiting_not_the_run(
         f"watch it with: fanout status {run_id} --watch",
     ]
     assert tagged(started.tag) == []
+    summary = json.loads(started.stdout().splitlines()[-1])  # the JSON still comes last
+    assert (summary["run_id"], summary["status"]) == (run_id, "running")
+    assert summary["error"] == (f"stopped waiting ({signum.name}): the run goes on in the "
+                                "workers")
     assert _snapshot(run_id).status == "running"  # not cancelled: it goes on
     assert services().ledger.wait(run_id, timeout_s=60) == "succeeded"
     assert len(sink_rows(sink_path)) == 2 * 3 * 3
