@@ -165,7 +165,7 @@ class Supervisor:
         if self.stopping is not None:
             if code != 0:
                 self.failed_in_shutdown = True
-                self.say(f"{what} ended with {describe_exit(code)} in the shutdown")
+                self.say(f"{what} ended in the shutdown: {describe_exit(code)}")
             return
         if code == 0:
             self.say(f"{what} shut down (exit code 0: it was asked to): not restarted")

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
 
+from producers import processes
 from producers.supervisor import Supervisor, restart_delay_s
 from producers.trigger import start_run
 from workers.engine.services import services
@@ -378,3 +379,33 @@ def test_a_child_that_keeps_dying_is_restarted_later_each_time(tmp_path: Path) -
         "fanout worker: flaky@here (pid N) shut down (exit code 0: it was asked to): not "
         "restarted",
     ]
+
+
+def test_a_second_ctrl_c_kills_workers_busy_in_their_warm_shutdown(tmp_path: Path) -> None:
+    # A vendor of its own: the stalled call outlives the test, and must not show in the
+    # session vendor's in-flight count.
+    stalling = VendorHandle(processes.start_vendor(["--accounts", "1", "--services", "1"]))
+    try:
+        [account] = stalling.http.get("/accounts").json()["accounts"]
+        # The account's services call stalls past the test: its task stays in flight.
+        stalling.configure(stall_paths=[f"/accounts/{account['id']}/services"],
+                           stall_ms=600_000)
+        started = start_supervised_workers(tmp_path, 1)
+        everything = descendants(started.proc.pid)
+        start_run("demo", {"days": 1, "end_day": "2026-01-31", "vendor_url": stalling.url})
+        wait_for(lambda: stalling.stats()["in_flight"] > 0, what="a call in flight")
+        started.send(signal.SIGINT)
+        wait_for(lambda: "worker: Warm shutdown" in started.stdout(), what="the warm shutdown")
+        started.send(signal.SIGINT)
+        assert started.proc.wait(timeout=30) == 1
+    finally:
+        stalling.vendor.stop()
+    name = f"fanout1-{started.proc.pid}@{host()}"
+    assert supervisor_lines(started) == [
+        "fanout worker: SIGINT: warm shutdown of 1 worker processes (they finish their tasks; "
+        "SIGINT again stops them at once)",
+        "fanout worker: second SIGINT: killing the worker processes (SIGKILL); the messages "
+        "they had not finished come back after the visibility timeout",
+        f"fanout worker: {name} (pid {everything[0]}) ended in the shutdown: killed by SIGKILL",
+    ]
+    assert_all_gone(started, everything)
