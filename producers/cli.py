@@ -128,7 +128,8 @@ def build_parser() -> Parser:
     failures.add_argument("run_id")
     failures.add_argument("--json", action="store_true")
 
-    worker = sub.add_parser("worker", help="start a worker (celery worker with fanout defaults)")
+    worker = sub.add_parser("worker", help="start worker processes under a supervisor (celery "
+                            "worker with fanout defaults)")
     worker.add_argument("--processes", type=_positive_int, default=None,
                         help="worker processes (default: one per core)")
     worker.add_argument("--concurrency", type=_positive_int, default=None,
@@ -171,7 +172,7 @@ def build_parser() -> Parser:
     clear.add_argument("stage", nargs="?", default=None, help="PIPELINE.STAGE (default: all)")
     schedules.add_parsers(sub, Parser)
 
-    sub.add_parser("down", help="stop the embedded Redis")
+    sub.add_parser("down", help="stop the workers on the embedded Redis, then the server")
     return parser
 
 
