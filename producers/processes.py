@@ -2,8 +2,9 @@
 the demo vendor and Celery workers, each a real process.
 
 Each child runs in its own session (a terminal's Ctrl-C reaches only its parent, which decides
-what to tell it) and, on Linux, with a parent-death signal: it gets SIGTERM when the thread that
-started it dies, however it dies (SIGKILL included), so nothing is left behind.
+what to tell it) and, on Linux, with a parent-death signal: it gets one (SIGTERM unless told
+otherwise) when the thread that started it dies, however it dies (SIGKILL included), so nothing
+is left behind. Start children from a thread that lives as long as they should.
 """
 
 from __future__ import annotations
