@@ -14,6 +14,7 @@ from kombu.exceptions import OperationalError
 from demo_vendor.__main__ import main as vendor_main
 from producers import commands, limits_cli, processes, schedules
 from producers.errors import CliError, UsageError
+from producers.supervisor import supervise_workers
 from producers.trigger import load_configured_pipelines
 from workers import embedded_redis
 from workers.connections import (
@@ -127,7 +128,8 @@ def build_parser() -> Parser:
     failures.add_argument("run_id")
     failures.add_argument("--json", action="store_true")
 
-    worker = sub.add_parser("worker", help="start a worker (celery worker with fanout defaults)")
+    worker = sub.add_parser("worker", help="start worker processes under a supervisor (celery "
+                            "worker with fanout defaults)")
     worker.add_argument("--processes", type=_positive_int, default=None,
                         help="worker processes (default: one per core)")
     worker.add_argument("--concurrency", type=_positive_int, default=None,
@@ -170,7 +172,7 @@ def build_parser() -> Parser:
     clear.add_argument("stage", nargs="?", default=None, help="PIPELINE.STAGE (default: all)")
     schedules.add_parsers(sub, Parser)
 
-    sub.add_parser("down", help="stop the embedded Redis")
+    sub.add_parser("down", help="stop the workers on the embedded Redis, then the server")
     return parser
 
 
@@ -256,10 +258,7 @@ def _worker(args: argparse.Namespace) -> int:
         "loglevel": args.loglevel,
     }
     count = args.processes or processes.default_processes()
-    if count == 1:
-        cmd = processes.worker_command(**options)
-        os.execvpe(cmd[0], cmd, env)  # the worker replaces this process: signals go to Celery
-    return processes.supervise_workers(count, env, options)
+    return supervise_workers(count, env, options)
 
 
 def _flower(args: argparse.Namespace) -> int:

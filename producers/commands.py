@@ -14,9 +14,10 @@ from rich.table import Table
 
 from producers import limits_cli, processes
 from producers.errors import RunNotFound, UsageError
-from producers.local import local_system
+from producers.interrupts import Interrupted, stop_signals_raise
+from producers.local import LocalSystem, local_system
 from producers.report import RedisGone, done_count, exit_code, summary_table, wait_for_run
-from producers.trigger import replay_run, start_run
+from producers.trigger import new_run_id, replay_run, start_run
 from workers.api import get_pipeline
 from workers.connections import (
     check_reachable,
@@ -25,7 +26,8 @@ from workers.connections import (
 )
 from workers.engine import cache_hook
 from workers.engine.services import services
-from workers.ledger import Ledger, RunSnapshot
+from workers.ledger import Ledger, LedgerError, RunSnapshot
+from workers.outage import DOWN_ERRORS
 from workers.redact import redact
 from workers.settings import ConfigError, get_settings
 from workers.sinks import check_sink_url
@@ -77,24 +79,54 @@ def _finish(snap: RunSnapshot, *, as_json: bool, console: Console) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Embedded Redis + the demo vendor + one worker + one run, with progress and a summary."""
+    """Embedded Redis + the demo vendor + workers + one run, with progress and a summary.
+    SIGINT or SIGTERM cancels the run and stops what the demo started (one line, 130/143)."""
     console = make_console(stderr=args.json)
     vendor_options = [
         "--accounts", str(args.accounts), "--services", str(args.services),
         "--latency-ms", str(args.latency_ms), "--error-rate", str(args.error_rate),
     ]
     concurrency = args.concurrency or processes.DEFAULT_CONCURRENCY
-    with local_system(vendor_options=vendor_options, concurrency=concurrency,
-                      worker_processes=args.processes) as system:
-        console.print(f"demo vendor at {system.vendor_url} · Redis at "
-                      f"{redact(system.redis_url)} · sink {redact(system.sink_url)}")
-        params = {"days": args.days, "vendor_url": system.vendor_url}
-        run_id = start_run("demo", params)
-        console.print(f"run {run_id}: {args.accounts} accounts x {args.services} services x "
-                      f"{args.days} days = {args.accounts * args.services * args.days} metric-days")
-        order = get_pipeline("demo").stage_order()
-        snap = wait_for_run(_ledger(), run_id, order, console=console)
+    run_id = new_run_id()  # known before the run starts, so an interrupt can cancel it
+    outcome = "no run started"
+    try:
+        with stop_signals_raise(), local_system(vendor_options=vendor_options,
+                                                concurrency=concurrency,
+                                                worker_processes=args.processes) as system:
+            try:
+                snap = _demo_run(args, system, run_id, console)
+            except Interrupted as stop:
+                outcome = _cancel_demo_run(run_id, stop)  # before its workers stop
+                raise
+    except Interrupted as stop:
+        print(f"fanout demo: interrupted ({stop.name}): {outcome}, workers and vendor stopped",
+              file=sys.stderr, flush=True)
+        if args.json:
+            _print_last_json(run_id, "demo", f"fanout demo interrupted ({stop.name})")
+        return stop.exit_code
     return _finish(snap, as_json=args.json, console=console)
+
+
+def _demo_run(args: argparse.Namespace, system: LocalSystem, run_id: str,
+              console: Console) -> RunSnapshot:
+    console.print(f"demo vendor at {system.vendor_url} · Redis at "
+                  f"{redact(system.redis_url)} · sink {redact(system.sink_url)}")
+    params = {"days": args.days, "vendor_url": system.vendor_url}
+    start_run("demo", params, run_id=run_id)
+    console.print(f"run {run_id}: {args.accounts} accounts x {args.services} services x "
+                  f"{args.days} days = {args.accounts * args.services * args.days} metric-days")
+    order = get_pipeline("demo").stage_order()
+    return wait_for_run(_ledger(), run_id, order, console=console)
+
+
+def _cancel_demo_run(run_id: str, stop: Interrupted) -> str:
+    """Cancel the demo's run in the ledger; what became of it, for the one line."""
+    try:
+        skipped = _ledger().stop_run(run_id, "cancelled", f"fanout demo interrupted "
+                                                          f"({stop.name})")
+    except LedgerError:  # interrupted before the run was created
+        return "no run started"
+    return f"run {run_id} cancelled" if skipped >= 0 else f"run {run_id} had already finished"
 
 
 def replay(args: argparse.Namespace) -> int:
@@ -132,13 +164,22 @@ def _wait_and_finish(
     args: argparse.Namespace, run_id: str, console: Console, pipeline: str | None = None
 ) -> int:
     """Wait for the run and print how it ended. ``pipeline``: known to the caller (``run``),
-    so nothing is read from Redis before the wait, which rides out an outage."""
+    so nothing is read from Redis before the wait, which rides out an outage. SIGINT or
+    SIGTERM stops the wait, not the run: one line says so, exit 130/143."""
     if pipeline is None:
         pipeline = _snapshot(run_id).pipeline
     order = get_pipeline(pipeline).stage_order()
     show = None if args.json or not sys.stderr.isatty() else console
     try:
-        snap = wait_for_run(_ledger(), run_id, order, console=show, timeout_s=args.timeout)
+        with stop_signals_raise():
+            snap = wait_for_run(_ledger(), run_id, order, console=show, timeout_s=args.timeout)
+    except Interrupted as stop:
+        print(f"fanout: stopped waiting ({stop.name}): run {run_id} goes on in the workers; "
+              f"watch it with: fanout status {run_id} --watch", file=sys.stderr, flush=True)
+        if args.json:
+            _print_last_json(run_id, pipeline, f"stopped waiting ({stop.name}): the run goes "
+                                               "on in the workers")
+        return stop.exit_code
     except RedisGone as gone:  # the line is printed; the JSON still comes last
         if args.json:
             summary = gone.last.summary() if gone.last else {
@@ -153,6 +194,19 @@ def _wait_and_finish(
             print(json.dumps(snap.summary()), flush=True)
         return 1
     return _finish(snap, as_json=args.json, console=console)
+
+
+def _print_last_json(run_id: str, pipeline: str, error: str) -> None:
+    """The JSON summary of a run a signal stopped the wait for, as it is now, with ``error``
+    (the JSON comes last, as it does when a wait gives up on an outage)."""
+    try:
+        snap = _ledger().snapshot(run_id, get_pipeline(pipeline).stage_order())
+    except DOWN_ERRORS:
+        snap = None
+    summary = snap.summary() if snap else {"run_id": run_id, "pipeline": pipeline,
+                                           "status": "unknown"}
+    summary["error"] = error
+    print(json.dumps(summary), flush=True)
 
 
 def _snapshot(run_id: str | None) -> RunSnapshot:

@@ -1,16 +1,24 @@
-"""Child processes that ``fanout demo``, the tests and the benchmarks start: the demo vendor
-and Celery workers, each a real process."""
+"""Child processes that ``fanout demo``, ``fanout worker``, the tests and the benchmarks start:
+the demo vendor and Celery workers, each a real process.
+
+Each child runs in its own session (a terminal's Ctrl-C reaches only its parent, which decides
+what to tell it) and, on Linux, with a parent-death signal: it gets one (SIGTERM unless told
+otherwise) when the thread that started it dies, however it dies (SIGKILL included), so nothing
+is left behind. Start children from a thread that lives as long as they should.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from celery import Celery
 
@@ -25,6 +33,61 @@ def default_processes() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up here in the parent: the child, between fork and exec, only
+    calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def die_with_parent(death_signal: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that sends the child ``death_signal`` when the calling thread of this
+    process dies (Linux's parent-death signal, kept across exec); None where there is none."""
+    prctl = _PRCTL
+    if prctl is None:
+        return None
+    parent_pid = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, death_signal)
+        if os.getppid() != parent_pid:  # the parent died before prctl: no signal will come
+            os.kill(os.getpid(), death_signal)
+
+    return preexec
+
+
+def spawn(
+    command: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    stdout: int | IO[Any] | None = None,
+    stderr: int | IO[Any] | None = None,
+    text: bool = False,
+    death_signal: int = signal.SIGTERM,
+) -> subprocess.Popen[Any]:
+    """Start ``command`` in a session of its own; it gets ``death_signal`` when this process
+    dies (see the module)."""
+    return subprocess.Popen(
+        list(command),
+        env=None if env is None else dict(env),
+        stdout=stdout,
+        stderr=stderr,
+        text=text,
+        start_new_session=True,
+        preexec_fn=die_with_parent(death_signal),  # fork-safe: only prctl, getppid and kill
+    )
+
+
 @dataclass
 class Vendor:
     process: subprocess.Popen[str]
@@ -36,7 +99,7 @@ class Vendor:
 
 def start_vendor(options: Sequence[str] = (), *, timeout_s: float = 15.0) -> Vendor:
     """Start ``python -m demo_vendor serve --port 0 OPTIONS`` and wait for its URL."""
-    process = subprocess.Popen(
+    process = spawn(
         [sys.executable, "-m", "demo_vendor", "serve", "--port", "0", *options],
         stdout=subprocess.PIPE,
         text=True,
@@ -79,17 +142,19 @@ def start_worker(
     env: Mapping[str, str] | None = None,
     *,
     log_path: str | None = None,
+    death_signal: int = signal.SIGTERM,
     **options: object,
 ) -> subprocess.Popen[bytes]:
-    """Start one Celery worker process (its own session, so a signal reaches only it)."""
+    """Start one Celery worker process (its own session, so a signal reaches only it; it
+    gets ``death_signal`` when this process dies: SIGTERM is a warm shutdown)."""
     full_env = {**os.environ, **(env or {})}
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
+    return spawn(
         worker_command(**options),  # type: ignore[arg-type]
-        env=full_env,
+        full_env,
         stdout=out,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
+        death_signal=death_signal,
     )
 
 
@@ -105,22 +170,36 @@ def stop_process(process: subprocess.Popen[Any], timeout_s: float = 20) -> None:
         process.wait()
 
 
-def supervise_workers(count: int, env: Mapping[str, str], options: Mapping[str, Any]) -> int:
-    """Run ``count`` Celery worker processes in the foreground; SIGTERM/SIGINT reach each
-    (warm shutdown). Returns the worst exit code."""
-    children = [
-        subprocess.Popen(worker_command(name=f"fanout{i}@%h", **options), env=dict(env))
-        for i in range(1, count + 1)
-    ]
+def stop_all(children: Iterable[subprocess.Popen[Any]], grace_s: float) -> None:
+    """SIGTERM every child at once (a worker's warm shutdown), then SIGKILL the process group
+    of any still running after ``grace_s``."""
+    alive = [child for child in children if child.poll() is None]
+    for child in alive:
+        child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for child in alive:
+        try:
+            child.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            kill_group(child)
 
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    return max(child.wait() for child in children)
+def kill_group(child: subprocess.Popen[Any]) -> None:
+    """SIGKILL a child started by ``spawn`` and what it started, and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)  # a session leader: its group is its own
+    child.wait()
+
+
+def worker_names(broker_url: str, timeout_s: float = 0.5) -> list[str]:
+    """The names of the Celery workers on ``broker_url`` that answer a ping within
+    ``timeout_s`` (the ping always takes that long: it cannot know how many will answer)."""
+    app = Celery("fanout-control", broker=broker_url)
+    try:
+        replies = app.control.ping(timeout=timeout_s) or []
+        return sorted(name for reply in replies for name in reply)
+    finally:
+        app.close()
 
 
 def shutdown_workers(broker_url: str, timeout_s: float = 15.0) -> int:
