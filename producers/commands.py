@@ -64,7 +64,7 @@ def _finish(snap: RunSnapshot, *, as_json: bool, console: Console) -> int:
     if snap.stop_reason:
         console.print(f"{snap.status}: {snap.stop_reason}", markup=False)
     if snap.failed_items:
-        failures = sorted(_ledger().failures(snap.run_id).items())
+        failures = sorted(_ledger().view.failures(snap.run_id).items())
         for item, failure in failures[:_FAILURES_SHOWN]:
             console.print(f"failed {failure['stage']} {item}: {failure['error_type']}: "
                           f"{failure['message']}")
@@ -157,17 +157,17 @@ def _wait_and_finish(
 
 def _snapshot(run_id: str | None) -> RunSnapshot:
     ledger = _ledger()
-    run_id = run_id or ledger.latest_run()
+    run_id = run_id or ledger.view.latest_run()
     if run_id is None:
         raise RunNotFound("no runs yet")
-    snap = ledger.snapshot(run_id)
+    snap = ledger.view.snapshot(run_id)
     if snap is None:
         raise RunNotFound(f"run {run_id} is unknown or expired")
     try:
         order = get_pipeline(snap.pipeline).stage_order()
     except ConfigError:  # a pipeline this process does not load: counters in ledger order
         return snap
-    return ledger.snapshot(run_id, order) or snap
+    return ledger.view.snapshot(run_id, order) or snap
 
 
 def status(args: argparse.Namespace) -> int:
@@ -193,8 +193,8 @@ def _list_runs(*, as_json: bool) -> int:
     """The latest runs: status, progress (terminal items of all registered), age, wall."""
     ledger = _ledger()
     rows: list[dict[str, Any]] = []
-    for run_id in ledger.recent_runs(_RECENT_RUNS):
-        snap = ledger.snapshot(run_id)
+    for run_id in ledger.view.recent_runs(_RECENT_RUNS):
+        snap = ledger.view.snapshot(run_id)
         if snap is None:
             continue
         enqueued = sum(c.get("enqueued", 0) for c in snap.stages.values())
@@ -226,7 +226,7 @@ def _age(seconds: float) -> str:
 def failures(args: argparse.Namespace) -> int:
     _connect()
     snap = _snapshot(args.run_id)
-    failed = _ledger().failures(snap.run_id)
+    failed = _ledger().view.failures(snap.run_id)
     if args.json:
         print(json.dumps(failed))
         return 0
@@ -277,7 +277,7 @@ def cache(args: argparse.Namespace) -> int:
 def cancel(args: argparse.Namespace) -> int:
     _connect()
     snap = _snapshot(args.run_id)
-    skipped = _ledger().stop_run(snap.run_id, "cancelled", "cancelled by hand")
+    skipped = _ledger().runs.stop(snap.run_id, "cancelled", "cancelled by hand")
     if skipped < 0:
         raise RunNotFound(f"run {snap.run_id} already finished ({snap.status})")
     print(f"run {snap.run_id} cancelled: {skipped} items skipped now, the ones in flight "
