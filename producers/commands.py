@@ -1,4 +1,5 @@
-"""The ``fanout`` commands that talk to a run: demo, run, status, failures."""
+"""The ``fanout`` commands that talk to a run or its Redis: demo, run, status, failures,
+replay, cancel, dead-letters, limits, cache."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from producers import limits_cli, processes
-from producers.errors import RunNotFound, UsageError
+from producers.errors import RunFinished, RunNotFound, UsageError
 from producers.local import local_system
 from producers.report import RedisGone, done_count, exit_code, summary_table, wait_for_run
 from producers.trigger import replay_run, start_run
@@ -279,7 +280,7 @@ def cancel(args: argparse.Namespace) -> int:
     snap = _snapshot(args.run_id)
     skipped = _ledger().runs.stop(snap.run_id, "cancelled", "cancelled by hand")
     if skipped < 0:
-        raise RunNotFound(f"run {snap.run_id} already finished ({snap.status})")
+        raise RunFinished(f"run {snap.run_id} already finished ({snap.status})")
     print(f"run {snap.run_id} cancelled: {skipped} items skipped now, the ones in flight "
           "as workers take them")
     return 0
