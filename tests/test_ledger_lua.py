@@ -9,19 +9,22 @@ One group of tests per script: ``create_run``, ``register_items``, ``finish_item
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from importlib import resources
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 import redis
 
-from workers import keys
+from workers import keys, scripts
+from workers.engine.scheduler import Scheduler
 from workers.ids import canonical_json
 from workers.keys import RunKeys
-from workers.ledger import COUNTERS, Finish, Ledger, LedgerError
+from workers.ledger import COUNTERS, Finish, Ledger, LedgerError, MapSignal
 from workers.ledger import runs as runs_module
 from workers.message import Delivery, decode_redis
 from workers.outcome import Outcome
@@ -56,12 +59,13 @@ def counters(**nonzero: int) -> dict[str, int]:
     return {**dict.fromkeys(COUNTERS, 0), **nonzero}
 
 
+RUN_KEY_NAMES = tuple(f.name for f in dataclasses.fields(RunKeys))
+
+
 def run_keys_now(client: redis.Redis, run_id: str) -> dict[str, str]:
     """The run's keys that exist, by their RunKeys name."""
     rk = RunKeys.of(run_id)
-    names = ("run", "counts", "items", "failed", "done", "payloads", "results", "loops",
-             "roots", "delayed")
-    return {n: getattr(rk, n) for n in names if client.exists(getattr(rk, n))}
+    return {n: getattr(rk, n) for n in RUN_KEY_NAMES if client.exists(getattr(rk, n))}
 
 
 def finish(run_id: str, item: str, outcome: Outcome = Outcome.SUCCEEDED, **kw: Any) -> Finish:
@@ -460,6 +464,136 @@ def test_an_item_that_never_looped_ends_on_iteration_1_without_counting_iteratio
     snap = ledger.view.snapshot(RUN)
     assert snap is not None
     assert snap.stages == {ROOT: counters(enqueued=1, succeeded=1)}
+
+
+# -- the end of a run: one routine for every way (lua/_end_run.lua) ------------------------
+
+# Every key's TTL is set back to this before the step that ends the run: older than fresh,
+# yet above half the TTL, so no progress refresh is due and only the end refreshes them.
+AGED_S = 400
+
+
+@pytest.fixture
+def scheduler(redis_client: redis.Redis, transport: RedisTransport) -> Scheduler:
+    return Scheduler(redis_client, transport, TTL_S)
+
+
+def tried_and_delayed(ledger: Ledger, scheduler: Scheduler, item: str) -> None:
+    """A failed try of ``item`` and its retry waiting: the run's tries and delayed keys."""
+    ledger.items.record_tries(RUN, item, 1)
+    scheduler.later(Delivery(f"demo.{item.split(':', 1)[0]}", RUN, item, {}, attempt=2), 60)
+
+
+def age_run_keys(client: redis.Redis, run_id: str) -> set[str]:
+    """Every key of the run expires in AGED_S; returns the names of those that exist."""
+    existing = run_keys_now(client, run_id)
+    for key in existing.values():
+        client.expire(key, AGED_S)
+    return set(existing)
+
+
+def ttls_not_refreshed(client: redis.Redis, run_id: str) -> dict[str, int]:
+    """The run's keys whose TTL is not the ledger TTL (within a second)."""
+    ttls = {name: client.ttl(key) for name, key in run_keys_now(client, run_id).items()}
+    return {name: ttl for name, ttl in ttls.items() if not TTL_S - 1 <= ttl <= TTL_S}
+
+
+def test_every_script_that_ends_a_run_is_given_every_run_key() -> None:
+    lua = resources.files("workers").joinpath("lua")
+    texts = {p.name.removesuffix(".lua"): p.read_text() for p in lua.iterdir()}
+    enders = sorted(name for name, text in texts.items() if "\n-- INCLUDE: _end_run\n" in text)
+    assert enders == ["advance_loop", "batch_settle", "create_run", "finish_item", "stop_run"]
+    for name in enders:  # _end_run refreshes KEYS: they must be the run's keys, all of them
+        assert scripts.load(name).keys == RUN_KEY_NAMES, name
+    # Only the snippet tells the waiters: no script ends a run its own way.
+    assert [n for n, text in texts.items() if "'RPUSH', done" in text] == ["_end_run"]
+
+
+def test_the_last_item_to_finish_ends_the_run_and_refreshes_every_run_key(
+    ledger: Ledger, scheduler: Scheduler, redis_client: redis.Redis
+) -> None:
+    ledger.runs.create(RUN, "demo", {}, ROOT, roots("a", "b"))
+    assert ledger.items.register(RUN, CHILD, children("x")) == 1
+    assert ledger.loops.advance(RUN, CHILD, "services:x", 1, "cursor-2") is True
+    assert ledger.items.finish(finish(RUN, "accounts:a", result="A")) == 1
+    failure = {"stage": ROOT, "item": {"account": "b"}, "error_type": "E", "message": "m",
+               "attempts": 1}
+    assert ledger.items.finish(finish(RUN, "accounts:b", Outcome.FAILED, failure=failure)) == 1
+    tried_and_delayed(ledger, scheduler, "services:x")
+    assert age_run_keys(redis_client, RUN) == {
+        "run", "counts", "items", "failed", "payloads", "results", "loops", "roots", "delayed",
+        "tries"}
+
+    assert ledger.items.finish(finish(RUN, "services:x", iteration=2)) == 2
+
+    assert ledger.view.wait(RUN, timeout_s=0.1) == "partial"
+    assert set(run_keys_now(redis_client, RUN)) == {
+        "run", "counts", "items", "failed", "done", "results", "roots", "delayed", "tries"}
+    assert ttls_not_refreshed(redis_client, RUN) == {}
+
+
+def batch_mapped_run(ledger: Ledger, n: int) -> list[str]:
+    """A run whose roots are one batch map of ``n`` items in batches of 1, the first done
+    and deciding; returns the item ids."""
+    ids = [f"metric_day:{i}" for i in range(n)]
+    assert ledger.runs.create(RUN, "demo", {}, "metric_day", [], hold=True) is True
+    first = ledger.maps.create(RUN, "m1", "demo.metric_day", "metric_day", 1, None, False,
+                               [(i, {"i": i}) for i in ids], as_roots=True)
+    assert [i for i, _ in first] == ids[:1]
+    assert ledger.items.finish_batch([finish(RUN, ids[0], result=0)]) == (
+        [1], [MapSignal(RUN, "m1", deciding=True)])
+    return ids
+
+
+def test_settling_the_last_batch_ends_the_run_and_refreshes_every_run_key(
+    ledger: Ledger, scheduler: Scheduler, redis_client: redis.Redis
+) -> None:
+    ids = batch_mapped_run(ledger, 2)
+    assert [i for i, _ in ledger.maps.settle(RUN, "m1")] == ids[1:]
+    tried_and_delayed(ledger, scheduler, ids[1])
+    # The last item is done, but the map's token holds the run open until its switch check.
+    assert ledger.items.finish_batch([finish(RUN, ids[1], result=1)]) == (
+        [1], [MapSignal(RUN, "m1", deciding=True)])
+    assert age_run_keys(redis_client, RUN) == {
+        "run", "counts", "items", "results", "roots", "delayed", "tries", "batchmaps", "bmof"}
+
+    assert ledger.maps.settle(RUN, "m1") == []
+
+    assert ledger.view.wait(RUN, timeout_s=0.1) == "succeeded"
+    snap = ledger.view.snapshot(RUN)
+    assert snap is not None
+    assert (snap.status, snap.pending) == ("succeeded", 0)
+    assert snap.stages == {"metric_day": counters(enqueued=2, succeeded=2)}
+    assert ledger.view.results(RUN) == [0, 1]
+    assert set(run_keys_now(redis_client, RUN)) == {
+        "run", "counts", "items", "done", "results", "roots", "delayed", "tries", "batchmaps",
+        "bmof"}
+    assert ttls_not_refreshed(redis_client, RUN) == {}
+
+
+@pytest.mark.parametrize("status", ["killed", "cancelled"])
+def test_stopping_a_run_with_nothing_in_flight_ends_it_and_refreshes_every_run_key(
+    ledger: Ledger, scheduler: Scheduler, redis_client: redis.Redis, status: str
+) -> None:
+    """``killed``: a kill switch tripped after the first batch; ``cancelled``: by hand."""
+    ids = batch_mapped_run(ledger, 3)
+    tried_and_delayed(ledger, scheduler, ids[0])
+    assert age_run_keys(redis_client, RUN) == {
+        "run", "counts", "items", "results", "roots", "delayed", "tries", "batchmaps", "bmof",
+        "bmqueue"}
+
+    assert ledger.runs.stop(RUN, status, "why") == 2  # the two queued batches
+
+    assert ledger.view.wait(RUN, timeout_s=0.1) == status
+    snap = ledger.view.snapshot(RUN)
+    assert snap is not None
+    assert (snap.status, snap.pending, snap.stop_reason) == (status, 0, "why")
+    assert snap.stages == {"metric_day": counters(enqueued=3, succeeded=1, skipped=2)}
+    assert set(run_keys_now(redis_client, RUN)) == {
+        "run", "counts", "items", "done", "results", "roots", "delayed", "tries", "batchmaps",
+        "bmof"}
+    assert ttls_not_refreshed(redis_client, RUN) == {}
+    assert ledger.runs.stop(RUN, "cancelled", "again") == -1  # no longer running
 
 
 # -- claim / restore_claimed (RedisTransport) ---------------------------------------------
