@@ -31,11 +31,11 @@ __all__ = ["COUNTERS", "FINISHED", "Finish", "Ledger", "LedgerError", "MapSignal
 
 class Ledger:
     """The ledger of one Redis: its parts, one per concern (``ledger.runs.create(...)``,
-    ``ledger.view.snapshot(...)``). One instance per process."""
+    ``ledger.view.snapshot(...)``), each keeping what it writes for ``ttl_s``. One instance
+    per process."""
 
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
-        self.ttl_s = ttl_s
         self.runs = Runs(client, ttl_s)
         self.items = Items(client, ttl_s)
         self.maps = BatchMaps(client, ttl_s)
