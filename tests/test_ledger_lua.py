@@ -1,7 +1,8 @@
 """Contract of the ledger's Lua scripts (``workers/lua/*.lua``) on a real Redis.
 
 One group of tests per script: ``create_run``, ``register_items``, ``finish_item``,
-``advance_loop``, and the transport's ``claim`` / ``restore_claimed``. Everything goes through
+``advance_loop``, the ways a run ends (``_end_run``: every run key refreshed), and the
+transport's ``claim`` / ``restore_claimed``. Everything goes through
 ``Ledger``'s parts (or ``RedisTransport``) and is checked with exact numbers from
 ``ledger.view.snapshot`` and direct reads of the keys in ``keys.RunKeys``. Nothing sleeps; one
 ``ledger.view.wait`` on an unfinished run blocks for its 0.05 s timeout.
