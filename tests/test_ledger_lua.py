@@ -235,6 +235,28 @@ def test_registering_into_an_unknown_run_raises(ledger: Ledger, redis_client: re
     assert redis_client.keys("*") == []
 
 
+def test_every_refusal_of_a_script_is_a_ledger_error_with_its_code(ledger: Ledger) -> None:
+    """One convention on every path: the script's code on ``code``, its words after the run."""
+    unknown = {
+        "register": lambda: ledger.items.register("gone", CHILD, children("x")),
+        "batch map": lambda: ledger.maps.create("gone", "m1", "demo.services", CHILD, 1, None,
+                                                False, children("x")),
+        "stop": lambda: ledger.runs.stop("gone", "cancelled", "why"),
+        "replay": lambda: ledger.runs.replay("gone", {"accounts:a": {}}),
+    }
+    for path, step in unknown.items():
+        with pytest.raises(LedgerError) as refused:
+            step()
+        assert (refused.value.code, str(refused.value)) == (
+            "NORUN", "run gone: the run is unknown or expired"), path
+
+    ledger.runs.create(RUN, "demo", {}, ROOT, roots("a"))
+    assert ledger.runs.stop(RUN, "killed", "a switch tripped") == 0
+    with pytest.raises(LedgerError) as refused:
+        ledger.runs.replay(RUN, {"accounts:a": {"account": "a"}})
+    assert (refused.value.code, str(refused.value)) == ("STOPPED", f"run {RUN}: the run was killed")
+
+
 # -- finish_item --------------------------------------------------------------------------
 
 
