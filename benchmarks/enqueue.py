@@ -42,7 +42,7 @@ def fresh_run(ctx: Context, label: str) -> str:
 
     ctx.env.flush()
     run_id = f"bench-{label}-{secrets.token_hex(3)}"
-    services().ledger.create_run(run_id, "demo", PARAMS, "accounts", [(ROOT_ID, {"account": "x"})])
+    services().ledger.runs.create(run_id, "demo", PARAMS, "accounts", [(ROOT_ID, {"account": "x"})])
     return run_id
 
 
@@ -88,7 +88,7 @@ def enqueue(ctx: Context) -> SuiteResult:
         if count != n:
             raise BenchmarkError(f"publish_children returned {count}, expected {n}")
         _check_queue(ctx, stage.queue, n)
-        snapshot = ledger.snapshot(run_id)
+        snapshot = ledger.view.snapshot(run_id)
         registered = snapshot.stages["metric_day"]["enqueued"] if snapshot else 0
         if registered != n:
             raise BenchmarkError(f"the ledger registered {registered}, expected {n}")
@@ -100,7 +100,7 @@ def enqueue(ctx: Context) -> SuiteResult:
     t0 = time.perf_counter()
     entries = [(item_id(stage.name, ROOT_ID, i, item), item) for i, item in enumerate(items)]
     t1 = time.perf_counter()
-    ledger.register(run_id, stage.name, entries)
+    ledger.items.register(run_id, stage.name, entries)
     t2 = time.perf_counter()
     svc.transport.publish([Delivery(stage.task_name, run_id, i, item) for i, item in entries])
     t3 = time.perf_counter()

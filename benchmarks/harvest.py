@@ -337,10 +337,10 @@ class FanoutHarness:
 
         counts = RunKeys.of(run_id).counts
         sampler = LeafSampler(lambda: int(env.redis.hget(counts, "metric_day:succeeded") or 0))
-        status = ledger.wait(run_id, _run_timeout_s(shape))
+        status = ledger.view.wait(run_id, _run_timeout_s(shape))
         wall = time.perf_counter() - started
         samples = sampler.stop()
-        snapshot = ledger.snapshot(run_id)
+        snapshot = ledger.view.snapshot(run_id)
         if snapshot is None:
             raise BenchmarkError(f"run {run_id} vanished from the ledger")
         summary = snapshot.summary()

@@ -57,9 +57,9 @@ def _measure(vendor: Any, stage: str, items: int, iterations: int) -> tuple[floa
     started = time.perf_counter()
     run_id = start_run("benchloop", {"vendor_url": vendor.url}, roots=[iterations] * items,
                        root_stage=stage)
-    status = services().ledger.wait(run_id, 600)
+    status = services().ledger.view.wait(run_id, 600)
     wall_s = time.perf_counter() - started
-    snap = services().ledger.snapshot(run_id)
+    snap = services().ledger.view.snapshot(run_id)
     total = items * iterations
     calls = vendor.stats()["by_endpoint"]["fib"]
     if status != "succeeded" or snap is None or snap.stages[stage].get("iterations") != total:

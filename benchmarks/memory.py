@@ -4,7 +4,7 @@
   / ``LLEN`` (the list alone) and the ``used_memory`` delta / N (everything the publish added).
   fanout's ``metric_day`` message vs stock Celery's ``add.delay(1, 2)`` and the hand-written
   baseline's ``metric_day`` message for the same item.
-- per ledger item: ``used_memory`` delta / N of ``Ledger.register`` alone (the items hash and
+- per ledger item: ``used_memory`` delta / N of ``Items.register`` alone (the items hash and
   the payloads hash, with their keys and counters).
 - worker RSS after the harvest: from the harvest suite when it ran in this invocation,
   otherwise from a small fanout harvest run here.
@@ -71,7 +71,7 @@ def memory(ctx: Context) -> SuiteResult:
     # fanout: ledger registration first (its delta alone), then the messages.
     run_id = fresh_run(ctx, "memory")
     before = ctx.env.used_memory()
-    ledger.register(run_id, stage.name, entries)
+    ledger.items.register(run_id, stage.name, entries)
     ledger_per_item = (ctx.env.used_memory() - before) / n
     fanout = _measure_publish(ctx, stage.queue, n, lambda: svc.transport.publish(
         [Delivery(stage.task_name, run_id, i, item) for i, item in entries]))

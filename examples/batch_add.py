@@ -44,13 +44,13 @@ def main(argv: list[str]) -> int:
         run_id = start_run("batch_add", {}, roots=[[x, y] for x, y in zip(a, b, strict=True)],
                            root_stage="add", batch_size=2, kill_switch=AnyFailed())
         ledger = services().ledger
-        status = ledger.wait(run_id, timeout_s=120)
-        snap = ledger.snapshot(run_id)
+        status = ledger.view.wait(run_id, timeout_s=120)
+        snap = ledger.view.snapshot(run_id)
     if status != "succeeded" or snap is None:
         reason = snap.stop_reason if snap and snap.stop_reason else f"fanout failures {run_id}"
         print(f"run {run_id} ended {status}: {reason}", file=sys.stderr)
         return 1
-    print(ledger.results(run_id))
+    print(ledger.view.results(run_id))
     return 0
 
 

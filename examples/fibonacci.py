@@ -52,11 +52,11 @@ def main(argv: list[str]) -> int:
     with local_system(pipelines=["fibonacci"], pythonpath=[here]) as system:
         run_id = start_run("fibonacci", {"vendor_url": system.vendor_url},
                            roots=ms, root_stage="compute_large_fibonacci")
-        status = services().ledger.wait(run_id, timeout_s=300)
+        status = services().ledger.view.wait(run_id, timeout_s=300)
     if status != "succeeded":
         print(f"run {run_id} ended {status}: fanout failures {run_id}", file=sys.stderr)
         return 1
-    results = services().ledger.results(run_id)
+    results = services().ledger.view.results(run_id)
     print(results[0] if len(ms) == 1 else results)
     return 0
 

@@ -61,15 +61,15 @@ def main(argv: list[str]) -> int:
         run_id = start_run("github_stars", {"base_url": base_url}, roots=REPOS,
                            root_stage="fetch_stats")
         ledger = services().ledger
-        status = ledger.wait(run_id, timeout_s=300)
-        snapshot = ledger.snapshot(run_id)
+        status = ledger.view.wait(run_id, timeout_s=300)
+        snapshot = ledger.view.snapshot(run_id)
     if status != "succeeded" or snapshot is None:
         print(f"run {run_id} ended {status}: fanout failures {run_id}", file=sys.stderr)
         return 1
     counts = snapshot.stages["fetch_stats"]
     print(f"fetch_stats: {counts['succeeded']} fetched, {counts['cached']} cached, "
           f"{counts['retried']} retried")
-    stars = [get_stars(stats) for stats in ledger.results(run_id)]
+    stars = [get_stars(stats) for stats in ledger.view.results(run_id)]
     for repo, star_count in zip(REPOS, stars, strict=True):
         print(f"{repo}: {star_count} stars")
     return 0

@@ -1,4 +1,5 @@
-"""The ``fanout`` commands that talk to a run: demo, run, status, failures."""
+"""The ``fanout`` commands that talk to a run or its Redis: demo, run, status, failures,
+replay, cancel, dead-letters, limits, cache."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from producers import limits_cli, processes
-from producers.errors import RunNotFound, UsageError
+from producers.errors import RunFinished, RunNotFound, UsageError
 from producers.interrupts import Interrupted, stop_signals_raise
 from producers.local import LocalSystem, local_system
 from producers.report import RedisGone, done_count, exit_code, summary_table, wait_for_run
@@ -66,7 +67,7 @@ def _finish(snap: RunSnapshot, *, as_json: bool, console: Console) -> int:
     if snap.stop_reason:
         console.print(f"{snap.status}: {snap.stop_reason}", markup=False)
     if snap.failed_items:
-        failures = sorted(_ledger().failures(snap.run_id).items())
+        failures = sorted(_ledger().view.failures(snap.run_id).items())
         for item, failure in failures[:_FAILURES_SHOWN]:
             console.print(f"failed {failure['stage']} {item}: {failure['error_type']}: "
                           f"{failure['message']}")
@@ -122,8 +123,8 @@ def _demo_run(args: argparse.Namespace, system: LocalSystem, run_id: str,
 def _cancel_demo_run(run_id: str, stop: Interrupted) -> str:
     """Cancel the demo's run in the ledger; what became of it, for the one line."""
     try:
-        skipped = _ledger().stop_run(run_id, "cancelled", f"fanout demo interrupted "
-                                                          f"({stop.name})")
+        skipped = _ledger().runs.stop(run_id, "cancelled",
+                                      f"fanout demo interrupted ({stop.name})")
     except LedgerError:  # interrupted before the run was created
         return "no run started"
     return f"run {run_id} cancelled" if skipped >= 0 else f"run {run_id} had already finished"
@@ -200,7 +201,7 @@ def _print_last_json(run_id: str, pipeline: str, error: str) -> None:
     """The JSON summary of a run a signal stopped the wait for, as it is now, with ``error``
     (the JSON comes last, as it does when a wait gives up on an outage)."""
     try:
-        snap = _ledger().snapshot(run_id, get_pipeline(pipeline).stage_order())
+        snap = _ledger().view.snapshot(run_id, get_pipeline(pipeline).stage_order())
     except DOWN_ERRORS:
         snap = None
     summary = snap.summary() if snap else {"run_id": run_id, "pipeline": pipeline,
@@ -211,17 +212,17 @@ def _print_last_json(run_id: str, pipeline: str, error: str) -> None:
 
 def _snapshot(run_id: str | None) -> RunSnapshot:
     ledger = _ledger()
-    run_id = run_id or ledger.latest_run()
+    run_id = run_id or ledger.view.latest_run()
     if run_id is None:
         raise RunNotFound("no runs yet")
-    snap = ledger.snapshot(run_id)
+    snap = ledger.view.snapshot(run_id)
     if snap is None:
         raise RunNotFound(f"run {run_id} is unknown or expired")
     try:
         order = get_pipeline(snap.pipeline).stage_order()
     except ConfigError:  # a pipeline this process does not load: counters in ledger order
         return snap
-    return ledger.snapshot(run_id, order) or snap
+    return ledger.view.snapshot(run_id, order) or snap
 
 
 def status(args: argparse.Namespace) -> int:
@@ -247,8 +248,8 @@ def _list_runs(*, as_json: bool) -> int:
     """The latest runs: status, progress (terminal items of all registered), age, wall."""
     ledger = _ledger()
     rows: list[dict[str, Any]] = []
-    for run_id in ledger.recent_runs(_RECENT_RUNS):
-        snap = ledger.snapshot(run_id)
+    for run_id in ledger.view.recent_runs(_RECENT_RUNS):
+        snap = ledger.view.snapshot(run_id)
         if snap is None:
             continue
         enqueued = sum(c.get("enqueued", 0) for c in snap.stages.values())
@@ -280,7 +281,7 @@ def _age(seconds: float) -> str:
 def failures(args: argparse.Namespace) -> int:
     _connect()
     snap = _snapshot(args.run_id)
-    failed = _ledger().failures(snap.run_id)
+    failed = _ledger().view.failures(snap.run_id)
     if args.json:
         print(json.dumps(failed))
         return 0
@@ -331,9 +332,9 @@ def cache(args: argparse.Namespace) -> int:
 def cancel(args: argparse.Namespace) -> int:
     _connect()
     snap = _snapshot(args.run_id)
-    skipped = _ledger().stop_run(snap.run_id, "cancelled", "cancelled by hand")
+    skipped = _ledger().runs.stop(snap.run_id, "cancelled", "cancelled by hand")
     if skipped < 0:
-        raise RunNotFound(f"run {snap.run_id} already finished ({snap.status})")
+        raise RunFinished(f"run {snap.run_id} already finished ({snap.status})")
     print(f"run {snap.run_id} cancelled: {skipped} items skipped now, the ones in flight "
           "as workers take them")
     return 0

@@ -11,3 +11,7 @@ class UsageError(CliError):
 
 class RunNotFound(CliError):
     """No such run (never started, or its ledger expired)."""
+
+
+class RunFinished(CliError):
+    """The run has finished (or was stopped already): nothing left to do to it."""

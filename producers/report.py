@@ -133,8 +133,8 @@ def wait_for_run(
             progress.start()
         while True:
             try:
-                status = ledger.wait(run_id, timeout_s=_REFRESH_S)
-                found = ledger.snapshot(run_id, stage_order)
+                status = ledger.view.wait(run_id, timeout_s=_REFRESH_S)
+                found = ledger.view.snapshot(run_id, stage_order)
                 if found is not None and not found.finished and status is None:
                     idle.update(_counts(found), [queue_name(found.pipeline, s)
                                                  for s in found.stages])

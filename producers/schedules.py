@@ -83,7 +83,7 @@ def _status(store: SlotStore, schedule: Schedule) -> dict[str, Any]:
     error = store.last_error(schedule.name)
     status = None
     if last is not None:
-        snap = services().ledger.snapshot(last[0])
+        snap = services().ledger.view.snapshot(last[0])
         status = snap.status if snap is not None else "expired"
     if error is not None and (last is None or dt.datetime.fromisoformat(error["slot"])
                               .timestamp() > last[1]):

@@ -93,13 +93,13 @@ def start_run(
     ]
     svc = services()
     if batch_size is not None:
-        if svc.ledger.create_run(run_id, pipeline.name, params, stage.name, [], hold=True):
+        if svc.ledger.runs.create(run_id, pipeline.name, params, stage.name, [], hold=True):
             spec = None if kill_switch is None else to_spec(kill_switch)
             batch_maps.start(svc, stage, run_id, run_id, list(roots), batch_size, spec,
                              per_item, as_roots=True)
         return run_id
     entries = [(d.item_id, d.payload) for d in deliveries]
-    if svc.ledger.create_run(run_id, pipeline.name, params, stage.name, entries):
+    if svc.ledger.runs.create(run_id, pipeline.name, params, stage.name, entries):
         # Should this process die here, the reaper publishes the roots from the ledger.
         svc.transport.publish(deliveries)
     return run_id
@@ -109,14 +109,14 @@ def replay_run(run_id: str, *, stage: str | None = None, item: str | None = None
     """Publish a run's failed items again (all, or those of ``stage``, or one ``item``) into
     the same run, which reopens and finishes again. Returns how many."""
     svc = services()
-    snap = svc.ledger.snapshot(run_id)
+    snap = svc.ledger.view.snapshot(run_id)
     if snap is None:
         raise TriggerError(f"run {run_id} is unknown or expired")
     load_configured_pipelines()
     pipeline = get_pipeline(snap.pipeline)
     if stage is not None and stage not in pipeline.stages:
         raise ConfigError(f"pipeline {snap.pipeline!r} has no stage {stage!r}")
-    failed = svc.ledger.failures(run_id)
+    failed = svc.ledger.view.failures(run_id)
     if item is not None and item not in failed:
         raise TriggerError(f"item {item!r} did not fail in run {run_id}")
     chosen = {
@@ -124,7 +124,7 @@ def replay_run(run_id: str, *, stage: str | None = None, item: str | None = None
         if (stage is None or failure["stage"] == stage) and item in (None, failed_id)
     }
     try:
-        replayed = svc.ledger.replay(run_id, chosen)
+        replayed = svc.ledger.runs.replay(run_id, chosen)
     except LedgerError as exc:
         raise TriggerError(str(exc)) from None
     svc.transport.publish([

@@ -34,10 +34,10 @@ def run_batches(vendor: VendorHandle, roots: list[dict[str, Any]], size: int,
     run_id = start_run("batchtest", {"vendor_url": vendor.url}, roots=roots,
                        root_stage="fetch", batch_size=size, kill_switch=switch, **kwargs)
     ledger = services().ledger
-    assert ledger.wait(run_id, 60) is not None, "the run did not finish"
-    snap = ledger.snapshot(run_id, ["fetch"])
+    assert ledger.view.wait(run_id, 60) is not None, "the run did not finish"
+    snap = ledger.view.snapshot(run_id, ["fetch"])
     assert snap is not None
-    return {**snap.summary(), "results": ledger.results(run_id)}
+    return {**snap.summary(), "results": ledger.view.results(run_id)}
 
 
 def fetched(vendor: VendorHandle) -> list[int]:
@@ -107,8 +107,8 @@ def test_a_batch_map_inside_a_stage(vendor: VendorHandle, start_worker: WorkerFa
     run_id = start_run("batchtest", {"vendor_url": vendor.url}, roots=[spec],
                        root_stage="parent")
     ledger = services().ledger
-    assert ledger.wait(run_id, 60) == "killed"
-    snap = ledger.snapshot(run_id, ["parent", "fetch"])
+    assert ledger.view.wait(run_id, 60) == "killed"
+    snap = ledger.view.snapshot(run_id, ["parent", "fetch"])
     assert snap is not None
     assert snap.stages["parent"] == {**ZERO, "enqueued": 1, "succeeded": 1}
     assert snap.stages["fetch"] == {**ZERO, "enqueued": 6, "succeeded": 1, "failed": 1,
@@ -126,8 +126,8 @@ def test_cancel_stops_a_live_run(vendor: VendorHandle, start_worker: WorkerFacto
                             capture_output=True, text=True, timeout=60, env=os.environ.copy())
     assert cancel.returncode == 0, cancel.stderr
     ledger = services().ledger
-    assert ledger.wait(run_id, 60) == "cancelled"
-    snap = ledger.snapshot(run_id, ["fetch"])
+    assert ledger.view.wait(run_id, 60) == "cancelled"
+    snap = ledger.view.snapshot(run_id, ["fetch"])
     assert snap is not None
     counts = snap.stages["fetch"]
     ran = len(fetched(vendor))

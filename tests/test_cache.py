@@ -24,8 +24,8 @@ def run(vendor: VendorHandle, **params: Any) -> dict[str, Any]:
                                      **params}, roots=["acct-001", "acct-002"],
                        root_stage="listing")
     ledger = services().ledger
-    assert ledger.wait(run_id, 60) is not None
-    snap = ledger.snapshot(run_id, ["listing", "metric"])
+    assert ledger.view.wait(run_id, 60) is not None
+    snap = ledger.view.snapshot(run_id, ["listing", "metric"])
     assert snap is not None
     return snap.summary()
 

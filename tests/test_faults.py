@@ -74,7 +74,7 @@ def test_permanent_404s_fail_at_once_and_a_replay_finishes_the_run(
     assert after["rows_written"] == 24
     assert [r[:6] for r in sink_rows(sink_path)] == expected_rows(2, 3, 4)  # no duplicates
     assert [vendor.stats()["by_path"][p] for p in missing] == [2, 2, 2]
-    assert services().ledger.failures(run_id) == {}
+    assert services().ledger.view.failures(run_id) == {}
     again = fanout_cli("replay", run_id)
     assert again.returncode == 0 and "replaying 0 failed items" in again.stderr
 

@@ -30,16 +30,16 @@ def run_demo(vendor: VendorHandle, days: int, **params: Any) -> str:
 
 
 def finish(run_id: str, timeout_s: float = 90) -> dict[str, Any]:
-    status = services().ledger.wait(run_id, timeout_s)
+    status = services().ledger.view.wait(run_id, timeout_s)
     assert status is not None, f"run {run_id} did not finish in {timeout_s}s"
-    snap = services().ledger.snapshot(run_id, ["accounts", "services", "metric_day"])
+    snap = services().ledger.view.snapshot(run_id, ["accounts", "services", "metric_day"])
     assert snap is not None
     return snap.summary()
 
 
 def leaves_done(run_id: str) -> int:
     """Metric-days of the run succeeded so far."""
-    snap = services().ledger.snapshot(run_id)
+    snap = services().ledger.view.snapshot(run_id)
     return snap.stages.get("metric_day", {}).get("succeeded", 0) if snap else 0
 
 
@@ -221,7 +221,7 @@ def test_vendor_5xx_fails_only_those_items(
     assert summary["rows_written"] == 60 - len(faulty)
     assert {(r[1], r[2], r[4]) for r in sink_rows(sink_path)}.isdisjoint(faulty)
 
-    failures = services().ledger.failures(run_id)
+    failures = services().ledger.view.failures(run_id)
     assert {(f["item"]["account"], f["item"]["service"], f["item"]["day"])
             for f in failures.values()} == faulty
     for failure in failures.values():

@@ -21,8 +21,8 @@ ZERO = {"enqueued": 0, "succeeded": 0, "failed": 0, "cached": 0, "retried": 0,
 def run_once(vendor: VendorHandle) -> dict[str, Any]:
     run_id = start_run("hooktest", {"vendor_url": vendor.url}, roots=[5], root_stage="numbers")
     ledger = services().ledger
-    assert ledger.wait(run_id, 60) is not None, "the run did not finish"
-    snap = ledger.snapshot(run_id, ["numbers", "fetch"])
+    assert ledger.view.wait(run_id, 60) is not None, "the run did not finish"
+    snap = ledger.view.snapshot(run_id, ["numbers", "fetch"])
     assert snap is not None
     return snap.summary()
 

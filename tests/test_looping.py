@@ -30,8 +30,9 @@ def run_stage(stage: str, roots: list[Any], vendor: VendorHandle, **params: Any)
 
 
 def finish(run_id: str, timeout_s: float = 90) -> dict[str, Any]:
-    assert services().ledger.wait(run_id, timeout_s) is not None, f"run {run_id} did not finish"
-    snap = services().ledger.snapshot(run_id)
+    view = services().ledger.view
+    assert view.wait(run_id, timeout_s) is not None, f"run {run_id} did not finish"
+    snap = view.snapshot(run_id)
     assert snap is not None
     return snap.summary()
 
@@ -50,7 +51,7 @@ def test_failed_iteration_is_retried_alone(
     summary = finish(run_id)
 
     assert summary["status"] == "succeeded"
-    assert services().ledger.results(run_id) == [89]
+    assert services().ledger.view.results(run_id) == [89]
     # Iterations 1..4 once each, iteration 5 twice (its retry), 6..12 once.
     assert fib_requests(vendor) == {n: (2 if n == 5 else 1) for n in range(1, 13)}
     stage = summary["stages"]["fib"]
@@ -63,7 +64,7 @@ def test_looping_combines_with_mapping(vendor: VendorHandle, start_worker: Worke
     run_id = run_stage("fib", [10, 100, 1000, 1500], vendor)
     summary = finish(run_id)
     assert summary["status"] == "succeeded"
-    assert services().ledger.results(run_id) == [8, 89, 987, 987]
+    assert services().ledger.view.results(run_id) == [8, 89, 987, 987]
     # The largest fib below M is fib(k), found by asking for fib(1)..fib(k+1): k+1 iterations.
     assert summary["stages"]["fib"]["iterations"] == 7 + 12 + 17 + 17
 
@@ -79,7 +80,7 @@ def test_sigkilled_loop_resumes_from_last_completed_iteration(
     ledger = services().ledger
 
     def iteration() -> int:
-        states = ledger.loop_states(run_id)
+        states = ledger.loops.states(run_id)
         return max((s["iteration"] for s in states.values()), default=1)
 
     wait_for(lambda: iteration() >= 6, what="six iterations before the kill")
@@ -91,7 +92,7 @@ def test_sigkilled_loop_resumes_from_last_completed_iteration(
     start_worker(short_visibility)
     summary = finish(run_id)
     assert summary["status"] == "succeeded"
-    assert ledger.results(run_id) == [fib(25)]
+    assert ledger.view.results(run_id) == [fib(25)]
     seen = fib_requests(vendor)
     assert sorted(seen) == list(range(1, 27))
     # Completed iterations were never run again; only the one in flight may repeat.
@@ -108,7 +109,7 @@ def test_max_iterations_fails_the_item_with_a_clear_error(
     assert summary["status"] == "partial"
     assert summary["stages"]["forever"]["failed"] == 1
     assert summary["stages"]["forever"]["iterations"] == 5
-    [failure] = services().ledger.failures(run_id).values()
+    [failure] = services().ledger.view.failures(run_id).values()
     assert failure["error_type"] == "LoopLimitExceeded"
     assert "max_iterations=5" in failure["message"]
     assert failure["iteration"] == 5
@@ -124,7 +125,7 @@ def test_delay_longer_than_visibility_timeout_runs_once(
     assert time.monotonic() - started >= 5  # the delay was honoured
     assert summary["status"] == "succeeded"
     assert summary["stages"]["wait_then_fetch"]["iterations"] == 2
-    assert services().ledger.results(run_id) == [1]
+    assert services().ledger.view.results(run_id) == [1]
     # A 5 s ETA past a 2 s visibility timeout would have been delivered twice.
     assert fib_requests(vendor) == {1: 1}
 

@@ -246,6 +246,7 @@ class FlakyLedger:
         self.down = down
         self.calls = 0
         self.finished_after = finished_after
+        self.view = self  # wait_for_run reads ledger.view.wait and ledger.view.snapshot
 
     def wait(self, run_id: str, timeout_s: float) -> str | None:
         self.calls += 1

@@ -60,11 +60,12 @@ class LostRun:
         self.payloads |= dict(zip(self.days, days, strict=True))
 
         roots = [(self.a1, accounts[0]), (self.a2, accounts[1])]
-        assert ledger.create_run(RUN, "demo", {"days": 2}, "accounts", roots) is True
-        assert ledger.register(RUN, "services", list(zip(self.services, services, strict=True)))
-        assert ledger.register(RUN, "metric_day", list(zip(self.days, days, strict=True)))
-        assert ledger.finish(Finish(RUN, "accounts", self.a1, Outcome.SUCCEEDED)) == 1
-        assert ledger.advance_loop(RUN, "accounts", self.a2, 1, "cursor-2") is True
+        assert ledger.runs.create(RUN, "demo", {"days": 2}, "accounts", roots) is True
+        items = ledger.items
+        assert items.register(RUN, "services", list(zip(self.services, services, strict=True)))
+        assert items.register(RUN, "metric_day", list(zip(self.days, days, strict=True)))
+        assert ledger.items.finish(Finish(RUN, "accounts", self.a1, Outcome.SUCCEEDED)) == 1
+        assert ledger.loops.advance(RUN, "accounts", self.a2, 1, "cursor-2") is True
         self.progress_at_raw = str(svc.ledger.redis.hget(RunKeys.of(RUN).run, "progress_at"))
         self.progress_at = float(self.progress_at_raw)
 
@@ -113,7 +114,7 @@ def test_a_stalled_run_has_exactly_its_pending_items_published_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # An item of a stage the pipeline does not have (any more) is left alone.
-    assert svc.ledger.register(RUN, "ghost", [("ghost:x", {"x": 1})]) == 1
+    assert svc.ledger.items.register(RUN, "ghost", [("ghost:x", {"x": 1})]) == 1
     progress_at = float(client.hget(RunKeys.of(RUN).run, "progress_at"))
     clock = FakeClock(progress_at + 2 * vt(svc))
     reaper = Reaper(svc, vt(svc), clock=clock)
@@ -145,7 +146,7 @@ def test_a_stalled_run_has_exactly_its_pending_items_published_again(
     assert reaper.sweep() == 0
     assert depths(client, demo) == {"accounts": 1, "services": 2, "metric_day": 2}
     # Nothing was counted by the sweeps.
-    snap = svc.ledger.snapshot(RUN)
+    snap = svc.ledger.view.snapshot(RUN)
     assert snap is not None
     assert snap.pending == 6
     assert snap.stages["accounts"]["enqueued"] == 2
@@ -230,8 +231,8 @@ def test_stale_claims_are_put_back_when_no_run_is_stalled(
 def test_finished_runs_and_runs_of_unloaded_pipelines_are_left_alone(
     svc: Services, demo: Pipeline, client: redis.Redis
 ) -> None:
-    assert svc.ledger.create_run("run-done", "demo", {}, "accounts", []) is True
-    assert svc.ledger.create_run("run-alien", "not_loaded", {}, "accounts",
+    assert svc.ledger.runs.create("run-done", "demo", {}, "accounts", []) is True
+    assert svc.ledger.runs.create("run-alien", "not_loaded", {}, "accounts",
                                  [("accounts:x", {"account": "x"})]) is True
     progress = float(client.hget(RunKeys.of("run-alien").run, "progress_at"))
     reaper = Reaper(svc, vt(svc), clock=FakeClock(progress + 10 * vt(svc)))
@@ -249,19 +250,20 @@ def test_a_batch_map_left_deciding_by_a_dead_worker_is_settled(svc: Services) ->
     load_configured_pipelines()
     stage = get_pipeline("demo").stages["metric_day"]
     ledger = svc.ledger
-    assert ledger.create_run(RUN, "demo", {}, "metric_day", [], hold=True)
+    assert ledger.runs.create(RUN, "demo", {}, "metric_day", [], hold=True)
     payloads = [{"account": "a", "service": "s", "day": f"2024-01-0{i}"} for i in (1, 2)]
     ids = [item_id("metric_day", RUN, i, p) for i, p in enumerate(payloads)]
-    first = ledger.batch_map(RUN, "m1", stage.task_name, "metric_day", 1, None, False,
+    first = ledger.maps.create(RUN, "m1", stage.task_name, "metric_day", 1, None, False,
                              list(zip(ids, payloads, strict=True)), as_roots=True)
     assert [i for i, _ in first] == [ids[0]]
-    codes, signals = ledger.finish_batch([Finish(RUN, "metric_day", ids[0], Outcome.SUCCEEDED)])
+    done = Finish(RUN, "metric_day", ids[0], Outcome.SUCCEEDED)
+    codes, signals = ledger.items.finish_batch([done])
     assert codes == [1] and [s.deciding for s in signals] == [True]  # ... and the worker dies
-    assert ledger.deciding_maps(RUN) == ["m1"]
+    assert ledger.maps.deciding(RUN) == ["m1"]
     progress_at = float(str(svc.ledger.redis.hget(RunKeys.of(RUN).run, "progress_at")))
 
     Reaper(svc, vt(svc), clock=FakeClock(progress_at + 2 * vt(svc))).sweep()
 
-    assert ledger.deciding_maps(RUN) == []
+    assert ledger.maps.deciding(RUN) == []
     queued = [decode_redis(m) for m in svc.ledger.redis.lrange(stage.queue, 0, -1)]
     assert [d.item_id for d in queued] == [ids[1]]  # batch 2, published once

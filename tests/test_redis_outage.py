@@ -271,7 +271,7 @@ def lost_roots(svc: Services, run_id: str) -> float:
     ``progress_at``."""
     roots = [{"account": "a1"}, {"account": "a2"}]
     entries = [(item_id("accounts", run_id, i, p), p) for i, p in enumerate(roots)]
-    assert svc.ledger.create_run(run_id, "demo", {"days": 1}, "accounts", entries)
+    assert svc.ledger.runs.create(run_id, "demo", {"days": 1}, "accounts", entries)
     return float(svc.ledger.redis.hget(RunKeys.of(run_id).run, "progress_at"))
 
 

@@ -646,8 +646,8 @@ def test_two_beats_each_slot_once_and_one_sigkilled(
 
     ledger = Ledger(redis_client, 3600)
     for run_id in run_ids:
-        assert ledger.wait(run_id, timeout_s=20) == "succeeded", run_id
-        snap = ledger.snapshot(run_id)
+        assert ledger.view.wait(run_id, timeout_s=20) == "succeeded", run_id
+        snap = ledger.view.snapshot(run_id)
         assert snap is not None
         assert snap.rows_written == 12, run_id  # 2 accounts x 3 services x 2 days, once
         assert snap.stages["accounts"]["enqueued"] == 2, run_id

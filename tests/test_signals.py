@@ -205,13 +205,13 @@ def test_a_worker_killed_by_hand_is_restarted_and_takes_work(
     [second] = children(started.proc.pid)
     assert second != first
     run_id = start_run("demo", {"days": 2, "end_day": "2026-01-31", "vendor_url": vendor.url})
-    assert services().ledger.wait(run_id, timeout_s=60) == "succeeded"
+    assert services().ledger.view.wait(run_id, timeout_s=60) == "succeeded"
     assert len(sink_rows(sink_path)) == 2 * 3 * 2  # the only worker is the restarted one
     assert len(supervisor_lines(started)) == 1
 
 
 def _snapshot(run_id: str) -> RunSnapshot:
-    snap = services().ledger.snapshot(run_id)
+    snap = services().ledger.view.snapshot(run_id)
     assert snap is not None
     return snap
 
@@ -301,7 +301,7 @@ def test_run_wait_stops_waiting_not_the_run(
     assert summary["error"] == (f"stopped waiting ({signum.name}): the run goes on in the "
                                 "workers")
     assert _snapshot(run_id).status == "running"  # not cancelled: it goes on
-    assert services().ledger.wait(run_id, timeout_s=60) == "succeeded"
+    assert services().ledger.view.wait(run_id, timeout_s=60) == "succeeded"
     assert len(sink_rows(sink_path)) == 2 * 3 * 3
 
 

@@ -23,7 +23,7 @@ class StageResult:
 
     children: dict[str, list[Any]] = field(default_factory=dict)  # stage -> items to map
     records: list[Record] = field(default_factory=list)  # for the sink
-    value: Any = None  # any other JSON value (kept for ``Ledger.results``)
+    value: Any = None  # any other JSON value (kept for ``RunView.results``)
     next_loop: Loop | None = None  # run the item again
     batch_maps: list[dict[str, Any]] = field(default_factory=list)  # ``ctx.batch_map`` asks
 

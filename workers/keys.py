@@ -15,7 +15,7 @@ Run ledger, for run R (``RunKeys``):
 - ``fanout:run:{R}:payloads`` hash: item id -> payload JSON while the item is pending (so the
                               reaper can publish a lost message again)
 - ``fanout:run:{R}:results``  hash: item id -> JSON of what a stage returned that is neither
-                              children nor records (``Ledger.results``, for small runs)
+                              children nor records (``RunView.results``, for small runs)
 - ``fanout:run:{R}:loops``    hash: item id -> JSON {iteration, payload} of a looping item
 - ``fanout:run:{R}:roots``    list: root item ids in the order they were given (result order)
 - ``fanout:run:{R}:delayed``  sorted set: item id -> due time of its delayed message (the

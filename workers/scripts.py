@@ -15,7 +15,8 @@ from typing import Any
 
 import redis
 
-_KEYS_LINE = re.compile(r"^-- KEYS: (.+)$", re.MULTILINE)
+# "-- KEYS: a, b," goes on in an indented line "--       c, d" after a trailing comma.
+_KEYS_HEADER = re.compile(r"^-- KEYS: ((?:.*,\n-- {2,})*.+)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,11 @@ def load(name: str) -> Script:
     """The script ``lua/NAME.lua``, with each "-- INCLUDE: _snippet" line replaced by
     ``lua/_snippet.lua`` (Lua scripts sent to Redis share no code otherwise)."""
     source = _INCLUDE_LINE.sub(lambda m: _source(m.group(1)).rstrip("\n"), _source(name))
-    match = _KEYS_LINE.search(source)
+    match = _KEYS_HEADER.search(source)
     if match is None:
         raise ValueError(f"lua/{name}.lua has no '-- KEYS: name, name' header")
-    return Script(name, tuple(k.strip() for k in match.group(1).split(",")), source)
+    names = match.group(1).replace("\n--", " ").split(",")
+    return Script(name, tuple(k.strip() for k in names), source)
 
 
 @functools.cache

@@ -41,7 +41,7 @@ def start(
     """Register a batch map and publish its first batch. Returns how many items it has."""
     texts = [RawJSON(canonical_json(item)) for item in items]
     entries = [(item_id(stage.name, parent_id, i, text), text) for i, text in enumerate(texts)]
-    first = services.ledger.batch_map(
+    first = services.ledger.maps.create(
         run_id, map_id(stage.name, parent_id), stage.task_name, stage.name, size, switch_spec,
         per_item, entries, as_roots=as_roots,
     )
@@ -53,7 +53,7 @@ def settle(services: Services, signals: Sequence[MapSignal]) -> None:
     """Act on what finished items of batch maps said: check switches, release batches."""
     ledger = services.ledger
     for signal in signals:
-        state = ledger.batch_map_state(signal.run_id, signal.map_id)
+        state = ledger.maps.state(signal.run_id, signal.map_id)
         if state is None or state["complete"] == 1:
             continue
         counts = Counts(succeeded=int(state["s"]), failed=int(state["f"]),
@@ -64,11 +64,11 @@ def settle(services: Services, signals: Sequence[MapSignal]) -> None:
             reason = (f"{trip.reason}: {state['stage']} batch map stopped after "
                       f"{counts.finished} of {int(state['total'])} items "
                       f"({counts.succeeded} succeeded, {counts.failed} failed)")
-            skipped = ledger.stop_run(signal.run_id, "killed", reason)
+            skipped = ledger.runs.stop(signal.run_id, "killed", reason)
             log.warning("run %s killed: %s; %d items skipped", signal.run_id, reason,
                         max(0, skipped))
         elif signal.deciding:
-            released = ledger.settle_batch(signal.run_id, signal.map_id)
+            released = ledger.maps.settle(signal.run_id, signal.map_id)
             _publish(services, state["task"], signal.run_id, released)
 
 

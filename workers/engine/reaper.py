@@ -141,7 +141,7 @@ class Reaper:
             if self.broker is not None:
                 put_back += self.broker.restore_unacked(taken_before)
         now = self.clock()
-        runs = [run_id for run_id, _, _ in self.services.ledger.running_runs()]
+        runs = [run_id for run_id, _, _ in self.services.ledger.runs.running()]
         for run_id in runs:
             self._watched.setdefault(run_id, now)
         log.info("after the outage: %s; watching %d running runs for lost work",
@@ -160,7 +160,7 @@ class Reaper:
         if restored:
             log.warning("put %d claimed messages back on their queues", restored)
         republished = 0
-        running = self.services.ledger.running_runs()
+        running = self.services.ledger.runs.running()
         quiet: bool | None = None  # asked once, if a watched run is idle but within its grace
         for run_id, pipeline, progress_at in running:
             idle_s = now - progress_at
@@ -204,9 +204,9 @@ class Reaper:
             pipeline = get_pipeline(pipeline_name)
         except ConfigError:
             return 0, False  # not loaded in this worker: another one sweeps it
-        pending = ledger.pending_payloads(run_id)
+        pending = ledger.items.pending_payloads(run_id)
         waiting = self.services.scheduler.waiting_items(run_id, now - self.stall_s)
-        loops = ledger.loop_states(run_id)
+        loops = ledger.loops.states(run_id)
         busy = {s.name for s in pipeline.stages.values() if transport.queue_depth(s.queue) > 0}
         lost: dict[str, list[Delivery]] = defaultdict(list)
         behind_busy = False
@@ -227,11 +227,11 @@ class Reaper:
             transport.publish(deliveries)
         # A batch map whose completed batch was never settled: its worker died between the
         # ledger's word and the switch check. Decide now (once: settling is idempotent).
-        stuck = ledger.deciding_maps(run_id)
+        stuck = ledger.maps.deciding(run_id)
         if stuck:
             log.warning("run %s: settling %d batch maps left deciding", run_id, len(stuck))
             batch_maps.settle(self.services, [MapSignal(run_id, m, True) for m in stuck])
-        ledger.touch(run_id)
+        ledger.runs.touch(run_id)
         return sum(len(d) for d in lost.values()), behind_busy
 
 

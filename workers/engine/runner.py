@@ -62,7 +62,8 @@ def publish_children(
         for i, text in enumerate(texts)
     ]
     if deliveries:
-        services.ledger.register(run_id, stage.name, [(d.item_id, d.payload) for d in deliveries])
+        entries = [(d.item_id, d.payload) for d in deliveries]
+        services.ledger.items.register(run_id, stage.name, entries)
         services.transport.publish(deliveries)
     return len(deliveries)
 
@@ -143,7 +144,7 @@ class StageRunner:
     def run(self, work: Sequence[tuple[Delivery, Stage]]) -> list[ItemReport]:
         """Run deliveries (each with its stage); returns what happened to each."""
         ledger = self.services.ledger
-        progress = ledger.progress_many([(d.run_id, d.item_id) for d, _ in work])
+        progress = ledger.items.progress_many([(d.run_id, d.item_id) for d, _ in work])
         batch = _Batch()
         reports = []
         seen: set[tuple[str, str, int]] = set()
@@ -237,7 +238,7 @@ class StageRunner:
         return found
 
     def _throttle(self, delivery: Delivery, stage: Stage, wait_s: float) -> Outcome:
-        self.services.ledger.note(delivery.run_id, stage.name, "throttled")
+        self.services.ledger.items.note(delivery.run_id, stage.name, "throttled")
         self.services.scheduler.later(delivery, wait_s)
         return Outcome.THROTTLED
 
@@ -300,7 +301,7 @@ class StageRunner:
             raise LoopLimitExceeded(
                 f"{stage.task_name} looped past max_iterations={stage.max_iterations}"
             )
-        advanced = self.services.ledger.advance_loop(
+        advanced = self.services.ledger.loops.advance(
             delivery.run_id, stage.name, delivery.item_id, delivery.iteration, signal.payload
         )
         if advanced:  # a duplicate of this iteration must not enqueue the next one twice
@@ -317,17 +318,17 @@ class StageRunner:
         )
         for hook in hooks:
             hook.on_failure(ctx, delivery.payload, exc, final=final)
-        ledger = self.services.ledger
+        items = self.services.ledger.items
         batch.errors[(delivery.run_id, delivery.item_id, delivery.iteration)] = \
             f"{type(exc).__name__}: {str(exc)[:300]}"
         # Every try counts, the vendor client's own retries too (one per failed attempt).
-        tries, first_at = ledger.record_tries(delivery.run_id, delivery.item_id,
-                                              max(1, http.tries()))
+        tries, first_at = items.record_tries(delivery.run_id, delivery.item_id,
+                                             max(1, http.tries()))
         if not final:
             # Never sooner than the vendor asked (a 429's or 503's Retry-After).
             delay_s = max(stage.retry.delay_for(delivery.attempt),
                           getattr(exc, "retry_after_s", None) or 0.0)
-            ledger.note(delivery.run_id, stage.name, "retried")
+            items.note(delivery.run_id, stage.name, "retried")
             log.info("%s %s attempt %d failed (%s), retrying in %.1fs", stage.task_name,
                      delivery.item_id, delivery.attempt, exc, delay_s)
             self.services.scheduler.later(delivery.next_attempt(), delay_s)
@@ -359,14 +360,14 @@ class StageRunner:
                     sink.write(records, run_id)
             except Exception as exc:
                 raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        _, signals = self.services.ledger.finish_batch(batch.finishes)
+        _, signals = self.services.ledger.items.finish_batch(batch.finishes)
         batch_maps.settle(self.services, signals)
 
     def _run_params(self, run_id: str) -> dict[str, Any]:
         """Run parameters, read from the ledger once per process (messages stay lean)."""
         params = self._params.get(run_id)
         if params is None:
-            params = self.services.ledger.params(run_id)
+            params = self.services.ledger.view.params(run_id)
             with self._params_lock:
                 if len(self._params) > 256:
                     self._params.clear()

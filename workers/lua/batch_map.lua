@@ -10,39 +10,43 @@
 --       back the run's creation hold), [8] now, [9] ttl_s, then pairs: [10] item id,
 --       [11] payload JSON, ...
 -- Returns the first batch to publish: {id, payload, id, payload, ...} ({} if it existed).
-if redis.call('EXISTS', KEYS[1]) == 0 then
+-- Error NORUN: the run is unknown or expired.
+local run, counts, items, payloads, roots, batchmaps, bmof, bmqueue = unpack(KEYS)
+-- INCLUDE: _bmqueue
+local map_id, stage, size, as_roots = ARGV[1], ARGV[3], tonumber(ARGV[4]), ARGV[7] == '1'
+if redis.call('EXISTS', run) == 0 then
   return redis.error_reply('NORUN the run is unknown or expired')
 end
-if redis.call('HEXISTS', KEYS[6], ARGV[1]) == 1 then return {} end
-local size, n = tonumber(ARGV[4]), 0
+if redis.call('HEXISTS', batchmaps, map_id) == 1 then return {} end
+local n = 0
 local first = {}
 for i = 10, #ARGV, 2 do
   local item, payload = ARGV[i], ARGV[i + 1]
-  if ARGV[7] == '1' then redis.call('RPUSH', KEYS[5], item) end
-  if redis.call('HSETNX', KEYS[3], item, 'p') == 1 then
-    redis.call('HSET', KEYS[7], item, ARGV[1])
+  if as_roots then redis.call('RPUSH', roots, item) end
+  if redis.call('HSETNX', items, item, 'p') == 1 then
+    redis.call('HSET', bmof, item, map_id)
     if n < size then
-      redis.call('HSET', KEYS[4], item, payload)
+      redis.call('HSET', payloads, item, payload)
       first[#first + 1] = item
       first[#first + 1] = payload
     else
-      redis.call('HSET', KEYS[8], ARGV[1] .. ':' .. n, item .. '\n' .. payload)
+      redis.call('HSET', bmqueue, map_id .. ':' .. n, queued_entry(item, payload))
     end
     n = n + 1
   end
 end
-local state = {task = ARGV[2], stage = ARGV[3], size = size, total = n,
+local state = {task = ARGV[2], stage = stage, size = size, total = n,
   released = math.min(n, size), done = 0, s = 0, f = 0, k = 0, c = 0,
   switch = ARGV[5], per_item = tonumber(ARGV[6]), deciding = 0, complete = 0}
 -- An empty map has nothing to wait for: no token.
 if n == 0 then state.complete = 1 end
-redis.call('HSET', KEYS[6], ARGV[1], cjson.encode(state))
+redis.call('HSET', batchmaps, map_id, cjson.encode(state))
 local held = n
 if n > 0 then held = held + 1 end
-if ARGV[7] == '1' then held = held - 1 end  -- the creation hold becomes the map's token
-redis.call('HINCRBY', KEYS[1], 'pending', held)
-redis.call('HINCRBY', KEYS[2], ARGV[3] .. ':enqueued', n)
-redis.call('HSET', KEYS[1], 'progress_at', ARGV[8])
-local ttl = tonumber(ARGV[9])
-for i = 1, 8 do redis.call('EXPIRE', KEYS[i], ttl) end
+if as_roots then held = held - 1 end  -- the creation hold becomes the map's token
+redis.call('HINCRBY', run, 'pending', held)
+redis.call('HINCRBY', counts, stage .. ':enqueued', n)
+redis.call('HSET', run, 'progress_at', ARGV[8])
+local ttl_s = tonumber(ARGV[9])
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl_s) end
 return first

@@ -5,11 +5,12 @@
 --   backoff: string, nothing passes before this time (epoch seconds)
 -- ARGV: [1] seconds from now
 -- Returns the seconds from now until the limit opens again (a string; see limit_gcra.lua).
+local backoff = KEYS[1]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
 local not_before = now + tonumber(ARGV[1])
-local current = tonumber(redis.call('GET', KEYS[1]) or 0)
+local current = tonumber(redis.call('GET', backoff) or 0)
 if current >= not_before then return string.format('%.6f', current - now) end
 local ttl_ms = math.ceil(tonumber(ARGV[1]) * 1000) + 1000
-redis.call('SET', KEYS[1], string.format('%.6f', not_before), 'PX', ttl_ms)
+redis.call('SET', backoff, string.format('%.6f', not_before), 'PX', ttl_ms)
 return string.format('%.6f', not_before - now)

@@ -11,21 +11,22 @@
 --       not at all)
 -- Returns {1, wait_s} when allowed (after sleeping wait_s, "0" for at once), {0, wait_s} when
 -- refused; wait_s is a string because Redis truncates Lua numbers to integers.
+local tat_key, backoff = KEYS[1], KEYS[2]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
 local max_wait = tonumber(ARGV[4] or 0)
-local not_before = math.max(tonumber(redis.call('GET', KEYS[2]) or 0), now)
+local not_before = math.max(tonumber(redis.call('GET', backoff) or 0), now)
 local interval = tonumber(ARGV[1])
 if interval <= 0 then
   if not_before - now > max_wait then return {0, string.format('%.6f', not_before - now)} end
   return {1, string.format('%.6f', not_before - now)}
 end
 local cost = tonumber(ARGV[3])
-local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or 0), not_before)
+local tat = math.max(tonumber(redis.call('GET', tat_key) or 0), not_before)
 local allow_at = math.max(tat + (cost - tonumber(ARGV[2])) * interval, not_before)
 if allow_at - now > max_wait then return {0, string.format('%.6f', allow_at - now)} end
 local new_tat = tat + cost * interval
 -- Once new_tat has passed it means the same as no state: expire a second after that.
 local ttl_ms = math.ceil((new_tat - now) * 1000) + 1000
-redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', ttl_ms)
+redis.call('SET', tat_key, string.format('%.6f', new_tat), 'PX', ttl_ms)
 return {1, string.format('%.6f', allow_at - now)}

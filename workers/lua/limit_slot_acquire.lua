@@ -6,15 +6,16 @@
 --   slots: sorted set, holder id -> lease expiry (epoch seconds)
 -- ARGV: [1] holder id, [2] lease_s, [3] number of slots
 -- Returns 1 when the holder has a slot, 0 when every slot is taken.
+local slots = KEYS[1]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now))
-if not redis.call('ZSCORE', KEYS[1], ARGV[1])
-    and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+redis.call('ZREMRANGEBYSCORE', slots, '-inf', string.format('%.6f', now))
+if not redis.call('ZSCORE', slots, ARGV[1])
+    and redis.call('ZCARD', slots) >= tonumber(ARGV[3]) then
   return 0
 end
-redis.call('ZADD', KEYS[1], string.format('%.6f', now + tonumber(ARGV[2])), ARGV[1])
+redis.call('ZADD', slots, string.format('%.6f', now + tonumber(ARGV[2])), ARGV[1])
 -- The set matters while its longest lease lasts; it expires a second after that.
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(last[2]) - now) * 1000) + 1000)
+local last = redis.call('ZRANGE', slots, -1, -1, 'WITHSCORES')
+redis.call('PEXPIRE', slots, math.ceil((tonumber(last[2]) - now) * 1000) + 1000)
 return 1
