@@ -271,7 +271,7 @@ def test_demo_refuses_to_start_beside_a_worker_it_did_not_start(
         f"(test0-{os.getpid()}@{host()}); stop it (fanout down) or point FANOUT_REDIS_URL "
         "elsewhere"
     ]
-    assert services().ledger.recent_runs() == []  # no run started
+    assert services().ledger.view.recent_runs() == []  # no run started
     assert sink_rows(sink_path) == []
     assert tagged(started.tag) == []  # its vendor stopped
 
