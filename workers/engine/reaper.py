@@ -59,7 +59,7 @@ from workers.engine import batch_maps
 from workers.engine.services import Services
 from workers.ids import stage_of_item
 from workers.ledger import MapSignal
-from workers.message import Delivery
+from workers.message import BadMessage, Delivery, decode_redis
 from workers.outage import DOWN_ERRORS
 from workers.outage import shared as shared_outage
 from workers.settings import ConfigError
@@ -90,14 +90,40 @@ class BrokerHooks(Protocol):
         ...
 
 
+class WorkerHooks(Protocol):
+    """What the reaper asks about the workers' liveness (``workers/app.py`` gives the Redis
+    one, on ``workers/liveness.py`` and kombu's own restore)."""
+
+    def dead(self) -> list[str]:
+        """The ids of the workers whose heartbeat stopped."""
+        ...
+
+    def take(self, worker: str) -> bool:
+        """Whether this process is the one to put back what ``worker`` held (one at a time)."""
+        ...
+
+    def restore_held(self, worker: str) -> int:
+        """Put the unacknowledged messages ``worker`` held back on their queues. Returns how
+        many."""
+        ...
+
+    def forget(self, worker: str) -> bool:
+        """Forget a dead worker, once what it held is back; False if it beat again."""
+        ...
+
+    def unacked_items(self) -> set[tuple[str, str]]:
+        """(run id, item id) of every message delivered and not yet acknowledged."""
+        ...
+
+
 class Reaper:
     def __init__(
         self, services: Services, visibility_timeout_s: float,
         clock: Callable[[], float] = time.time, broker: BrokerHooks | None = None,
-        recovery_grace_s: float = RECOVERY_GRACE_S,
+        recovery_grace_s: float = RECOVERY_GRACE_S, workers: WorkerHooks | None = None,
     ) -> None:
         self.services = services
-        self.claim_timeout_s = visibility_timeout_s
+        self.workers = workers
         self.stall_s = 2 * visibility_timeout_s
         self.clock = clock
         self.broker = broker
@@ -140,28 +166,50 @@ class Reaper:
             put_back = self.services.transport.restore_claims(self._claim_queues(), taken_before)
             if self.broker is not None:
                 put_back += self.broker.restore_unacked(taken_before)
+        watched = self._watch_running()
+        log.info("after the outage: %s; watching %d running runs for lost work",
+                 "Redis did not restart" if taken_before is None else
+                 f"put back {put_back} messages taken before Redis restarted", watched)
+        return put_back
+
+    def reap_dead(self) -> int:
+        """Put back what each dead worker held (its claimed batches, its unacknowledged
+        messages), forget it, and watch the running runs as after an outage: a message it
+        had popped and not yet recorded is on no queue, and is found once its run stops
+        moving. Returns how many dead workers this reaper took care of."""
+        if self.workers is None:
+            return 0
+        reaped = 0
+        for worker in self.workers.dead():
+            if not self.workers.take(worker):
+                continue  # another worker's reaper puts it back
+            claims = self.services.transport.restore_claims(self._claim_queues(), dead=[worker])
+            unacked = self.workers.restore_held(worker)
+            self.workers.forget(worker)
+            log.warning("worker %s died: put back %d claimed and %d unacknowledged messages",
+                        worker, claims, unacked)
+            reaped += 1
+        if reaped:
+            self._watch_running()
+        return reaped
+
+    def _watch_running(self) -> int:
+        """Watch every running run (see ``sweep``). Returns how many."""
         now = self.clock()
         runs = [run_id for run_id, _, _ in self.services.ledger.running_runs()]
         for run_id in runs:
             self._watched.setdefault(run_id, now)
-        log.info("after the outage: %s; watching %d running runs for lost work",
-                 "Redis did not restart" if taken_before is None else
-                 f"put back {put_back} messages taken before Redis restarted", len(runs))
-        return put_back
+        return len(runs)
 
     def sweep(self) -> int:
         """Republish the lost items of every stalled run (and, after an outage, of every
         watched run once nothing is in flight or it made no progress for the grace). Returns
         how many."""
         now = self.clock()
-        restored = self.services.transport.restore_claims(
-            self._claim_queues(), now - self.claim_timeout_s
-        )
-        if restored:
-            log.warning("put %d claimed messages back on their queues", restored)
         republished = 0
         running = self.services.ledger.running_runs()
         quiet: bool | None = None  # asked once, if a watched run is idle but within its grace
+        held: set[tuple[str, str]] | None = None  # asked once, if a run is due
         for run_id, pipeline, progress_at in running:
             idle_s = now - progress_at
             watched = run_id in self._watched
@@ -170,7 +218,8 @@ class Reaper:
                 quiet = self._quiet() if quiet is None else quiet
                 due = quiet
             if due:
-                count, behind_busy = self._sweep_run(run_id, pipeline, now)
+                held = self._held_items() if held is None else held
+                count, behind_busy = self._sweep_run(run_id, pipeline, now, held)
                 republished += count
                 if watched and not behind_busy:
                     del self._watched[run_id]
@@ -192,13 +241,28 @@ class Reaper:
             return False
         return self.broker.unacked() == 0
 
+    def _held_items(self) -> set[tuple[str, str]]:
+        """(run id, item id) of every message a worker holds: delivered and unacknowledged,
+        or claimed. A live worker runs them (a dead one's come back on their queue)."""
+        items = self.workers.unacked_items() if self.workers is not None else set()
+        for raw in self.services.transport.claimed_messages(self._claim_queues()):
+            try:
+                delivery = decode_redis(raw)
+            except BadMessage:
+                continue  # its worker dead-letters it
+            items.add((delivery.run_id, delivery.item_id))
+        return items
+
     @staticmethod
     def _claim_queues() -> list[str]:
         return [s.queue for p in all_pipelines() for s in p.stages.values() if s.claim_batch > 1]
 
-    def _sweep_run(self, run_id: str, pipeline_name: str, now: float) -> tuple[int, bool]:
-        """Publish the lost items of one run. Returns how many, and whether some of its
-        pending items were left alone because their stage queue was not empty."""
+    def _sweep_run(
+        self, run_id: str, pipeline_name: str, now: float, held: set[tuple[str, str]]
+    ) -> tuple[int, bool]:
+        """Publish the lost items of one run: pending, on no queue, in no delayed set, and
+        ``held`` by no worker. Returns how many, and whether some of its pending items were
+        left alone because their stage queue was not empty."""
         ledger, transport = self.services.ledger, self.services.transport
         try:
             pipeline = get_pipeline(pipeline_name)
@@ -214,7 +278,7 @@ class Reaper:
             stage_name = stage_of_item(item)
             stage = find_stage(f"{pipeline_name}.{stage_name}")
             behind_busy = behind_busy or (stage is not None and stage_name in busy)
-            if stage is None or stage_name in busy or item in waiting:
+            if stage is None or stage_name in busy or item in waiting or (run_id, item) in held:
                 continue
             loop = loops.get(item) or {}  # a looping item resumes at its current iteration
             lost[stage_name].append(Delivery(
@@ -236,13 +300,15 @@ class Reaper:
 
 
 def start_reaper(
-    services: Services, visibility_timeout_s: int, broker: BrokerHooks | None = None
+    services: Services, visibility_timeout_s: int, broker: BrokerHooks | None = None,
+    workers: WorkerHooks | None = None,
 ) -> threading.Thread:
     """Sweep a few times per visibility timeout, in a daemon thread of the worker; the one
     holding ``keys.REAPER_LOCK`` sweeps. Probe Redis every ``PROBE_S`` in between (backing
-    off while it is down), and recover after an outage (see the module docstring)."""
+    off while it is down), recover after an outage, and put back what dead workers held (see
+    the module docstring)."""
     interval_s = max(1.0, min(30.0, visibility_timeout_s / 3))
-    reaper = Reaper(services, float(visibility_timeout_s), broker=broker)
+    reaper = Reaper(services, float(visibility_timeout_s), broker=broker, workers=workers)
     owner = f"{socket.gethostname()}:{os.getpid()}"
     client = services.ledger.redis
     outage = shared_outage(client)
@@ -261,6 +327,10 @@ def start_reaper(
             try:
                 reaper.probe()
                 outage.ok()
+                if reaper.reap_dead():
+                    # The reaper that put a dead worker's work back watches for what it lost:
+                    # it sweeps now, whoever held the lock.
+                    client.set(keys.REAPER_LOCK, owner, ex=max(1, int(interval_s)))
                 due = time.monotonic() >= next_sweep
                 if due or reaper.recovering:
                     if due:
