@@ -1,0 +1,83 @@
+"""Worker liveness end to end (``workers/liveness.py``, the reaper): a SIGKILLed worker's
+messages come back in seconds at the default visibility timeout, and a live worker's task
+that runs longer than the visibility timeout runs exactly once. Real Redis, real worker
+processes, the demo vendor as a real HTTP server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import redis
+import slow_pipelines
+from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
+from test_harvest import expected_rows, finish, leaves_done, run_demo
+
+from producers.trigger import start_run
+from workers import keys
+from workers.engine.services import services
+
+#: From the kill to the run's end, at the default visibility timeout (300 s): the heartbeat
+#: TTL (10 s), a probe (1 s), the watch's grace for a message lost in the kill (5 s), the work.
+RECOVERY_BUDGET_S = 30.0
+
+
+def test_a_sigkilled_workers_messages_come_back_in_seconds_at_the_default_timeout(
+    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path
+) -> None:
+    vendor.configure(accounts=2, services=10, latency_ms=50)
+    assert "FANOUT_VISIBILITY_TIMEOUT_S" not in os.environ  # the default: 300 s
+    victim = start_worker(ready=True)
+    start_worker(ready=True)
+    run_id = run_demo(vendor, days=20)
+
+    wait_for(lambda: leaves_done(run_id) >= 40, what="40 leaves done before the kill")
+    os.killpg(victim.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    victim.wait()
+    assert leaves_done(run_id) < 400, "the run finished before the worker was killed"
+
+    summary = finish(run_id, timeout_s=RECOVERY_BUDGET_S)
+    assert time.monotonic() - killed_at < RECOVERY_BUDGET_S
+
+    assert summary["status"] == "succeeded"
+    for stage, n in (("accounts", 2), ("services", 20), ("metric_day", 400)):
+        counts = summary["stages"][stage]
+        assert (counts["enqueued"], counts["succeeded"], counts["failed"]) == (n, n, 0)
+    assert summary["rows_written"] == 400
+    assert [r[:6] for r in sink_rows(sink_path)] == expected_rows(2, 10, 20)
+    fetched = {p: n for p, n in vendor.stats()["by_path"].items() if "/metrics?" in p}
+    assert len(fetched) == 400  # every metric-day; twice only what the dead worker held
+
+
+SLOW_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent),
+            "FANOUT_PIPELINES": "slow_pipelines", "FANOUT_VISIBILITY_TIMEOUT_S": "3",
+            "FANOUT_PREFETCH_MULTIPLIER": "1"}
+
+
+def test_a_live_workers_tasks_longer_than_the_visibility_timeout_run_once(
+    start_worker: WorkerFactory, redis_client: redis.Redis
+) -> None:
+    """``long`` sleeps 8 s; then one task carries the four ``batched`` items (its own and
+    three claimed), 2.5 s each: 10 s. The visibility timeout is 3 s, the stall sweep's 6 s.
+    Two one-thread workers: whichever is idle would run at once any copy handed out."""
+    start_worker(SLOW_ENV, concurrency=1, ready=True)
+    start_worker(SLOW_ENV, concurrency=1, ready=True)
+    run_id = start_run("slowtest", {"sleep_s": 8, "item_sleep_s": 2.5}, roots=[4],
+                       root_stage="long")
+    batched_queue = keys.queue_name("slowtest", "batched")
+    wait_for(lambda: redis_client.hlen(keys.claimers(batched_queue)) == 3, timeout_s=60,
+             what="three batched items claimed")
+
+    assert services().ledger.wait(run_id, 90) is not None, "the run did not finish"
+    snap = services().ledger.snapshot(run_id, ["long", "batched"])
+    assert snap is not None
+    summary = snap.summary()
+    assert summary["status"] == "succeeded"
+    assert summary["stages"]["long"]["succeeded"] == 1
+    assert summary["stages"]["batched"]["succeeded"] == 4
+    # Each ran exactly once: no copy was handed to the idle worker.
+    assert redis_client.hgetall(slow_pipelines.calls_key(run_id)) == {
+        "long:4": "1", "batched:0": "1", "batched:1": "1", "batched:2": "1", "batched:3": "1"}
