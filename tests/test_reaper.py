@@ -1,6 +1,8 @@
 """The reaper (``workers/engine/reaper.py``) on a real Redis, no worker running, with a fake
 clock: a run is set up in the ledger with its items registered but never published (their
-messages were "lost"), and the clock is moved past the stall time instead of sleeping."""
+messages were "lost"), and the clock is moved past the stall time instead of sleeping. A dead
+worker is one whose last heartbeat is written in the past, never waited for; its unacked
+messages are taken on a real kombu channel of this process."""
 
 from __future__ import annotations
 

@@ -7,7 +7,9 @@ thin task per stage of every loaded pipeline, and bad messages set aside, never 
 Through a broker outage the worker lives on: its consumer tries again every 2 s at most
 (``BrokerConnection``), without a limit, Celery's lines about it are cut to the first of each
 outage (``outage_filter``, installed on Celery's log handlers), and the reaper is given kombu's
-restore of unacknowledged messages (``RedisBrokerHooks``) for after a restart.
+restore of unacknowledged messages (``RedisBrokerHooks``) for after a restart and after a
+worker's death. On a Redis broker each worker process beats (``workers/liveness.py``), so
+what it holds is renewed while it lives and put back within seconds once it dies.
 """
 
 from __future__ import annotations

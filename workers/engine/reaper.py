@@ -1,20 +1,31 @@
-"""The reaper: publishes again the items whose message was lost, on any broker.
+"""The reaper: puts back what dead workers held, and publishes again the items whose message
+was lost, on any broker.
 
-A message can be lost between the ledger and the broker: kombu's Redis transport pops a
-message before it records it as unacked (a worker SIGKILLed in between loses it), a RabbitMQ
-queue can be purged, a producer can die between registering items and publishing them. The
-ledger still has every pending item with its payload. So a run that has made no progress
-for two visibility timeouts is checked: no task runs longer than one, and a dead worker's
-unacked or claimed messages are back on their queue after one (kombu restores unacked ones;
-this reaper puts back claims first). Its pending items whose stage queue is empty and that wait
-in no delayed set are then on no queue and run nowhere, and are published again. A duplicate
-is harmless: the item id makes it count once. One worker at a time sweeps (a lock).
+A dead worker (``workers/liveness.py``: no heartbeat for 10 s) held messages no one else
+will run: kombu's unacknowledged ones (its running and prefetched tasks) and the batches it
+claimed. At every probe (``PROBE_S``) each worker's reaper looks for dead workers; one takes
+each (``WorkerHooks.take``), puts back its claims (``lua/restore_claimed.lua``, by owner) and
+its unacknowledged messages (kombu's own ``restore_by_tag``, for its held tags), forgets it,
+and watches the running runs as after an outage (below): kombu pops a message before it
+records it as unacked, and one popped in the instant of the kill is on no queue. A live
+worker renews the lease of what it holds at every beat, so nothing it holds is put back,
+whatever its age.
+
+A message can also be lost between the ledger and the broker: a worker SIGKILLed between
+kombu's pop and its record, a RabbitMQ queue purged, a producer dead between registering
+items and publishing them. The ledger still has every pending item with its payload. So a
+run that has made no progress for two visibility timeouts is checked: its pending items
+whose stage queue is empty, that wait in no delayed set and that no worker holds
+(unacknowledged or claimed: a live worker's long task) are on no queue and run nowhere, and
+are published again. A duplicate is harmless: the item id makes it count once. One worker
+at a time sweeps (a lock; the reaper that put a dead worker's work back takes it).
 
 After an outage of Redis the wait would be needlessly long. When Redis dies, every connection
 to it dies too, and what those connections had taken can no longer be acknowledged: the
 messages running or prefetched (kombu's unacked hash) and the batches claimed
-(``fanout:claimed:*``). kombu gives the first back only after the visibility timeout, this
-reaper the others after one, and lost items after two. So the reaper also probes Redis every
+(``fanout:claimed:*``); their workers live on and keep beating, so liveness does not free
+them, and kombu gives the first back only after the visibility timeout (and never, while a
+renewed lease keeps it). So the reaper also probes Redis every
 second (``PROBE_S``; while it is down it backs off and says so once, ``workers/outage.py``):
 - when the broker server is a new one (its ``run_id`` changed: it restarted), every message
   taken before that server started belongs to a dead connection, and is put back at once
@@ -28,10 +39,10 @@ second (``PROBE_S``; while it is down it backs off and says so once, ``workers/o
   its queues. A run stays watched until a sweep finds none of its pending items behind a
   non-empty queue, or for two visibility timeouts at most, when the rule above takes over.
 
-The trade-offs. Restoring by time, not by owner: kombu does not record which connection took
-a message, and Celery drops what it had reserved when it reconnects, so a worker cannot tell
-its own orphans; after a restart no connection from before survives, so "taken before the
-server started" names them exactly, for every worker at once (each worker that sees the
+The trade-offs. After a restart, restoring by time, not by owner: Celery drops what it had
+reserved when it reconnects, so a live worker still owns orphans of its dead connection (its
+heartbeat renews only what its open channels hold, so they are no longer renewed); no
+connection from before survives, so "taken before the server started" names them exactly, for every worker at once (each worker that sees the
 restart does it; a message is restored once, atomically). Its cost: a task still running
 across the restart gets a second copy of its message, which is harmless (the ledger counts an
 item once, and a worker skips an item already terminal before any vendor call) and costs at
