@@ -504,7 +504,10 @@ def test_claim_takes_from_the_consuming_end_in_fifo_order_and_names_its_worker(
     # The claimer is in the workers index from its first claim, beating or not.
     [(worker, seen)] = redis_client.zrange(keys.WORKERS, 0, -1, withscores=True)
     assert worker == "w1" and before <= seen <= after
-    for key in (keys.claimed(queue), keys.claimers(queue), keys.WORKERS):
+    # Where to look for its claims when it dies.
+    assert redis_client.smembers(keys.worker_queues("w1")) == {queue}
+    for key in (keys.claimed(queue), keys.claimers(queue), keys.WORKERS,
+                keys.worker_queues("w1")):
         assert 0 < redis_client.ttl(key) <= TTL_S
     assert transport.queue_depth(queue) == 3  # one queued, two claimed
 

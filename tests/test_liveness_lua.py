@@ -76,6 +76,7 @@ def test_forget_drops_a_dead_worker_and_its_held_set_but_not_one_that_beat_again
     redis_client.zadd(keys.WORKERS, {"dead": now - 60, "back": now - 60, "live": now})
     for worker in ("dead", "back", "live"):
         redis_client.sadd(keys.worker_held(worker), "t")
+        redis_client.sadd(keys.worker_queues(worker), "fanout.demo.metric_day")
     live = liveness(redis_client)
     redis_client.zadd(INDEX, {"t": 1000.0})
     live.beat("back", ["t"])
@@ -87,5 +88,6 @@ def test_forget_drops_a_dead_worker_and_its_held_set_but_not_one_that_beat_again
     assert live.forget("never-seen") is False
 
     assert sorted(redis_client.zrange(keys.WORKERS, 0, -1)) == ["back", "live"]
-    assert redis_client.exists(keys.worker_held("dead")) == 0
+    assert redis_client.exists(keys.worker_held("dead"), keys.worker_queues("dead")) == 0
+    assert live.claim_queues("back") == ["fanout.demo.metric_day"]
     assert redis_client.smembers(keys.worker_held("back")) == {"t"}

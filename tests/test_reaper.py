@@ -253,6 +253,10 @@ def test_a_dead_workers_claims_and_unacked_messages_go_back_and_it_is_forgotten(
     days, accounts = lost.queue("metric_day"), lost.queue("accounts")
     svc.transport.publish([lost.delivery(d) for d in lost.days] + [lost.delivery(lost.a2)])
     [dead_claim] = claimer(svc, "w-dead").claim(days, 1)
+    # A claim on a queue of a pipeline this worker does not load comes back too.
+    alien = "fanout.notloaded.leaf"
+    client.lpush(alien, "alien message")
+    assert claimer(svc, "w-dead").claim(alien, 1) == ["alien message"]
     [live_claim] = claimer(svc, "w-live").claim(days, 1)
     unacked = kombu_workers.take(accounts)  # held by this process: it "dies" below
     me = worker_id()
@@ -268,15 +272,16 @@ def test_a_dead_workers_claims_and_unacked_messages_go_back_and_it_is_forgotten(
         assert reaper.reap_dead() == 2
 
     assert client.lrange(days, 0, -1) == [dead_claim]
+    assert client.lrange(alien, 0, -1) == ["alien message"]
     assert client.zrange(keys.claimed(days), 0, -1) == [live_claim]
     assert client.hgetall(keys.claimers(days)) == {live_claim: "w-live"}
     assert on_queue(client, accounts) == [lost.delivery(lost.a2)]
     assert kombu_workers.hooks.unacked() == 0
     assert client.zrange(keys.WORKERS, 0, -1) == ["w-live"]
-    assert client.exists(keys.worker_held(me)) == 0
+    assert client.exists(keys.worker_held(me), keys.worker_queues("w-dead")) == 0
     assert sorted(r.getMessage() for r in caplog.records if r.name == "fanout.reaper") == [
         f"worker {me} died: put back 0 claimed and 1 unacknowledged messages",
-        "worker w-dead died: put back 1 claimed and 0 unacknowledged messages",
+        "worker w-dead died: put back 2 claimed and 0 unacknowledged messages",
     ]
     # The running run is watched: a message popped and never recorded is found soon.
     assert reaper.recovering

@@ -235,6 +235,9 @@ class RedisBrokerHooks:
         return bool(self.client.set(keys.worker_reaping(worker), self.me, nx=True,
                                     ex=keys.REAPING_TTL_S))
 
+    def claim_queues(self, worker: str) -> list[str]:
+        return self.liveness.claim_queues(worker)
+
     def restore_held(self, worker: str) -> int:
         tags = self.liveness.held(worker)
         restored = 0
@@ -294,7 +297,7 @@ def _beat_in_this_process(svc: Services) -> None:
     threads pool, the worker's one process already does)."""
     client = broker_redis(resolve_broker_url(svc.settings))
     if client is not None:
-        start_heartbeat(Liveness(client, svc.settings.ledger_ttl_s))
+        start_heartbeat(Liveness(client, svc.settings.ledger_ttl_s), broker.held_tags)
 
 
 #: Celery's lines of a lost broker connection: one per reconnect attempt, and per task it could

@@ -38,6 +38,8 @@ Shared:
 - ``fanout:worker:ID:held``   set: kombu delivery tags worker ID holds (delivered, not yet
                               acknowledged), written with kombu's own unacked bookkeeping
                               (``broker.py``); ``Settings.ledger_ttl_s``, refreshed at each beat
+- ``fanout:worker:ID:queues`` set: the queues worker ID claimed batches on (where its claims
+                              are when it dies; ``lua/claim.lua``, ``Settings.ledger_ttl_s``)
 - ``fanout:worker:ID:reaping`` string: the worker putting back what dead worker ID held
                               (``REAPING_TTL_S``)
 - ``fanout:delayed``          sorted set: encoded delivery -> due time (loops, retries); a mover
@@ -156,6 +158,10 @@ def claimers(queue: str) -> str:
 
 def worker_held(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}:held"
+
+
+def worker_queues(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}:queues"
 
 
 def worker_reaping(worker_id: str) -> str:

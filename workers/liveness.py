@@ -7,7 +7,8 @@ entry in the workers index (``keys.WORKERS``) to the server's time and moves kom
 delivery time of every message it holds to now, so kombu's visibility-timeout restore never
 takes a message from a worker that lives. A worker silent for ``HEARTBEAT_TTL_S`` is dead
 (``dead``): the reaper puts back what it held (``held``: kombu's delivery tags, recorded by
-``broker.py``'s QoS; its claimed batches, recorded by ``lua/claim.lua``), then ``forget``s it.
+``broker.py``'s QoS; its claimed batches, on the queues ``claim_queues`` names, recorded by
+``lua/claim.lua``), then ``forget``s it.
 
 One sorted set of last beats rather than a key per worker with a TTL: "who is dead" is then
 one command for every worker, and a process that claims without ever beating (a producer, a
@@ -80,9 +81,15 @@ class Liveness:
         """The kombu delivery tags ``worker`` holds (or held when it died)."""
         return [str(t) for t in self.redis.smembers(keys.worker_held(worker))]
 
+    def claim_queues(self, worker: str) -> list[str]:
+        """The queues ``worker`` claimed batches on."""
+        return sorted(str(q) for q in self.redis.smembers(keys.worker_queues(worker)))
+
     def forget(self, worker: str) -> bool:
-        """Drop a dead worker from the index, with its held set; False when it beat again."""
-        keys_ = {"workers": keys.WORKERS, "held": keys.worker_held(worker)}
+        """Drop a dead worker from the index, with its held set and its claimed-on queues;
+        False when it beat again."""
+        keys_ = {"workers": keys.WORKERS, "held": keys.worker_held(worker),
+                 "queues": keys.worker_queues(worker)}
         return bool(self._forget(self.redis, keys_, [worker, self.heartbeat_ttl_s]))
 
 

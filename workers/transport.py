@@ -90,7 +90,9 @@ class RedisTransport:
     def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
         keys_ = {"queue": queue, "claimed": keys.claimed(queue),
                  "claimers": keys.claimers(queue), "workers": keys.WORKERS}
-        taken = self._claim(self.redis, keys_, [count, self.owner(), self.ttl_s, share])
+        owner = self.owner()
+        keys_["worker_queues"] = keys.worker_queues(owner)
+        taken = self._claim(self.redis, keys_, [count, owner, self.ttl_s, share])
         return [str(m) for m in taken]
 
     def release(self, queue: str, raws: Sequence[str]) -> None:

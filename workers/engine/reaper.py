@@ -42,15 +42,16 @@ second (``PROBE_S``; while it is down it backs off and says so once, ``workers/o
 The trade-offs. After a restart, restoring by time, not by owner: Celery drops what it had
 reserved when it reconnects, so a live worker still owns orphans of its dead connection (its
 heartbeat renews only what its open channels hold, so they are no longer renewed); no
-connection from before survives, so "taken before the server started" names them exactly, for every worker at once (each worker that sees the
-restart does it; a message is restored once, atomically). Its cost: a task still running
+connection from before survives, so "taken before the server started" names them exactly,
+for every worker at once (each worker that sees the restart does it; a message is restored
+once, atomically). Its cost: a task still running
 across the restart gets a second copy of its message, which is harmless (the ledger counts an
 item once, and a worker skips an item already terminal before any vendor call) and costs at
 most one vendor call per message that was in flight. Without a restart (a network cut, a
 paused server) connections may have survived, so nothing is restored by time (that would
 copy the live work of every worker); only the watch runs, and it finds a lost item once its
-run stops moving. The grace may copy an item that runs longer than it while its stage queue is
-empty and other work is in flight, at most once per run per outage.
+run stops moving. The grace never copies an item a worker holds (unacknowledged or claimed),
+however long it runs: only one that is on no queue and held by no worker.
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ class WorkerHooks(Protocol):
 
     def take(self, worker: str) -> bool:
         """Whether this process is the one to put back what ``worker`` held (one at a time)."""
+        ...
+
+    def claim_queues(self, worker: str) -> list[str]:
+        """The queues ``worker`` claimed batches on (some may be of pipelines not loaded here)."""
         ...
 
     def restore_held(self, worker: str) -> int:
@@ -194,7 +199,8 @@ class Reaper:
         for worker in self.workers.dead():
             if not self.workers.take(worker):
                 continue  # another worker's reaper puts it back
-            claims = self.services.transport.restore_claims(self._claim_queues(), dead=[worker])
+            queues = sorted({*self._claim_queues(), *self.workers.claim_queues(worker)})
+            claims = self.services.transport.restore_claims(queues, dead=[worker])
             unacked = self.workers.restore_held(worker)
             self.workers.forget(worker)
             log.warning("worker %s died: put back %d claimed and %d unacknowledged messages",

@@ -1,11 +1,12 @@
 -- Take up to N messages off a stage queue for one worker to run in a batch, recording them
 -- as claimed, with the time and the worker, in the same step: none is ever off the queue
 -- unrecorded, and each is put back when its worker dies (restore_claimed.lua), never by age.
--- KEYS: queue, claimed, claimers, workers
+-- KEYS: queue, claimed, claimers, workers, worker_queues
 --   queue: kombu's list for the stage queue (consumers pop from the right);
 --   claimed: the queue's sorted set, claimed message -> claim time (server time);
 --   claimers: the queue's hash, claimed message -> worker id;
---   workers: the workers index, worker id -> last heartbeat (server time)
+--   workers: the workers index, worker id -> last heartbeat (server time);
+--   worker_queues: the set of queues this worker claimed on (where to look when it dies)
 -- ARGV: [1] how many at most, [2] worker id, [3] ttl_s, [4] share: the threads that compete
 --       for this queue; a claim takes no more than its fair share of what waits (queue
 --       length / share), so one thread never hoards a short queue while others idle
@@ -24,5 +25,6 @@ for _, message in ipairs(taken) do
   redis.call('HSET', KEYS[3], message, ARGV[2])
 end
 redis.call('ZADD', KEYS[4], 'NX', now, ARGV[2])
-for i = 2, 4 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3])) end
+redis.call('SADD', KEYS[5], KEYS[1])
+for i = 2, 5 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3])) end
 return taken
