@@ -17,13 +17,13 @@ from producers.trigger import load_configured_pipelines
 from workers import keys
 from workers.api import Pipeline, get_pipeline
 from workers.app import RedisBrokerHooks, create_app
-from workers.engine.reaper import Reaper
+from workers.engine.reaper import PROBE_GAP_S, Reaper
 from workers.engine.scheduler import Scheduler
 from workers.engine.services import Services
 from workers.ids import item_id
 from workers.keys import RunKeys
 from workers.ledger import Finish
-from workers.liveness import Liveness, worker_id
+from workers.liveness import HEARTBEAT_TTL_S, Liveness, worker_id
 from workers.message import Delivery, decode_redis
 from workers.outcome import Outcome
 from workers.transport import RedisTransport
@@ -303,6 +303,45 @@ def test_a_dead_worker_is_put_back_by_one_reaper_only(
     assert reaper.reap_dead() == 0
     assert client.llen(days) == 1 and client.zcard(keys.claimed(days)) == 1
     assert not reaper.recovering
+
+
+def test_after_an_outage_no_worker_is_found_dead_until_all_could_beat_again(
+    svc: Services, client: redis.Redis, lost: LostRun, kombu_workers: KombuWorkers
+) -> None:
+    """Redis was down for longer than the heartbeat TTL: every last beat is old, and none of
+    those workers died of it. The reaper waits one TTL for them to beat again."""
+    days = lost.queue("metric_day")
+    svc.transport.publish([lost.delivery(d) for d in lost.days])
+    claimer(svc, "w-quiet").claim(days, 1)
+    client.zadd(keys.WORKERS, {"w-quiet": float(client.time()[0]) - 60})
+    since = FakeClock(1000.0)
+    reaper = Reaper(svc, vt(svc), workers=kombu_workers.hooks, monotonic=since)
+
+    reaper.unreachable()
+    reaper.probe()
+    since.now += HEARTBEAT_TTL_S - 0.1
+    assert reaper.reap_dead() == 0
+    assert client.zcard(keys.claimed(days)) == 1
+    since.now += 0.1  # it did not beat again in a whole TTL: dead
+    assert reaper.reap_dead() == 1
+    assert client.zcard(keys.claimed(days)) == 0 and client.llen(days) == 2
+
+
+def test_probes_far_apart_are_an_outage_for_liveness(
+    svc: Services, client: redis.Redis, kombu_workers: KombuWorkers
+) -> None:
+    """This process stalled (or Redis hung) between two probes: beats may have stopped for
+    every worker, as in an outage."""
+    client.zadd(keys.WORKERS, {"w-quiet": float(client.time()[0]) - 60})
+    since = FakeClock(1000.0)
+    reaper = Reaper(svc, vt(svc), workers=kombu_workers.hooks, monotonic=since)
+    reaper.probe()
+    since.now += PROBE_GAP_S + 0.1
+    reaper.probe()
+
+    assert reaper.reap_dead() == 0
+    since.now += HEARTBEAT_TTL_S
+    assert reaper.reap_dead() == 1
 
 
 def test_a_stalled_run_does_not_republish_what_a_live_worker_holds(

@@ -71,6 +71,7 @@ from workers.engine import batch_maps
 from workers.engine.services import Services
 from workers.ids import stage_of_item
 from workers.ledger import MapSignal
+from workers.liveness import HEARTBEAT_TTL_S
 from workers.message import BadMessage, Delivery, decode_redis
 from workers.outage import DOWN_ERRORS
 from workers.outage import shared as shared_outage
@@ -82,6 +83,9 @@ log = logging.getLogger("fanout.reaper")
 PROBE_S = 1.0
 #: After an outage, a run without progress for this long is swept (see the module docstring).
 RECOVERY_GRACE_S = 5.0
+#: Probes further apart than this mean this process stalled (or Redis hung): beats may have
+#: stopped for it too.
+PROBE_GAP_S = 3 * PROBE_S
 
 
 class BrokerHooks(Protocol):
@@ -137,9 +141,13 @@ class Reaper:
         self, services: Services, visibility_timeout_s: float,
         clock: Callable[[], float] = time.time, broker: BrokerHooks | None = None,
         recovery_grace_s: float = RECOVERY_GRACE_S, workers: WorkerHooks | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.services = services
         self.workers = workers
+        self.monotonic = monotonic
+        self._last_probe: float | None = None
+        self._beats_trusted_at = float("-inf")  # see probe
         self.stall_s = 2 * visibility_timeout_s
         self.clock = clock
         self.broker = broker
@@ -160,6 +168,13 @@ class Reaper:
     def probe(self) -> int:
         """Look at Redis once; after an outage or a restart, ``recover``. Returns how many
         messages were put back."""
+        now = self.monotonic()
+        stalled = self._last_probe is not None and now - self._last_probe > PROBE_GAP_S
+        self._last_probe = now
+        if self._was_down or stalled:
+            # Every worker's beats stopped with Redis (or this process was not looking): a
+            # worker is found dead only once all had a heartbeat TTL to beat again.
+            self._beats_trusted_at = now + HEARTBEAT_TTL_S
         if self.broker is None:
             self.services.ledger.redis.ping()
             server, taken_before = None, None
@@ -193,7 +208,7 @@ class Reaper:
         messages), forget it, and watch the running runs as after an outage: a message it
         had popped and not yet recorded is on no queue, and is found once its run stops
         moving. Returns how many dead workers this reaper took care of."""
-        if self.workers is None:
+        if self.workers is None or self.monotonic() < self._beats_trusted_at:
             return 0
         reaped = 0
         for worker in self.workers.dead():
@@ -203,8 +218,10 @@ class Reaper:
             claims = self.services.transport.restore_claims(queues, dead=[worker])
             unacked = self.workers.restore_held(worker)
             self.workers.forget(worker)
-            log.warning("worker %s died: put back %d claimed and %d unacknowledged messages",
-                        worker, claims, unacked)
+            # A worker stopped by SIGTERM gave everything back itself: that is no news.
+            log.log(logging.WARNING if claims or unacked else logging.INFO,
+                    "worker %s died: put back %d claimed and %d unacknowledged messages",
+                    worker, claims, unacked)
             reaped += 1
         if reaped:
             self._watch_running()
