@@ -9,7 +9,9 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 import redis
 import slow_pipelines
 from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
@@ -57,27 +59,53 @@ SLOW_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent),
             "FANOUT_PREFETCH_MULTIPLIER": "1"}
 
 
-def test_a_live_workers_tasks_longer_than_the_visibility_timeout_run_once(
-    start_worker: WorkerFactory, redis_client: redis.Redis
-) -> None:
-    """``long`` sleeps 8 s; then one task carries the four ``batched`` items (its own and
-    three claimed), 2.5 s each: 10 s. The visibility timeout is 3 s, the stall sweep's 6 s.
-    Two one-thread workers: whichever is idle would run at once any copy handed out."""
-    start_worker(SLOW_ENV, concurrency=1, ready=True)
-    start_worker(SLOW_ENV, concurrency=1, ready=True)
-    run_id = start_run("slowtest", {"sleep_s": 8, "item_sleep_s": 2.5}, roots=[4],
-                       root_stage="long")
-    batched_queue = keys.queue_name("slowtest", "batched")
-    wait_for(lambda: redis_client.hlen(keys.claimers(batched_queue)) == 3, timeout_s=60,
-             what="three batched items claimed")
+def calls(client: redis.Redis, run_id: str) -> dict[str, str]:
+    """How many times each item's stage function was called."""
+    return dict(client.hgetall(slow_pipelines.calls_key(run_id)))
 
+
+def finish_slow(run_id: str) -> dict[str, Any]:
     assert services().ledger.wait(run_id, 90) is not None, "the run did not finish"
     snap = services().ledger.snapshot(run_id, ["long", "batched"])
     assert snap is not None
     summary = snap.summary()
     assert summary["status"] == "succeeded"
+    return summary
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_live_workers_task_longer_than_the_visibility_timeout_runs_once(
+    start_worker: WorkerFactory, redis_client: redis.Redis, pool: str
+) -> None:
+    """``long`` sleeps 8 s; the visibility timeout is 3 s, the stall sweep's 6 s. Two
+    one-thread workers: the one that is idle would run at once any copy handed out."""
+    start_worker(SLOW_ENV, concurrency=1, pool=pool, ready=True)
+    start_worker(SLOW_ENV, concurrency=1, pool=pool, ready=True)
+    run_id = start_run("slowtest", {"sleep_s": 8}, roots=[0], root_stage="long")
+
+    summary = finish_slow(run_id)
+
     assert summary["stages"]["long"]["succeeded"] == 1
+    assert calls(redis_client, run_id) == {"long:0": "1"}
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_live_workers_claimed_batch_longer_than_the_visibility_timeout_runs_once(
+    start_worker: WorkerFactory, redis_client: redis.Redis, pool: str
+) -> None:
+    """One task carries four ``batched`` items (its own and three claimed), 2.5 s each: 10 s,
+    with a visibility timeout of 3 s. A second worker, started once the claim is made, is
+    idle: it would run at once any copy handed out. With the prefork pool the claim is a
+    child process's, which beats under its own id."""
+    run_id = start_run("slowtest", {"item_sleep_s": 2.5}, roots=[0, 1, 2, 3],
+                       root_stage="batched")
+    start_worker(SLOW_ENV, concurrency=1, pool=pool, ready=True)
+    batched_queue = keys.queue_name("slowtest", "batched")
+    wait_for(lambda: redis_client.hlen(keys.claimers(batched_queue)) == 3,
+             what="three batched items claimed by one task")
+    start_worker(SLOW_ENV, concurrency=1, pool=pool, ready=True)
+
+    summary = finish_slow(run_id)
+
     assert summary["stages"]["batched"]["succeeded"] == 4
-    # Each ran exactly once: no copy was handed to the idle worker.
-    assert redis_client.hgetall(slow_pipelines.calls_key(run_id)) == {
-        "long:4": "1", "batched:0": "1", "batched:1": "1", "batched:2": "1", "batched:3": "1"}
+    assert calls(redis_client, run_id) == {f"batched:{i}": "1" for i in range(4)}
