@@ -17,9 +17,12 @@ from typing import Any, cast
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from workers import keys
 from workers import ledger as ledger_module
+from workers.embedded_redis import free_port
 from workers.ids import canonical_json
 from workers.keys import RunKeys
 from workers.ledger import COUNTERS, Finish, Ledger, LedgerError
@@ -614,3 +617,28 @@ def test_give_back_puts_claims_back_first_and_never_doubles_one(
     assert redis_client.hlen(keys.claimers(queue)) == 0
     # Given back at the consuming end, in the order they were claimed, before the rest.
     assert [decode_redis(m) for m in transport.claim(queue, 4)] == [ds[0], ds[1], ds[2], ds[3]]
+
+
+def test_what_redis_refused_to_release_or_give_back_is_settled_once_it_answers(
+    transport: RedisTransport, redis_client: redis.Redis
+) -> None:
+    """A live worker's claims are never put back by another worker: when Redis is down as
+    its batch ends, the worker keeps what it owes and settles it (at its next heartbeat)."""
+    ds, queue = queued(transport, 4)
+    batch = transport.claim(queue, 3)
+    up = transport.redis
+    down = redis.Redis(port=free_port(), retry=Retry(NoBackoff(), 0))  # no server there
+    transport.redis = down
+    with pytest.raises(redis.ConnectionError):
+        transport.give_back(queue, batch[:2])  # the batch could not be recorded
+    with pytest.raises(redis.ConnectionError):
+        transport.release(queue, batch[2:])  # a dead-lettered one
+    assert transport.settle() == 0  # still down: still owed
+    assert redis_client.zcard(keys.claimed(queue)) == 3
+
+    transport.redis = up
+    assert transport.settle() == 3
+    assert transport.settle() == 0  # once
+
+    assert redis_client.exists(keys.claimed(queue), keys.claimers(queue)) == 0
+    assert [decode_redis(m) for m in transport.claim(queue, 4)] == [ds[0], ds[1], ds[3]]

@@ -286,7 +286,8 @@ def _start_background_threads(app: Celery) -> None:
         if client is not ledger_redis:  # one client per URL
             warn_if_evicting(client, "the broker")
         liveness = Liveness(client, svc.settings.ledger_ttl_s, _unacked_index_key(app))
-        start_heartbeat(liveness, broker.held_tags)  # known alive before it takes a message
+        # Known alive before it takes a message.
+        start_heartbeat(liveness, broker.held_tags, svc.transport.settle)
         hooks = RedisBrokerHooks(app, client, liveness)
     start_reaper(svc, svc.settings.visibility_timeout_s, broker=hooks, workers=hooks)
     start_mover(svc.scheduler)
@@ -297,7 +298,8 @@ def _beat_in_this_process(svc: Services) -> None:
     threads pool, the worker's one process already does)."""
     client = broker_redis(resolve_broker_url(svc.settings))
     if client is not None:
-        start_heartbeat(Liveness(client, svc.settings.ledger_ttl_s), broker.held_tags)
+        start_heartbeat(Liveness(client, svc.settings.ledger_ttl_s), broker.held_tags,
+                        svc.transport.settle)
 
 
 #: Celery's lines of a lost broker connection: one per reconnect attempt, and per task it could

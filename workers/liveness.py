@@ -98,11 +98,14 @@ _start_lock = threading.Lock()
 
 
 def start_heartbeat(
-    liveness: Liveness, held_tags: Callable[[], Sequence[str]] = tuple
+    liveness: Liveness, held_tags: Callable[[], Sequence[str]] = tuple,
+    each_beat: Callable[[], object] = lambda: None,
 ) -> threading.Thread:
     """Beat once now (so the worker is known before it takes any message), then every
     ``HEARTBEAT_S`` in a daemon thread; ``held_tags`` gives the delivery tags this process
-    holds at that moment. Once per process: a second call returns the running thread."""
+    holds at that moment; ``each_beat`` is called after each beat (the transport settles
+    the claims Redis refused to release). Once per process: a second call returns the
+    running thread."""
     with _start_lock:
         running = _started.get(os.getpid())
         if running is not None and running.is_alive():
@@ -112,6 +115,7 @@ def start_heartbeat(
         def beat() -> None:
             try:
                 liveness.beat(me, held_tags())
+                each_beat()
             except DOWN_ERRORS:
                 pass  # the reaper reports the outage; the next beat tries again
             except Exception:  # the heartbeat must outlive any error

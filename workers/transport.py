@@ -11,6 +11,7 @@ body, and has no claims. Nothing above this module reads a queue's raw layout.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -56,6 +57,10 @@ class Transport(Protocol):
     def claimed_messages(self, queues: Sequence[str]) -> list[str]:
         """The raw messages claimed on ``queues`` and not yet released."""
 
+    def settle(self) -> int:
+        """Release or give back now what Redis could not take when asked (it was down).
+        Returns how many messages were settled."""
+
     def queue_depth(self, queue: str) -> int:
         """Messages waiting on ``queue``, claimed ones included."""
 
@@ -68,6 +73,10 @@ class RedisTransport:
         self.redis = client
         self.ttl_s = ttl_s
         self.owner = owner
+        # (queue, messages, give back?) that Redis refused: a live worker's claims are never
+        # put back by anyone else, so it settles them itself once Redis answers (``settle``).
+        self._owed: list[tuple[str, list[str], bool]] = []
+        self._owed_lock = threading.Lock()
         self._claim = scripts.load("claim")
         self._restore = scripts.load("restore_claimed")
         self._give_back = scripts.load("give_back")
@@ -97,15 +106,41 @@ class RedisTransport:
 
     def release(self, queue: str, raws: Sequence[str]) -> None:
         if raws:
-            pipe = self.redis.pipeline()  # MULTI: a claim is in both or in neither
-            pipe.zrem(keys.claimed(queue), *raws)
-            pipe.hdel(keys.claimers(queue), *raws)
-            pipe.execute()
+            self._settling(queue, list(raws), back=False)
 
     def give_back(self, queue: str, raws: Sequence[str]) -> int:
-        if not raws:
-            return 0
-        return int(self._give_back(self.redis, self._claim_keys(queue), list(raws)))
+        return self._settling(queue, list(raws), back=True) if raws else 0
+
+    def settle(self) -> int:
+        with self._owed_lock:
+            owed, self._owed = self._owed, []
+        settled = 0
+        for n, (queue, raws, back) in enumerate(owed):
+            try:
+                self._settle(queue, raws, back)
+            except redis.RedisError:
+                with self._owed_lock:
+                    self._owed[:0] = owed[n:]
+                break
+            settled += len(raws)
+        return settled
+
+    def _settling(self, queue: str, raws: list[str], back: bool) -> int:
+        try:
+            return self._settle(queue, raws, back)
+        except redis.RedisError:
+            with self._owed_lock:
+                self._owed.append((queue, raws, back))
+            raise
+
+    def _settle(self, queue: str, raws: list[str], back: bool) -> int:
+        if back:  # only those still claimed: one the reaper restored is not doubled
+            return int(self._give_back(self.redis, self._claim_keys(queue), raws))
+        pipe = self.redis.pipeline()  # MULTI: a claim is in both or in neither
+        pipe.zrem(keys.claimed(queue), *raws)
+        pipe.hdel(keys.claimers(queue), *raws)
+        pipe.execute()
+        return len(raws)
 
     def restore_claims(
         self, queues: Sequence[str], claimed_before: float = 0.0, dead: Sequence[str] = ()
@@ -175,6 +210,9 @@ class KombuTransport:
 
     def claimed_messages(self, queues: Sequence[str]) -> list[str]:
         return []
+
+    def settle(self) -> int:
+        return 0
 
     def queue_depth(self, queue: str) -> int:
         with Connection(self.url) as connection, connection.channel() as channel:
