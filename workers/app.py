@@ -294,11 +294,12 @@ def _start_background_threads(app: Celery) -> None:
 
 
 def _beat_in_this_process(svc: Services) -> None:
-    """A prefork pool's child claims batches under its own id: it beats too (with the
-    threads pool, the worker's one process already does)."""
+    """A prefork pool's child claims batches under its own id: it beats too, holding no
+    kombu message (its parent consumes). With the threads pool the worker's one process
+    beats already, since before its consumer took a message: this is then a no-op."""
     client = broker_redis(resolve_broker_url(svc.settings))
     if client is not None:
-        start_heartbeat(Liveness(client, svc.settings.ledger_ttl_s), broker.held_tags,
+        start_heartbeat(Liveness(client, svc.settings.ledger_ttl_s), tuple,
                         svc.transport.settle)
 
 
