@@ -64,8 +64,8 @@ def calls(client: redis.Redis, run_id: str) -> dict[str, str]:
     return dict(client.hgetall(slow_pipelines.calls_key(run_id)))
 
 
-def finish_slow(run_id: str) -> dict[str, Any]:
-    assert services().ledger.wait(run_id, 90) is not None, "the run did not finish"
+def finish_slow(run_id: str, timeout_s: float = 90) -> dict[str, Any]:
+    assert services().ledger.wait(run_id, timeout_s) is not None, "the run did not finish"
     snap = services().ledger.snapshot(run_id, ["long", "batched"])
     assert snap is not None
     summary = snap.summary()
@@ -109,3 +109,28 @@ def test_a_live_workers_claimed_batch_longer_than_the_visibility_timeout_runs_on
 
     assert summary["stages"]["batched"]["succeeded"] == 4
     assert calls(redis_client, run_id) == {f"batched:{i}": "1" for i in range(4)}
+
+
+def test_a_killed_prefork_childs_claims_come_back_in_seconds(
+    start_worker: WorkerFactory, redis_client: redis.Redis
+) -> None:
+    """The pool child running a claimed batch is SIGKILLed (an OOM kill, say): Celery gives
+    the task's own message back; the three claims are the child's, under its own id, and come
+    back once its heartbeat is old, at the default visibility timeout (300 s)."""
+    env = {k: v for k, v in SLOW_ENV.items() if k != "FANOUT_VISIBILITY_TIMEOUT_S"}
+    run_id = start_run("slowtest", {"item_sleep_s": 2.5}, roots=[0, 1, 2, 3],
+                       root_stage="batched")
+    start_worker(env, concurrency=1, pool="prefork", ready=True)
+    batched_queue = keys.queue_name("slowtest", "batched")
+    claimers = wait_for(lambda: redis_client.hgetall(keys.claimers(batched_queue)),
+                        what="the batch claimed")
+    [child] = set(claimers.values())
+    os.kill(int(child.split(":")[1]), signal.SIGKILL)  # the id is host:pid:random
+    killed_at = time.monotonic()
+
+    summary = finish_slow(run_id, timeout_s=RECOVERY_BUDGET_S)
+    assert time.monotonic() - killed_at < RECOVERY_BUDGET_S
+
+    assert summary["stages"]["batched"]["succeeded"] == 4
+    assert summary["stages"]["batched"]["enqueued"] == 4
+    assert redis_client.exists(keys.claimed(batched_queue)) == 0
