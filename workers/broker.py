@@ -94,7 +94,13 @@ class QoS(kombu_redis.QoS):
 
 def held_tags() -> list[str]:
     """The delivery tags this process's open channels hold."""
-    return [tag for qos in list(_QOS) if not qos.channel.closed for tag in qos.tags()]
+    for _ in range(10):
+        try:  # a channel opened meanwhile changes the set
+            channels = list(_QOS)
+        except RuntimeError:
+            continue
+        return [tag for qos in channels if not qos.channel.closed for tag in qos.tags()]
+    return []
 
 
 class Channel(kombu_redis.Channel):
