@@ -27,7 +27,8 @@ RECOVERY_BUDGET_S = 30.0
 
 
 def test_a_sigkilled_workers_messages_come_back_in_seconds_at_the_default_timeout(
-    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path
+    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path,
+    redis_client: redis.Redis,
 ) -> None:
     vendor.configure(accounts=2, services=10, latency_ms=50)
     assert "FANOUT_VISIBILITY_TIMEOUT_S" not in os.environ  # the default: 300 s
@@ -52,6 +53,13 @@ def test_a_sigkilled_workers_messages_come_back_in_seconds_at_the_default_timeou
     assert [r[:6] for r in sink_rows(sink_path)] == expected_rows(2, 10, 20)
     fetched = {p: n for p, n in vendor.stats()["by_path"].items() if "/metrics?" in p}
     assert len(fetched) == 400  # every metric-day; twice only what the dead worker held
+    # The dead worker is forgotten; the survivor is the one worker known. Every key of
+    # liveness expires.
+    [survivor] = redis_client.zrange(keys.WORKERS, 0, -1)
+    assert f":{victim.pid}:" not in survivor
+    liveness_keys = [keys.WORKERS, *redis_client.keys("fanout:worker:*"),
+                     *redis_client.keys("fanout:claimers:*")]
+    assert {k for k in liveness_keys if redis_client.ttl(k) <= 0} == set()
 
 
 SLOW_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent),
