@@ -240,7 +240,8 @@ def test_claimed_batch_of_a_dead_worker_goes_back_on_the_queue(
     sink_path: Path,
 ) -> None:
     """A worker that claimed leaf messages for a batch and died never released them: the
-    reaper puts them back after the visibility timeout, and nothing is lost or doubled."""
+    reaper puts them back once the claimer's last heartbeat is 10 s old (this test process
+    claims and never beats), and nothing is lost or doubled."""
     leaf_queue = queue_name("demo", "metric_day")
     start_worker(queues=[queue_name("demo", "accounts"), queue_name("demo", "services")])
     run_id = run_demo(vendor, days=4)

@@ -20,13 +20,17 @@ from typing import Any, cast
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from workers import keys, scripts
+from workers.embedded_redis import free_port
 from workers.engine.scheduler import Scheduler
 from workers.ids import canonical_json
 from workers.keys import RunKeys
 from workers.ledger import COUNTERS, Finish, Ledger, LedgerError, MapSignal
 from workers.ledger import runs as runs_module
+from workers.liveness import worker_id
 from workers.message import Delivery, decode_redis
 from workers.outcome import Outcome
 from workers.transport import RedisTransport
@@ -619,7 +623,7 @@ def test_stopping_a_run_with_nothing_in_flight_ends_it_and_refreshes_every_run_k
     assert ledger.runs.stop(RUN, "cancelled", "again") == -1  # no longer running
 
 
-# -- claim / restore_claimed (RedisTransport) ---------------------------------------------
+# -- claim / release / give_back / restore_claimed (RedisTransport) ------------------------
 
 
 def deliveries(n: int) -> list[Delivery]:
@@ -633,36 +637,67 @@ def queued(transport: RedisTransport, n: int) -> tuple[list[Delivery], str]:
     return ds, ds[0].queue
 
 
-def test_claim_takes_from_the_consuming_end_in_fifo_order(
+def server_now_s(client: redis.Redis) -> float:
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
+def claimer(client: redis.Redis, worker: str) -> RedisTransport:
+    return RedisTransport(client, ttl_s=TTL_S, owner=lambda: worker)
+
+
+def test_claim_takes_from_the_consuming_end_in_fifo_order_and_names_its_worker(
     transport: RedisTransport, redis_client: redis.Redis
 ) -> None:
     ds, queue = queued(transport, 3)
     assert transport.queue_depth(queue) == 3
 
-    before = time.time()
-    taken = transport.claim(queue, 2)
-    after = time.time()
+    before = server_now_s(redis_client)
+    taken = claimer(redis_client, "w1").claim(queue, 2)
+    after = server_now_s(redis_client)
 
     assert [decode_redis(raw) for raw in taken] == ds[:2]
     assert [decode_redis(raw) for raw in redis_client.lrange(queue, 0, -1)] == ds[2:]
     claimed = cast(list[tuple[str, float]],
                    redis_client.zrange(keys.claimed(queue), 0, -1, withscores=True))
     assert sorted(m for m, _ in claimed) == sorted(taken)
-    assert all(before <= score <= after for _, score in claimed)
-    assert 0 < redis_client.ttl(keys.claimed(queue)) <= TTL_S
+    assert all(before <= score <= after for _, score in claimed)  # the server's clock
+    assert redis_client.hgetall(keys.claimers(queue)) == dict.fromkeys(taken, "w1")
+    # The claimer is in the workers index from its first claim, beating or not.
+    [(worker, seen)] = redis_client.zrange(keys.WORKERS, 0, -1, withscores=True)
+    assert worker == "w1" and before <= seen <= after
+    # Where to look for its claims when it dies.
+    assert redis_client.smembers(keys.worker_queues("w1")) == {queue}
+    for key in (keys.claimed(queue), keys.claimers(queue), keys.WORKERS,
+                keys.worker_queues("w1")):
+        assert 0 < redis_client.ttl(key) <= TTL_S
     assert transport.queue_depth(queue) == 3  # one queued, two claimed
 
     transport.release(queue, taken[:1])
     assert redis_client.zrange(keys.claimed(queue), 0, -1) == taken[1:]
+    assert redis_client.hgetall(keys.claimers(queue)) == {taken[1]: "w1"}
     assert transport.queue_depth(queue) == 2
 
-    rest = transport.claim(queue, 5)
+    rest = claimer(redis_client, "w2").claim(queue, 5)
     assert [decode_redis(raw) for raw in rest] == ds[2:]
     assert transport.claim(queue, 5) == []
     assert redis_client.llen(queue) == 0
+    assert transport.claimed_messages([queue, "fanout.demo.empty"]) == [taken[1], *rest]
     transport.release(queue, [*taken[1:], *rest])
     transport.release(queue, [])
     assert transport.queue_depth(queue) == 0
+    assert redis_client.exists(keys.claimed(queue), keys.claimers(queue)) == 0
+
+
+def test_a_later_claim_does_not_move_a_workers_last_beat(
+    transport: RedisTransport, redis_client: redis.Redis
+) -> None:
+    _, queue = queued(transport, 2)
+    redis_client.zadd(keys.WORKERS, {"w1": 1000.0})  # its heartbeat stopped long ago
+
+    assert len(claimer(redis_client, "w1").claim(queue, 1)) == 1
+
+    assert redis_client.zscore(keys.WORKERS, "w1") == 1000.0  # still dead: no revival
 
 
 def test_a_claim_takes_no_more_than_its_fair_share_of_the_queue(
@@ -682,25 +717,44 @@ def test_a_claim_takes_no_more_than_its_fair_share_of_the_queue(
     assert redis_client.zcard(keys.claimed(queue)) == 7
 
 
-def test_restore_puts_back_only_old_claims_at_the_consuming_end(
+def test_restore_puts_back_the_claims_of_dead_workers_whatever_their_age(
+    transport: RedisTransport, redis_client: redis.Redis
+) -> None:
+    ds, queue = queued(transport, 5)
+    dead1 = claimer(redis_client, "dead").claim(queue, 2)
+    [live] = claimer(redis_client, "live").claim(queue, 1)
+    redis_client.zadd(keys.claimed(queue), {live: 1000.0}, xx=True)  # claimed long ago
+
+    assert transport.restore_claims([queue], dead=["nobody"]) == 0
+    assert transport.restore_claims([queue, "fanout.demo.empty"], dead=["dead"]) == 2
+
+    assert redis_client.zrange(keys.claimed(queue), 0, -1) == [live]
+    assert redis_client.hgetall(keys.claimers(queue)) == {live: "live"}
+    assert transport.queue_depth(queue) == 5  # four queued, one claimed
+    # Back at the consuming end, the first claimed first, before those that never left.
+    again = transport.claim(queue, 4)
+    assert [decode_redis(m) for m in again] == [ds[0], ds[1], ds[3], ds[4]]
+    assert set(dead1) < set(again)
+    assert redis_client.hgetall(keys.claimers(queue)) == {
+        live: "live", **dict.fromkeys(again, worker_id())}
+    assert transport.restore_claims([queue], dead=["dead"]) == 0  # claimed again: not its own
+
+
+def test_restore_by_time_puts_back_what_was_claimed_before_a_restart_only(
     transport: RedisTransport, redis_client: redis.Redis
 ) -> None:
     ds, queue = queued(transport, 4)
-    old, recent = transport.claim(queue, 2)
-    claimed_key = keys.claimed(queue)
-    redis_client.zadd(claimed_key, {old: 1000.0, recent: 2000.0}, xx=True)
+    old, recent = claimer(redis_client, "live").claim(queue, 2)
+    redis_client.zadd(keys.claimed(queue), {old: 1000.0, recent: 2000.0}, xx=True)
 
     assert transport.restore_claims([queue], claimed_before=999.0) == 0
-    assert redis_client.llen(queue) == 2
-    assert transport.restore_claims([queue, "fanout.demo.empty"], claimed_before=1500.0) == 1
+    assert transport.restore_claims([queue], claimed_before=1500.0) == 1
 
-    assert redis_client.zrange(claimed_key, 0, -1) == [recent]
-    assert transport.queue_depth(queue) == 4  # three queued, one claimed
-    # The restored message is the next one consumed, before those that never left.
-    assert [decode_redis(m) for m in transport.claim(queue, 3)] == [ds[0], ds[2], ds[3]]
-    assert transport.restore_claims([queue], claimed_before=1500.0) == 0
-    assert transport.restore_claims([queue], claimed_before=time.time() + 1) == 4
-    assert redis_client.zcard(claimed_key) == 0
+    assert redis_client.zrange(keys.claimed(queue), 0, -1) == [recent]
+    assert redis_client.hgetall(keys.claimers(queue)) == {recent: "live"}
+    assert [decode_redis(m) for m in redis_client.lrange(queue, -1, -1)] == [ds[0]]
+    assert transport.restore_claims([queue], claimed_before=server_now_s(redis_client) + 1) == 1
+    assert redis_client.zcard(keys.claimed(queue)) == 0
     assert redis_client.llen(queue) == 4
     assert json.loads(redis_client.lrange(queue, 0, -1)[0])["headers"]["task"] == (
         "demo.metric_day")
@@ -713,10 +767,37 @@ def test_give_back_puts_claims_back_first_and_never_doubles_one(
     taken = transport.claim(queue, 3)
     # The reaper already put one back: giving it back again must not queue it twice.
     redis_client.zrem(keys.claimed(queue), taken[2])
+    redis_client.hdel(keys.claimers(queue), taken[2])
     redis_client.rpush(queue, taken[2])
 
     assert transport.give_back(queue, taken) == 2
     assert transport.give_back(queue, []) == 0
     assert redis_client.zcard(keys.claimed(queue)) == 0
+    assert redis_client.hlen(keys.claimers(queue)) == 0
     # Given back at the consuming end, in the order they were claimed, before the rest.
     assert [decode_redis(m) for m in transport.claim(queue, 4)] == [ds[0], ds[1], ds[2], ds[3]]
+
+
+def test_what_redis_refused_to_release_or_give_back_is_settled_once_it_answers(
+    transport: RedisTransport, redis_client: redis.Redis
+) -> None:
+    """A live worker's claims are never put back by another worker: when Redis is down as
+    its batch ends, the worker keeps what it owes and settles it (at its next heartbeat)."""
+    ds, queue = queued(transport, 4)
+    batch = transport.claim(queue, 3)
+    up = transport.redis
+    down = redis.Redis(port=free_port(), retry=Retry(NoBackoff(), 0))  # no server there
+    transport.redis = down
+    with pytest.raises(redis.ConnectionError):
+        transport.give_back(queue, batch[:2])  # the batch could not be recorded
+    with pytest.raises(redis.ConnectionError):
+        transport.release(queue, batch[2:])  # a dead-lettered one
+    assert transport.settle() == 0  # still down: still owed
+    assert redis_client.zcard(keys.claimed(queue)) == 3
+
+    transport.redis = up
+    assert transport.settle() == 3
+    assert transport.settle() == 0  # once
+
+    assert redis_client.exists(keys.claimed(queue), keys.claimers(queue)) == 0
+    assert [decode_redis(m) for m in transport.claim(queue, 4)] == [ds[0], ds[1], ds[3]]

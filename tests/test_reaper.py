@@ -1,6 +1,8 @@
 """The reaper (``workers/engine/reaper.py``) on a real Redis, no worker running, with a fake
 clock: a run is set up in the ledger with its items registered but never published (their
-messages were "lost"), and the clock is moved past the stall time instead of sleeping."""
+messages were "lost"), and the clock is moved past the stall time instead of sleeping. A dead
+worker is one whose last heartbeat is written in the past, never waited for; its unacked
+messages are taken on a real kombu channel of this process."""
 
 from __future__ import annotations
 
@@ -14,18 +16,19 @@ from conftest import FakeClock
 from producers.trigger import load_configured_pipelines
 from workers import keys
 from workers.api import Pipeline, get_pipeline
-from workers.engine.reaper import Reaper
+from workers.app import RedisBrokerHooks, create_app
+from workers.engine.reaper import PROBE_GAP_S, Reaper
 from workers.engine.scheduler import Scheduler
 from workers.engine.services import Services
 from workers.ids import item_id
 from workers.keys import RunKeys
 from workers.ledger import Finish
-from workers.message import Delivery, decode_redis, encode_redis
+from workers.liveness import HEARTBEAT_TTL_S, Liveness, worker_id
+from workers.message import Delivery, decode_redis
 from workers.outcome import Outcome
+from workers.transport import RedisTransport
 
 RUN = "run-lost"
-
-
 
 
 @pytest.fixture
@@ -187,45 +190,177 @@ def test_items_waiting_in_the_delayed_index_are_not_republished(
     assert client.zrange(keys.DELAYED, 0, -1) == [lost.delivery(waiting).to_json()]
 
 
-def test_stale_claims_are_put_back_before_anything_else(
-    svc: Services, demo: Pipeline, client: redis.Redis, lost: LostRun,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    queue = lost.queue("metric_day")
-    assert demo.stages["metric_day"].claim_batch > 1
-    first, second = lost.days
-    svc.transport.publish([lost.delivery(first)])
-    [stale] = svc.transport.claim(queue, 5)  # its worker died: never released
-    clock = FakeClock(lost.progress_at + 2 * vt(svc))
-    fresh = encode_redis(lost.delivery(second))  # claimed 10 s ago: its worker is running it
-    client.zadd(keys.claimed(queue), {fresh: clock.now - 10})
-    assert client.llen(queue) == 0
-    reaper = Reaper(svc, vt(svc), clock=clock)
-
-    with caplog.at_level(logging.WARNING, logger="fanout.reaper"):
-        assert reaper.sweep() == 3  # a2 and the two services: metric_day is not empty
-
-    assert client.lrange(queue, 0, -1) == [stale]
-    assert client.zrange(keys.claimed(queue), 0, -1) == [fresh]
-    assert depths(client, demo) == {"accounts": 1, "services": 2, "metric_day": 1}
-    messages = [r.getMessage() for r in caplog.records if r.name == "fanout.reaper"]
-    assert messages[0] == "put 1 claimed messages back on their queues"
+def claimer(svc: Services, worker: str) -> RedisTransport:
+    """The transport of worker ``worker`` (its claims are recorded under that id)."""
+    return RedisTransport(svc.ledger.redis, svc.settings.ledger_ttl_s, owner=lambda: worker)
 
 
-def test_stale_claims_are_put_back_when_no_run_is_stalled(
+def beat(client: redis.Redis, worker: str, at: float | None = None) -> None:
+    """``worker``'s last heartbeat: now (alive), or at ``at`` (server epoch seconds)."""
+    Liveness(client, 600).beat(worker, [])
+    if at is not None:
+        client.zadd(keys.WORKERS, {worker: at})
+
+
+def test_a_live_workers_claims_are_never_put_back_for_their_age(
     svc: Services, demo: Pipeline, client: redis.Redis, lost: LostRun
 ) -> None:
     queue = lost.queue("metric_day")
     svc.transport.publish([lost.delivery(d) for d in lost.days])
-    claimed = svc.transport.claim(queue, 5)
+    claimed = claimer(svc, "w-live").claim(queue, 5)
     assert len(claimed) == 2
-    reaper = Reaper(svc, vt(svc), clock=FakeClock(lost.progress_at + 1.5 * vt(svc)))
+    client.zadd(keys.claimed(queue), dict.fromkeys(claimed, 1000.0), xx=True)  # long ago
+    beat(client, "w-live")
+    reaper = Reaper(svc, vt(svc), clock=FakeClock(lost.progress_at + 2 * vt(svc)))
 
-    assert reaper.sweep() == 0
+    assert reaper.reap_dead() == 0  # without worker hooks it looks at no one
+    assert reaper.sweep() == 3  # a2 and the two services; the claimed days run
 
-    assert sorted(client.lrange(queue, 0, -1)) == sorted(claimed)
-    assert client.zcard(keys.claimed(queue)) == 0
-    assert client.hget(RunKeys.of(RUN).run, "progress_at") == lost.progress_at_raw
+    assert client.llen(queue) == 0
+    assert sorted(client.zrange(keys.claimed(queue), 0, -1)) == sorted(claimed)
+    assert client.hgetall(keys.claimers(queue)) == dict.fromkeys(claimed, "w-live")
+
+
+class KombuWorkers:
+    """The reaper's ``WorkerHooks`` of a real worker (``RedisBrokerHooks``), on a kombu
+    channel this test delivers messages on: what it takes is held by this process's id."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.app = create_app()
+        self.hooks = RedisBrokerHooks(self.app, client, Liveness(client, 600))
+        self.connection = self.app.connection_for_write()
+        self.channel = self.connection.channel()
+
+    def take(self, queue: str) -> Any:
+        message = self.channel.basic_get(queue, no_ack=False)
+        assert message is not None
+        return message
+
+    def close(self) -> None:
+        self.connection.release()
+
+
+@pytest.fixture
+def kombu_workers(client: redis.Redis) -> Any:
+    workers = KombuWorkers(client)
+    yield workers
+    workers.close()
+
+
+def test_a_dead_workers_claims_and_unacked_messages_go_back_and_it_is_forgotten(
+    svc: Services, demo: Pipeline, client: redis.Redis, lost: LostRun,
+    kombu_workers: KombuWorkers, caplog: pytest.LogCaptureFixture,
+) -> None:
+    days, accounts = lost.queue("metric_day"), lost.queue("accounts")
+    svc.transport.publish([lost.delivery(d) for d in lost.days] + [lost.delivery(lost.a2)])
+    [dead_claim] = claimer(svc, "w-dead").claim(days, 1)
+    # A claim on a queue of a pipeline this worker does not load comes back too.
+    alien = "fanout.notloaded.leaf"
+    client.lpush(alien, "alien message")
+    assert claimer(svc, "w-dead").claim(alien, 1) == ["alien message"]
+    [live_claim] = claimer(svc, "w-live").claim(days, 1)
+    unacked = kombu_workers.take(accounts)  # held by this process: it "dies" below
+    me = worker_id()
+    assert client.smembers(keys.worker_held(me)) == {unacked.delivery_tag}
+    long_ago = float(client.time()[0]) - 60
+    beat(client, "w-dead", at=long_ago)
+    beat(client, me, at=long_ago)
+    beat(client, "w-live")
+    clock = FakeClock(lost.progress_at + 1)
+    reaper = Reaper(svc, vt(svc), clock=clock, workers=kombu_workers.hooks)
+
+    with caplog.at_level(logging.WARNING, logger="fanout.reaper"):
+        assert reaper.reap_dead() == 2
+
+    assert client.lrange(days, 0, -1) == [dead_claim]
+    assert client.lrange(alien, 0, -1) == ["alien message"]
+    assert client.zrange(keys.claimed(days), 0, -1) == [live_claim]
+    assert client.hgetall(keys.claimers(days)) == {live_claim: "w-live"}
+    assert on_queue(client, accounts) == [lost.delivery(lost.a2)]
+    assert kombu_workers.hooks.unacked() == 0
+    assert client.zrange(keys.WORKERS, 0, -1) == ["w-live"]
+    assert client.exists(keys.worker_held(me), keys.worker_queues("w-dead")) == 0
+    assert sorted(r.getMessage() for r in caplog.records if r.name == "fanout.reaper") == [
+        f"worker {me} died: put back 0 claimed and 1 unacknowledged messages",
+        "worker w-dead died: put back 2 claimed and 0 unacknowledged messages",
+    ]
+    # The running run is watched: a message popped and never recorded is found soon.
+    assert reaper.recovering
+    assert reaper.reap_dead() == 0  # forgotten: once
+
+
+def test_a_dead_worker_is_put_back_by_one_reaper_only(
+    svc: Services, client: redis.Redis, lost: LostRun, kombu_workers: KombuWorkers
+) -> None:
+    days = lost.queue("metric_day")
+    svc.transport.publish([lost.delivery(d) for d in lost.days])
+    claimer(svc, "w-dead").claim(days, 1)
+    client.zadd(keys.WORKERS, {"w-dead": 1000.0})
+    other = RedisBrokerHooks(kombu_workers.app, client, Liveness(client, 600))
+    other.me = "another-reaper"
+    assert other.take("w-dead")  # another worker's reaper is on it
+
+    reaper = Reaper(svc, vt(svc), workers=kombu_workers.hooks)
+    assert reaper.reap_dead() == 0
+    assert client.llen(days) == 1 and client.zcard(keys.claimed(days)) == 1
+    assert not reaper.recovering
+
+
+def test_after_an_outage_no_worker_is_found_dead_until_all_could_beat_again(
+    svc: Services, client: redis.Redis, lost: LostRun, kombu_workers: KombuWorkers
+) -> None:
+    """Redis was down for longer than the heartbeat TTL: every last beat is old, and none of
+    those workers died of it. The reaper waits one TTL for them to beat again."""
+    days = lost.queue("metric_day")
+    svc.transport.publish([lost.delivery(d) for d in lost.days])
+    claimer(svc, "w-quiet").claim(days, 1)
+    client.zadd(keys.WORKERS, {"w-quiet": float(client.time()[0]) - 60})
+    since = FakeClock(1000.0)
+    reaper = Reaper(svc, vt(svc), workers=kombu_workers.hooks, monotonic=since)
+
+    reaper.unreachable()
+    reaper.probe()
+    since.now += HEARTBEAT_TTL_S - 0.1
+    assert reaper.reap_dead() == 0
+    assert client.zcard(keys.claimed(days)) == 1
+    since.now += 0.1  # it did not beat again in a whole TTL: dead
+    assert reaper.reap_dead() == 1
+    assert client.zcard(keys.claimed(days)) == 0 and client.llen(days) == 2
+
+
+def test_probes_far_apart_are_an_outage_for_liveness(
+    svc: Services, client: redis.Redis, kombu_workers: KombuWorkers
+) -> None:
+    """This process stalled (or Redis hung) between two probes: beats may have stopped for
+    every worker, as in an outage."""
+    client.zadd(keys.WORKERS, {"w-quiet": float(client.time()[0]) - 60})
+    since = FakeClock(1000.0)
+    reaper = Reaper(svc, vt(svc), workers=kombu_workers.hooks, monotonic=since)
+    reaper.probe()
+    since.now += PROBE_GAP_S + 0.1
+    reaper.probe()
+
+    assert reaper.reap_dead() == 0
+    since.now += HEARTBEAT_TTL_S
+    assert reaper.reap_dead() == 1
+
+
+def test_a_stalled_run_does_not_republish_what_a_live_worker_holds(
+    svc: Services, demo: Pipeline, client: redis.Redis, lost: LostRun,
+    kombu_workers: KombuWorkers,
+) -> None:
+    """A task running longer than the visibility timeout: its message is unacknowledged, its
+    queue empty, its run without progress for two timeouts. It is not lost."""
+    svc.transport.publish([lost.delivery(lost.a2)])
+    running = kombu_workers.take(lost.queue("accounts"))
+    assert client.llen(lost.queue("accounts")) == 0
+    reaper = Reaper(svc, vt(svc), clock=FakeClock(lost.progress_at + 2 * vt(svc)),
+                    workers=kombu_workers.hooks)
+
+    assert reaper.sweep() == 4  # the services and the days, not a2
+
+    assert depths(client, demo) == {"accounts": 0, "services": 2, "metric_day": 2}
+    running.ack()
 
 
 def test_finished_runs_and_runs_of_unloaded_pipelines_are_left_alone(

@@ -7,7 +7,9 @@ thin task per stage of every loaded pipeline, and bad messages set aside, never 
 Through a broker outage the worker lives on: its consumer tries again every 2 s at most
 (``BrokerConnection``), without a limit, Celery's lines about it are cut to the first of each
 outage (``outage_filter``, installed on Celery's log handlers), and the reaper is given kombu's
-restore of unacknowledged messages (``RedisBrokerHooks``) for after a restart.
+restore of unacknowledged messages (``RedisBrokerHooks``) for after a restart and after a
+worker's death. On a Redis broker each worker process beats (``workers/liveness.py``), so
+what it holds is renewed while it lives and put back within seconds once it dies.
 """
 
 from __future__ import annotations
@@ -31,15 +33,17 @@ from kombu import Connection, Exchange, Queue
 from kombu.exceptions import OperationalError
 from kombu.transport.redis import Mutex, MutexHeld
 
-from workers import broker
+from workers import broker, keys
 from workers.api import Stage, all_pipelines, load_pipelines
 from workers.connections import broker_redis, get_redis, resolve_broker_url, warn_if_evicting
 from workers.engine.reaper import start_reaper
 from workers.engine.runner import INFRA_ERRORS, StageRunner
 from workers.engine.scheduler import start_mover
-from workers.engine.services import services
+from workers.engine.services import Services, services
 from workers.events import ItemEvents
-from workers.message import BadMessage, from_task_call
+from workers.liveness import Liveness, start_heartbeat
+from workers.liveness import worker_id as liveness_worker_id
+from workers.message import BadMessage, decode_redis, from_task_call
 from workers.outage import DOWN_ERRORS, OncePerOutage
 from workers.outcome import Outcome
 from workers.settings import Settings, get_settings
@@ -143,6 +147,7 @@ def _make_task(app: Celery, stage: Stage, item_events: ItemEvents) -> Task:
     def run_stage(self: Task, *args: Any, **kwargs: Any) -> str:
         svc = services()
         if not runner or runner[0].services is not svc:
+            _beat_in_this_process(svc)
             runner[:] = [StageRunner(svc, claim_share=_PoolSize.threads)]
         try:
             delivery = from_task_call(self.name, args, kwargs, self.request.retries)
@@ -183,12 +188,18 @@ _RESTORE_TRIES = 50  # x 0.1 s
 
 
 class RedisBrokerHooks:
-    """The reaper's view of a Redis broker after an outage (``engine.reaper.BrokerHooks``):
-    which server it is, and kombu's own restore of unacknowledged messages."""
+    """The reaper's view of a Redis broker (``engine.reaper.BrokerHooks`` and
+    ``WorkerHooks``): which server it is, kombu's own restore of unacknowledged messages
+    (after a restart, by time; after a worker's death, by its held tags), and the workers'
+    liveness (``workers/liveness.py``)."""
 
-    def __init__(self, app: Celery, client: redis.Redis) -> None:
+    def __init__(
+        self, app: Celery, client: redis.Redis, liveness: Liveness | None = None
+    ) -> None:
         self.app = app
         self.client = client
+        self.liveness = liveness or Liveness(client, get_settings().ledger_ttl_s)
+        self.me = liveness_worker_id()
 
     def server(self) -> tuple[str, float]:
         info = self.client.info("server")
@@ -217,17 +228,79 @@ class RedisBrokerHooks:
             with channel.conn_or_acquire() as client:
                 return int(client.hlen(channel.qos.unacked_key))
 
+    def dead(self) -> list[str]:
+        return self.liveness.dead()
+
+    def take(self, worker: str) -> bool:
+        return bool(self.client.set(keys.worker_reaping(worker), self.me, nx=True,
+                                    ex=keys.REAPING_TTL_S))
+
+    def claim_queues(self, worker: str) -> list[str]:
+        return self.liveness.claim_queues(worker)
+
+    def restore_held(self, worker: str) -> int:
+        tags = self.liveness.held(worker)
+        restored = 0
+        with self.app.connection_for_write() as connection:
+            channel = connection.default_channel
+            qos = channel.qos
+            with channel.conn_or_acquire() as client:
+                for tag in tags:
+                    # kombu's restore is a WATCH transaction: a message is restored once,
+                    # whoever else restores or acknowledges it meanwhile.
+                    restored += int(client.hexists(qos.unacked_key, tag))
+                    qos.restore_by_tag(tag, client)
+        return restored
+
+    def forget(self, worker: str) -> bool:
+        return self.liveness.forget(worker)
+
+    def unacked_items(self) -> set[tuple[str, str]]:
+        with self.app.connection_for_write() as connection:
+            channel = connection.default_channel
+            with channel.conn_or_acquire() as client:
+                entries = client.hvals(channel.qos.unacked_key)
+        items = set()
+        for entry in entries:
+            try:  # kombu's [envelope, exchange, routing key]
+                delivery = decode_redis(json.dumps(json.loads(entry)[0]))
+            except (BadMessage, ValueError, TypeError, IndexError, KeyError):
+                continue  # not a fanout message
+            items.add((delivery.run_id, delivery.item_id))
+        return items
+
+
+def _unacked_index_key(app: Celery) -> str:
+    """The name of kombu's sorted set of delivery times (a transport option)."""
+    with app.connection_for_write() as connection:
+        return str(connection.default_channel.unacked_index_key)
+
 
 def _start_background_threads(app: Celery) -> None:
     svc = services()
     client = broker_redis(resolve_broker_url(svc.settings))
     ledger_redis = get_redis()
     warn_if_evicting(ledger_redis, "the run ledger")
-    if client is not None and client is not ledger_redis:  # one client per URL
-        warn_if_evicting(client, "the broker")
-    hooks = RedisBrokerHooks(app, client) if client is not None else None
-    start_reaper(svc, svc.settings.visibility_timeout_s, broker=hooks)
+    hooks = None
+    if client is not None:  # RabbitMQ redelivers a lost connection's messages by itself
+        if client is not ledger_redis:  # one client per URL
+            warn_if_evicting(client, "the broker")
+        liveness = Liveness(client, svc.settings.ledger_ttl_s, _unacked_index_key(app))
+        # Known alive before it takes a message.
+        start_heartbeat(liveness, broker.held_tags, svc.transport.settle)
+        hooks = RedisBrokerHooks(app, client, liveness)
+    start_reaper(svc, svc.settings.visibility_timeout_s, broker=hooks, workers=hooks)
     start_mover(svc.scheduler)
+
+
+def _beat_in_this_process(svc: Services) -> None:
+    """A prefork pool's child claims batches under its own id: it beats too, holding no
+    kombu message (its parent consumes). With the threads pool the worker's one process
+    beats already, since before its consumer took a message: this is then a no-op."""
+    client = broker_redis(resolve_broker_url(svc.settings))
+    if client is not None:
+        start_heartbeat(Liveness(client, svc.settings.ledger_ttl_s), tuple,
+                        svc.transport.settle)
 
 
 #: Celery's lines of a lost broker connection: one per reconnect attempt, and per task it could

@@ -8,21 +8,30 @@ near 100 messages/s. A ``redis.Redis`` object is thread-safe, so one per channel
 kombu also decodes a popped message outside any guard: one item on a queue that is not JSON,
 or not kombu's envelope, raised in the consumer and killed the worker, and the next worker
 took the next bad item. Here such an item becomes a dead letter and the worker goes on.
+
+kombu does not record which worker holds an unacknowledged message, so a dead worker's
+messages came back only after the visibility timeout, and a live worker's task running longer
+than that ran twice. ``QoS`` records each delivery tag in its worker's held set in the same
+MULTI as kombu's own entry (``keys.worker_held``), and ``held_tags`` gives the heartbeat what
+this process's open channels hold (``workers/liveness.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from queue import Empty
+from time import time
 from typing import Any
 
-from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 from workers import keys
 from workers.engine.services import services
+from workers.liveness import worker_id
 from workers.message import CONTENT_TYPE, envelope_problem
 
 
@@ -44,7 +53,58 @@ def _envelope_or_dead_letter(queue: str, raw: str) -> dict[str, Any] | None:
     return None
 
 
+#: Every QoS of this process, for ``held_tags`` (a closed channel's is skipped).
+_QOS: weakref.WeakSet[QoS] = weakref.WeakSet()
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's unacked bookkeeping, with each delivery tag also in its worker's held set."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _QOS.add(self)
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        # kombu 5.7's own, with the SADD in the same MULTI: a tag is never unacked unheld.
+        delivery = message.delivery_info
+        raw = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
+                .hset(self.unacked_key, delivery_tag, raw) \
+                .sadd(keys.worker_held(worker_id()), delivery_tag) \
+                .execute()
+            virtual.QoS.append(self, message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        # On ack, reject and restore. A tag another worker restores leaves that worker's own
+        # (a no-op); the heartbeat drops it from its holder's held set.
+        return super()._remove_from_indices(delivery_tag, pipe) \
+            .srem(keys.worker_held(worker_id()), delivery_tag)
+
+    def tags(self) -> list[str]:
+        """The delivery tags this channel holds (read from another thread: kombu's consumer
+        thread may change the dict meanwhile, so the read is tried again)."""
+        for _ in range(10):
+            try:
+                return list(self._delivered)
+            except RuntimeError:  # changed size during iteration
+                continue
+        return []
+
+
+def held_tags() -> list[str]:
+    """The delivery tags this process's open channels hold."""
+    for _ in range(10):
+        try:  # a channel opened meanwhile changes the set
+            channels = list(_QOS)
+        except RuntimeError:
+            continue
+        return [tag for qos in channels if not qos.channel.closed for tag in qos.tags()]
+    return []
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _shared_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:

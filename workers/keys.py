@@ -31,6 +31,17 @@ Run ledger, for run R (``RunKeys``):
 Shared:
 - ``fanout:runs``             sorted set: run id -> created time (``fanout status``, the reaper)
 - ``fanout:reaper:lock``      string: held by the one worker sweeping for lost messages
+- ``fanout:workers``          sorted set: worker id -> time of its last heartbeat (server time);
+                              a worker silent for ``liveness.HEARTBEAT_TTL_S`` is dead
+                              (``workers/liveness.py``; ``Settings.ledger_ttl_s``, refreshed
+                              at each beat)
+- ``fanout:worker:ID:held``   set: kombu delivery tags worker ID holds (delivered, not yet
+                              acknowledged), written with kombu's own unacked bookkeeping
+                              (``broker.py``); ``Settings.ledger_ttl_s``, refreshed at each beat
+- ``fanout:worker:ID:queues`` set: the queues worker ID claimed batches on (where its claims
+                              are when it dies; ``lua/claim.lua``, ``Settings.ledger_ttl_s``)
+- ``fanout:worker:ID:reaping`` string: the worker putting back what dead worker ID held
+                              (``REAPING_TTL_S``)
 - ``fanout:delayed``          sorted set: encoded delivery -> due time (loops, retries); a mover
                               in every worker publishes what is due (``engine/scheduler.py``)
 - ``fanout:dead:QUEUE``       list: messages of QUEUE that could not be decoded, with the reason
@@ -52,7 +63,9 @@ Cache (``engine/cache_hook.py``):
 
 Broker side (kombu's own keys): one list per stage queue, named ``fanout.PIPELINE.STAGE``, and
 - ``fanout:claimed:QUEUE``    sorted set: messages of QUEUE a worker claimed to run in a batch
-                              -> claim time (``transport.py``); put back if never released
+                              -> claim time (server time; ``transport.py``)
+- ``fanout:claimers:QUEUE``   hash: claimed message -> the worker id that claimed it: put back
+                              when that worker dies, never while it lives
 
 Schedules (``fanout beat``, ``producers/beat.py``); their configuration is the config file, not
 Redis. For schedule NAME and the run id R of one of its slots (``sched-NAME-SLOT``):
@@ -74,6 +87,9 @@ RUNS_INDEX = f"{PREFIX}:runs"
 REAPER_LOCK = f"{PREFIX}:reaper:lock"
 DELAYED = f"{PREFIX}:delayed"
 DEAD_QUEUES = f"{PREFIX}:dead:queues"
+WORKERS = f"{PREFIX}:workers"
+#: How long a worker may take to put back what one dead worker held before another may.
+REAPING_TTL_S = 60
 LIMITS_INDEX = f"{PREFIX}:limits"
 
 
@@ -134,6 +150,22 @@ def dead_letters(queue: str) -> str:
 
 def claimed(queue: str) -> str:
     return f"{PREFIX}:claimed:{queue}"
+
+
+def claimers(queue: str) -> str:
+    return f"{PREFIX}:claimers:{queue}"
+
+
+def worker_held(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}:held"
+
+
+def worker_queues(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}:queues"
+
+
+def worker_reaping(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}:reaping"
 
 
 def queue_name(pipeline: str, stage: str) -> str:

@@ -2,7 +2,8 @@
 
 ``RedisTransport`` is the fast path on a Redis broker: lean messages built by
 ``message.encode_redis`` and LPUSHed in bulk (one round trip per 1,000), claims of queued
-messages for batched consumption (``lua/claim.lua``), and queue depths. ``KombuTransport``
+messages for batched consumption (``lua/claim.lua``: each claim names its worker, and goes
+back when that worker dies, ``lua/restore_claimed.lua``), and queue depths. ``KombuTransport``
 serves any other broker (RabbitMQ) through kombu's own producer with the same headers and
 body, and has no claims. Nothing above this module reads a queue's raw layout.
 """
@@ -10,9 +11,9 @@ body, and has no claims. Nothing above this module reads a queue's raw layout.
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import redis
@@ -21,6 +22,7 @@ from kombu.pools import producers
 
 from workers import keys, scripts
 from workers.connections import check_reachable
+from workers.liveness import worker_id
 from workers.message import CONTENT_TYPE, Delivery, encode_redis
 from workers.redact import redact
 from workers.settings import ConfigError
@@ -36,8 +38,8 @@ class Transport(Protocol):
 
     def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
         """Take up to ``count`` raw messages off ``queue`` to run in a batch, recorded as
-        claimed until ``release``; [] where the broker cannot. ``share``: the threads that
-        compete for the queue; no more than its length / ``share`` is taken."""
+        claimed by this worker until ``release``; [] where the broker cannot. ``share``: the
+        threads that compete for the queue; no more than its length / ``share`` is taken."""
 
     def release(self, queue: str, raws: Sequence[str]) -> None:
         """The claimed messages are done (or dead-lettered)."""
@@ -46,18 +48,35 @@ class Transport(Protocol):
         """Put claimed messages back on ``queue`` now: their batch could not be recorded (an
         infrastructure error), and the items must run again. Returns how many went back."""
 
-    def restore_claims(self, queues: Sequence[str], claimed_before: float) -> int:
-        """Put back messages claimed before ``claimed_before`` and never released (their
-        worker died). Returns how many."""
+    def restore_claims(
+        self, queues: Sequence[str], claimed_before: float = 0.0, dead: Sequence[str] = ()
+    ) -> int:
+        """Put back the messages claimed by the ``dead`` workers, and those claimed before
+        ``claimed_before`` (server time: the start of a restarted Redis). Returns how many."""
+
+    def claimed_messages(self, queues: Sequence[str]) -> list[str]:
+        """The raw messages claimed on ``queues`` and not yet released."""
+
+    def settle(self) -> int:
+        """Release or give back now what Redis could not take when asked (it was down).
+        Returns how many messages were settled."""
 
     def queue_depth(self, queue: str) -> int:
         """Messages waiting on ``queue``, claimed ones included."""
 
 
 class RedisTransport:
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(
+        self, client: redis.Redis, ttl_s: int, owner: Callable[[], str] = worker_id
+    ) -> None:
+        """``owner``: the id of the worker claiming (this process's, by default)."""
         self.redis = client
         self.ttl_s = ttl_s
+        self.owner = owner
+        # (queue, messages, give back?) that Redis refused: a live worker's claims are never
+        # put back by anyone else, so it settles them itself once Redis answers (``settle``).
+        self._owed: list[tuple[str, list[str], bool]] = []
+        self._owed_lock = threading.Lock()
         self._claim = scripts.load("claim")
         self._restore = scripts.load("restore_claimed")
         self._give_back = scripts.load("give_back")
@@ -78,26 +97,70 @@ class RedisTransport:
             pipe.execute()
 
     def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
-        keys_ = {"queue": queue, "claimed": keys.claimed(queue)}
-        taken = self._claim(self.redis, keys_, [count, time.time(), self.ttl_s, share])
+        keys_ = {"queue": queue, "claimed": keys.claimed(queue),
+                 "claimers": keys.claimers(queue), "workers": keys.WORKERS}
+        owner = self.owner()
+        keys_["worker_queues"] = keys.worker_queues(owner)
+        taken = self._claim(self.redis, keys_, [count, owner, self.ttl_s, share])
         return [str(m) for m in taken]
 
     def release(self, queue: str, raws: Sequence[str]) -> None:
         if raws:
-            self.redis.zrem(keys.claimed(queue), *raws)
+            self._settling(queue, list(raws), back=False)
 
     def give_back(self, queue: str, raws: Sequence[str]) -> int:
-        if not raws:
-            return 0
-        keys_ = {"claimed": keys.claimed(queue), "queue": queue}
-        return int(self._give_back(self.redis, keys_, list(raws)))
+        return self._settling(queue, list(raws), back=True) if raws else 0
 
-    def restore_claims(self, queues: Sequence[str], claimed_before: float) -> int:
+    def settle(self) -> int:
+        with self._owed_lock:
+            owed, self._owed = self._owed, []
+        settled = 0
+        for n, (queue, raws, back) in enumerate(owed):
+            try:
+                self._settle(queue, raws, back)
+            except redis.RedisError:
+                with self._owed_lock:
+                    self._owed[:0] = owed[n:]
+                break
+            settled += len(raws)
+        return settled
+
+    def _settling(self, queue: str, raws: list[str], back: bool) -> int:
+        try:
+            return self._settle(queue, raws, back)
+        except redis.RedisError:
+            with self._owed_lock:
+                self._owed.append((queue, raws, back))
+            raise
+
+    def _settle(self, queue: str, raws: list[str], back: bool) -> int:
+        if back:  # only those still claimed: one the reaper restored is not doubled
+            return int(self._give_back(self.redis, self._claim_keys(queue), raws))
+        pipe = self.redis.pipeline()  # MULTI: a claim is in both or in neither
+        pipe.zrem(keys.claimed(queue), *raws)
+        pipe.hdel(keys.claimers(queue), *raws)
+        pipe.execute()
+        return len(raws)
+
+    def restore_claims(
+        self, queues: Sequence[str], claimed_before: float = 0.0, dead: Sequence[str] = ()
+    ) -> int:
         restored = 0
         for queue in queues:
-            keys_ = {"claimed": keys.claimed(queue), "queue": queue}
-            restored += int(self._restore(self.redis, keys_, [claimed_before]))
+            restored += int(self._restore(self.redis, self._claim_keys(queue),
+                                          [claimed_before, *dead]))
         return restored
+
+    def claimed_messages(self, queues: Sequence[str]) -> list[str]:
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zrange(keys.claimed(queue), 0, -1)
+        return [str(m) for found in pipe.execute() for m in found]
+
+    @staticmethod
+    def _claim_keys(queue: str) -> dict[str, str]:
+        return {"claimed": keys.claimed(queue), "claimers": keys.claimers(queue),
+                "queue": queue}
 
     def queue_depth(self, queue: str) -> int:
         pipe = self.redis.pipeline(transaction=False)
@@ -140,7 +203,15 @@ class KombuTransport:
     def give_back(self, queue: str, raws: Sequence[str]) -> int:
         return 0
 
-    def restore_claims(self, queues: Sequence[str], claimed_before: float) -> int:
+    def restore_claims(
+        self, queues: Sequence[str], claimed_before: float = 0.0, dead: Sequence[str] = ()
+    ) -> int:
+        return 0
+
+    def claimed_messages(self, queues: Sequence[str]) -> list[str]:
+        return []
+
+    def settle(self) -> int:
         return 0
 
     def queue_depth(self, queue: str) -> int:

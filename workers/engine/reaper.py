@@ -1,20 +1,31 @@
-"""The reaper: publishes again the items whose message was lost, on any broker.
+"""The reaper: puts back what dead workers held, and publishes again the items whose message
+was lost, on any broker.
 
-A message can be lost between the ledger and the broker: kombu's Redis transport pops a
-message before it records it as unacked (a worker SIGKILLed in between loses it), a RabbitMQ
-queue can be purged, a producer can die between registering items and publishing them. The
-ledger still has every pending item with its payload. So a run that has made no progress
-for two visibility timeouts is checked: no task runs longer than one, and a dead worker's
-unacked or claimed messages are back on their queue after one (kombu restores unacked ones;
-this reaper puts back claims first). Its pending items whose stage queue is empty and that wait
-in no delayed set are then on no queue and run nowhere, and are published again. A duplicate
-is harmless: the item id makes it count once. One worker at a time sweeps (a lock).
+A dead worker (``workers/liveness.py``: no heartbeat for 10 s) held messages no one else
+will run: kombu's unacknowledged ones (its running and prefetched tasks) and the batches it
+claimed. At every probe (``PROBE_S``) each worker's reaper looks for dead workers; one takes
+each (``WorkerHooks.take``), puts back its claims (``lua/restore_claimed.lua``, by owner) and
+its unacknowledged messages (kombu's own ``restore_by_tag``, for its held tags), forgets it,
+and watches the running runs as after an outage (below): kombu pops a message before it
+records it as unacked, and one popped in the instant of the kill is on no queue. A live
+worker renews the lease of what it holds at every beat, so nothing it holds is put back,
+whatever its age.
+
+A message can also be lost between the ledger and the broker: a worker SIGKILLed between
+kombu's pop and its record, a RabbitMQ queue purged, a producer dead between registering
+items and publishing them. The ledger still has every pending item with its payload. So a
+run that has made no progress for two visibility timeouts is checked: its pending items
+whose stage queue is empty, that wait in no delayed set and that no worker holds
+(unacknowledged or claimed: a live worker's long task) are on no queue and run nowhere, and
+are published again. A duplicate is harmless: the item id makes it count once. One worker
+at a time sweeps (a lock; the reaper that put a dead worker's work back takes it).
 
 After an outage of Redis the wait would be needlessly long. When Redis dies, every connection
 to it dies too, and what those connections had taken can no longer be acknowledged: the
 messages running or prefetched (kombu's unacked hash) and the batches claimed
-(``fanout:claimed:*``). kombu gives the first back only after the visibility timeout, this
-reaper the others after one, and lost items after two. So the reaper also probes Redis every
+(``fanout:claimed:*``); their workers live on and keep beating, so liveness does not free
+them, and kombu gives the first back only after the visibility timeout (and never, while a
+renewed lease keeps it). So the reaper also probes Redis every
 second (``PROBE_S``; while it is down it backs off and says so once, ``workers/outage.py``):
 - when the broker server is a new one (its ``run_id`` changed: it restarted), every message
   taken before that server started belongs to a dead connection, and is put back at once
@@ -28,18 +39,19 @@ second (``PROBE_S``; while it is down it backs off and says so once, ``workers/o
   its queues. A run stays watched until a sweep finds none of its pending items behind a
   non-empty queue, or for two visibility timeouts at most, when the rule above takes over.
 
-The trade-offs. Restoring by time, not by owner: kombu does not record which connection took
-a message, and Celery drops what it had reserved when it reconnects, so a worker cannot tell
-its own orphans; after a restart no connection from before survives, so "taken before the
-server started" names them exactly, for every worker at once (each worker that sees the
-restart does it; a message is restored once, atomically). Its cost: a task still running
+The trade-offs. After a restart, restoring by time, not by owner: Celery drops what it had
+reserved when it reconnects, so a live worker still owns orphans of its dead connection (its
+heartbeat renews only what its open channels hold, so they are no longer renewed); no
+connection from before survives, so "taken before the server started" names them exactly,
+for every worker at once (each worker that sees the restart does it; a message is restored
+once, atomically). Its cost: a task still running
 across the restart gets a second copy of its message, which is harmless (the ledger counts an
 item once, and a worker skips an item already terminal before any vendor call) and costs at
 most one vendor call per message that was in flight. Without a restart (a network cut, a
 paused server) connections may have survived, so nothing is restored by time (that would
 copy the live work of every worker); only the watch runs, and it finds a lost item once its
-run stops moving. The grace may copy an item that runs longer than it while its stage queue is
-empty and other work is in flight, at most once per run per outage.
+run stops moving. The grace never copies an item a worker holds (unacknowledged or claimed),
+however long it runs: only one that is on no queue and held by no worker.
 """
 
 from __future__ import annotations
@@ -59,7 +71,8 @@ from workers.engine import batch_maps
 from workers.engine.services import Services
 from workers.ids import stage_of_item
 from workers.ledger import MapSignal
-from workers.message import Delivery
+from workers.liveness import HEARTBEAT_TTL_S
+from workers.message import BadMessage, Delivery, decode_redis
 from workers.outage import DOWN_ERRORS
 from workers.outage import shared as shared_outage
 from workers.settings import ConfigError
@@ -70,6 +83,9 @@ log = logging.getLogger("fanout.reaper")
 PROBE_S = 1.0
 #: After an outage, a run without progress for this long is swept (see the module docstring).
 RECOVERY_GRACE_S = 5.0
+#: Probes further apart than this mean this process stalled (or Redis hung): beats may have
+#: stopped for it too.
+PROBE_GAP_S = 3 * PROBE_S
 
 
 class BrokerHooks(Protocol):
@@ -90,14 +106,48 @@ class BrokerHooks(Protocol):
         ...
 
 
+class WorkerHooks(Protocol):
+    """What the reaper asks about the workers' liveness (``workers/app.py`` gives the Redis
+    one, on ``workers/liveness.py`` and kombu's own restore)."""
+
+    def dead(self) -> list[str]:
+        """The ids of the workers whose heartbeat stopped."""
+        ...
+
+    def take(self, worker: str) -> bool:
+        """Whether this process is the one to put back what ``worker`` held (one at a time)."""
+        ...
+
+    def claim_queues(self, worker: str) -> list[str]:
+        """The queues ``worker`` claimed batches on (some may be of pipelines not loaded here)."""
+        ...
+
+    def restore_held(self, worker: str) -> int:
+        """Put the unacknowledged messages ``worker`` held back on their queues. Returns how
+        many."""
+        ...
+
+    def forget(self, worker: str) -> bool:
+        """Forget a dead worker, once what it held is back; False if it beat again."""
+        ...
+
+    def unacked_items(self) -> set[tuple[str, str]]:
+        """(run id, item id) of every message delivered and not yet acknowledged."""
+        ...
+
+
 class Reaper:
     def __init__(
         self, services: Services, visibility_timeout_s: float,
         clock: Callable[[], float] = time.time, broker: BrokerHooks | None = None,
-        recovery_grace_s: float = RECOVERY_GRACE_S,
+        recovery_grace_s: float = RECOVERY_GRACE_S, workers: WorkerHooks | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.services = services
-        self.claim_timeout_s = visibility_timeout_s
+        self.workers = workers
+        self.monotonic = monotonic
+        self._last_probe: float | None = None
+        self._beats_trusted_at = float("-inf")  # see probe
         self.stall_s = 2 * visibility_timeout_s
         self.clock = clock
         self.broker = broker
@@ -118,6 +168,13 @@ class Reaper:
     def probe(self) -> int:
         """Look at Redis once; after an outage or a restart, ``recover``. Returns how many
         messages were put back."""
+        now = self.monotonic()
+        stalled = self._last_probe is not None and now - self._last_probe > PROBE_GAP_S
+        self._last_probe = now
+        if self._was_down or stalled:
+            # Every worker's beats stopped with Redis (or this process was not looking): a
+            # worker is found dead only once all had a heartbeat TTL to beat again.
+            self._beats_trusted_at = now + HEARTBEAT_TTL_S
         if self.broker is None:
             self.services.ledger.redis.ping()
             server, taken_before = None, None
@@ -140,28 +197,53 @@ class Reaper:
             put_back = self.services.transport.restore_claims(self._claim_queues(), taken_before)
             if self.broker is not None:
                 put_back += self.broker.restore_unacked(taken_before)
+        watched = self._watch_running()
+        log.info("after the outage: %s; watching %d running runs for lost work",
+                 "Redis did not restart" if taken_before is None else
+                 f"put back {put_back} messages taken before Redis restarted", watched)
+        return put_back
+
+    def reap_dead(self) -> int:
+        """Put back what each dead worker held (its claimed batches, its unacknowledged
+        messages), forget it, and watch the running runs as after an outage: a message it
+        had popped and not yet recorded is on no queue, and is found once its run stops
+        moving. Returns how many dead workers this reaper took care of."""
+        if self.workers is None or self.monotonic() < self._beats_trusted_at:
+            return 0
+        reaped = 0
+        for worker in self.workers.dead():
+            if not self.workers.take(worker):
+                continue  # another worker's reaper puts it back
+            queues = sorted({*self._claim_queues(), *self.workers.claim_queues(worker)})
+            claims = self.services.transport.restore_claims(queues, dead=[worker])
+            unacked = self.workers.restore_held(worker)
+            self.workers.forget(worker)
+            # A worker stopped by SIGTERM gave everything back itself: that is no news.
+            log.log(logging.WARNING if claims or unacked else logging.INFO,
+                    "worker %s died: put back %d claimed and %d unacknowledged messages",
+                    worker, claims, unacked)
+            reaped += 1
+        if reaped:
+            self._watch_running()
+        return reaped
+
+    def _watch_running(self) -> int:
+        """Watch every running run (see ``sweep``). Returns how many."""
         now = self.clock()
         runs = [run_id for run_id, _, _ in self.services.ledger.runs.running()]
         for run_id in runs:
             self._watched.setdefault(run_id, now)
-        log.info("after the outage: %s; watching %d running runs for lost work",
-                 "Redis did not restart" if taken_before is None else
-                 f"put back {put_back} messages taken before Redis restarted", len(runs))
-        return put_back
+        return len(runs)
 
     def sweep(self) -> int:
         """Republish the lost items of every stalled run (and, after an outage, of every
         watched run once nothing is in flight or it made no progress for the grace). Returns
         how many."""
         now = self.clock()
-        restored = self.services.transport.restore_claims(
-            self._claim_queues(), now - self.claim_timeout_s
-        )
-        if restored:
-            log.warning("put %d claimed messages back on their queues", restored)
         republished = 0
         running = self.services.ledger.runs.running()
         quiet: bool | None = None  # asked once, if a watched run is idle but within its grace
+        held: set[tuple[str, str]] | None = None  # asked once, if a run is due
         for run_id, pipeline, progress_at in running:
             idle_s = now - progress_at
             watched = run_id in self._watched
@@ -170,7 +252,8 @@ class Reaper:
                 quiet = self._quiet() if quiet is None else quiet
                 due = quiet
             if due:
-                count, behind_busy = self._sweep_run(run_id, pipeline, now)
+                held = self._held_items() if held is None else held
+                count, behind_busy = self._sweep_run(run_id, pipeline, now, held)
                 republished += count
                 if watched and not behind_busy:
                     del self._watched[run_id]
@@ -192,13 +275,28 @@ class Reaper:
             return False
         return self.broker.unacked() == 0
 
+    def _held_items(self) -> set[tuple[str, str]]:
+        """(run id, item id) of every message a worker holds: delivered and unacknowledged,
+        or claimed. A live worker runs them (a dead one's come back on their queue)."""
+        items = self.workers.unacked_items() if self.workers is not None else set()
+        for raw in self.services.transport.claimed_messages(self._claim_queues()):
+            try:
+                delivery = decode_redis(raw)
+            except BadMessage:
+                continue  # its worker dead-letters it
+            items.add((delivery.run_id, delivery.item_id))
+        return items
+
     @staticmethod
     def _claim_queues() -> list[str]:
         return [s.queue for p in all_pipelines() for s in p.stages.values() if s.claim_batch > 1]
 
-    def _sweep_run(self, run_id: str, pipeline_name: str, now: float) -> tuple[int, bool]:
-        """Publish the lost items of one run. Returns how many, and whether some of its
-        pending items were left alone because their stage queue was not empty."""
+    def _sweep_run(
+        self, run_id: str, pipeline_name: str, now: float, held: set[tuple[str, str]]
+    ) -> tuple[int, bool]:
+        """Publish the lost items of one run: pending, on no queue, in no delayed set, and
+        ``held`` by no worker. Returns how many, and whether some of its pending items were
+        left alone because their stage queue was not empty."""
         ledger, transport = self.services.ledger, self.services.transport
         try:
             pipeline = get_pipeline(pipeline_name)
@@ -214,7 +312,7 @@ class Reaper:
             stage_name = stage_of_item(item)
             stage = find_stage(f"{pipeline_name}.{stage_name}")
             behind_busy = behind_busy or (stage is not None and stage_name in busy)
-            if stage is None or stage_name in busy or item in waiting:
+            if stage is None or stage_name in busy or item in waiting or (run_id, item) in held:
                 continue
             loop = loops.get(item) or {}  # a looping item resumes at its current iteration
             lost[stage_name].append(Delivery(
@@ -236,13 +334,15 @@ class Reaper:
 
 
 def start_reaper(
-    services: Services, visibility_timeout_s: int, broker: BrokerHooks | None = None
+    services: Services, visibility_timeout_s: int, broker: BrokerHooks | None = None,
+    workers: WorkerHooks | None = None,
 ) -> threading.Thread:
     """Sweep a few times per visibility timeout, in a daemon thread of the worker; the one
     holding ``keys.REAPER_LOCK`` sweeps. Probe Redis every ``PROBE_S`` in between (backing
-    off while it is down), and recover after an outage (see the module docstring)."""
+    off while it is down), recover after an outage, and put back what dead workers held (see
+    the module docstring)."""
     interval_s = max(1.0, min(30.0, visibility_timeout_s / 3))
-    reaper = Reaper(services, float(visibility_timeout_s), broker=broker)
+    reaper = Reaper(services, float(visibility_timeout_s), broker=broker, workers=workers)
     owner = f"{socket.gethostname()}:{os.getpid()}"
     client = services.ledger.redis
     outage = shared_outage(client)
@@ -261,6 +361,10 @@ def start_reaper(
             try:
                 reaper.probe()
                 outage.ok()
+                if reaper.reap_dead():
+                    # The reaper that put a dead worker's work back watches for what it lost:
+                    # it sweeps now, whoever held the lock.
+                    client.set(keys.REAPER_LOCK, owner, ex=max(1, int(interval_s)))
                 due = time.monotonic() >= next_sweep
                 if due or reaper.recovering:
                     if due:
