@@ -6,6 +6,7 @@ worker's own, on a real Redis."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,14 +17,16 @@ from celery import Celery
 from celery.exceptions import InvalidTaskError
 from celery.worker.request import Request
 from hypothesis import HealthCheck, event, given, settings
-from queue_payloads import raw_payloads
+from hypothesis import strategies as st
+from kombu.utils.json import loads as kombu_loads
+from queue_payloads import json_values, raw_payloads
 
 from workers import broker, keys
 from workers.api import find_stage
 from workers.app import create_app
 from workers.consumer import message_problem
 from workers.engine.services import services
-from workers.message import BadMessage, Delivery, decode_redis, from_celery
+from workers.message import BadMessage, Delivery, decode_redis, from_celery, kombu_json
 
 QUEUE = keys.queue_name("demo", "metric_day")
 FUZZ = settings(max_examples=300, deadline=None,
@@ -110,6 +113,20 @@ def test_decode_redis_gives_a_delivery_or_bad_message_only(raw: str | bytes) -> 
     else:
         assert isinstance(delivery, Delivery)
         assert delivery.task.count(".") == 1 and ":" in delivery.item_id
+
+
+@FUZZ
+@given(value=json_values, ensure_ascii=st.booleans())
+def test_kombu_json_parses_as_kombu_does(value: Any, ensure_ascii: bool) -> None:
+    """Its plain json.loads shortcut gives what kombu's own loads gives, markers and all."""
+    text = json.dumps(value, ensure_ascii=ensure_ascii)
+    try:
+        expected = kombu_loads(text)
+    except Exception as exc:
+        with pytest.raises(type(exc)):
+            kombu_json(text)
+    else:
+        assert repr(kombu_json(text)) == repr(expected)  # NaN != NaN, but reprs agree
 
 
 def test_the_refusals_are_kept_with_their_reason(redis_client: redis.Redis) -> None:

@@ -219,9 +219,12 @@ def decode_redis(raw: str | bytes) -> Delivery:
     content_type = envelope.get("content-type")
     if content_type != CONTENT_TYPE:
         raise BadMessage(f"content type {content_type!r} is not {CONTENT_TYPE}")
+    body, encoding = body_bytes(envelope), envelope.get("content-encoding")
     try:
-        payload = kombu_loads(body_bytes(envelope), content_type,
-                              envelope.get("content-encoding"), accept={CONTENT_TYPE})
+        if encoding is None or encoding.lower() == "utf-8":
+            payload = kombu_json(body.decode("utf-8"))  # kombu's registry, minus its lookups
+        else:
+            payload = kombu_loads(body, content_type, encoding, accept={CONTENT_TYPE})
     except Exception as exc:  # kombu wraps most in DecodeError; any other is a bad body too
         raise BadMessage(f"cannot decode the body: {_short(exc)}") from None
     return from_celery(envelope.get("headers"), payload)
@@ -230,9 +233,19 @@ def decode_redis(raw: str | bytes) -> Delivery:
 def parse_envelope(raw: str | bytes) -> Any:
     """``raw`` parsed as kombu's Redis transport parses it, or BadMessage("not JSON")."""
     try:
-        return json_loads(bytes_to_str(raw))
+        return kombu_json(bytes_to_str(raw))
     except Exception:  # ValueError, and what kombu's {"__type__": ...} hook or depth raise
         raise BadMessage("not JSON") from None
+
+
+def kombu_json(text: str) -> Any:
+    """``text`` parsed as kombu's JSON parses it: its hook turns each ``{"__type__": ...,
+    "__value__": ...}`` object into a Python value. Text that cannot spell that key (neither
+    the key nor a \\u escape in it) gets the same from plain ``json.loads``, at half the cost:
+    this runs for every message a worker takes."""
+    if "__type__" in text or "\\u" in text:
+        return json_loads(text)
+    return json.loads(text)
 
 
 def from_celery(headers: Any, payload: Any) -> Delivery:
