@@ -5,8 +5,17 @@ attempt). On the wire it is a Celery task message: task ``PIPELINE.STAGE``, args
 ``[run_id, item_id, payload]``, kwargs ``{"loop": {"iteration", "payload"}}`` after the first
 iteration, header ``retries`` = attempt - 1, task id ``RUN.ITEM`` (``RUN.ITEM.K`` for iteration
 K). ``encode_redis`` builds what kombu's Redis transport stores for it (tests check it equals
-what kombu's own producer stores); ``decode_redis`` and ``from_task_call`` check every field
-and raise ``BadMessage`` with the reason instead of letting a bad message reach a stage.
+what kombu's own producer stores).
+
+Decoding checks every layer a queue item goes through and raises ``BadMessage`` with the
+reason (the caller keeps it as a dead letter) instead of letting a bad message kill a worker
+or reach a stage; each check is the one the worker itself runs at that layer:
+- ``parse_envelope`` + ``envelope_problem``: what kombu's Redis transport needs to make a
+  message of the item and keep it unacknowledged (``broker.py``, between BRPOP and kombu);
+- ``from_celery``: a message's headers and decoded body, checked as far as Celery's strategy
+  reads them, down to ``from_task_call`` (the consumer, before Celery's strategy; the task);
+- ``decode_redis``: all of it on a raw item (claimed batches, tests). It raises nothing but
+  ``BadMessage``, whatever the item holds (fuzzed in tests/test_message_fuzz.py).
 """
 
 from __future__ import annotations
