@@ -19,10 +19,15 @@ STAGES = ("demo.accounts", "demo.services", "demo.metric_day")
 ENVELOPE_FIELDS = (
     "body", "content-type", "content-encoding", "headers", "properties",
     "headers.task", "headers.id", "headers.retries", "headers.timelimit", "headers.shadow",
-    "headers.eta", "headers.expires", "properties.delivery_tag", "properties.delivery_info",
-    "properties.delivery_info.routing_key", "properties.delivery_info.exchange",
-    "properties.body_encoding", "properties.priority",
+    "headers.eta", "headers.expires", "headers.compression", "properties.delivery_tag",
+    "properties.delivery_info", "properties.delivery_info.routing_key",
+    "properties.delivery_info.exchange", "properties.body_encoding", "properties.priority",
 )
+#: Values a field of a real message might hold, right for one field and wrong for another.
+PLAUSIBLE = st.sampled_from([
+    "", "zlib", "application/x-nosuch", "base64", "utf-8", "application/json",
+    "2030-01-01T00:00:00", "demo.accounts", 0, 1, -1, 2.5, [1, 2], [None, None], {}, True,
+])
 #: kombu's JSON hook turns these into Python objects, or raises something not a ValueError.
 KOMBU_MARKERS = (
     {"__type__": "bytes", "__value__": 5}, {"__type__": "datetime", "__value__": "x"},
@@ -81,7 +86,7 @@ def envelopes(draw: st.DrawFn) -> str:
     base64) and maybe base64-encoded."""
     envelope = json.loads(encode_redis(draw(deliveries)))
     for path in draw(st.lists(st.sampled_from(ENVELOPE_FIELDS), max_size=3)):
-        set_path(envelope, path, draw(json_values), delete=draw(st.booleans()))
+        set_path(envelope, path, draw(PLAUSIBLE | json_values), delete=draw(st.booleans()))
     body = draw(st.sampled_from(["keep", "json", "call", "call", "call", "text"]))
     if body == "json":
         envelope["body"] = json.dumps(draw(json_values))
@@ -103,13 +108,29 @@ def envelopes(draw: st.DrawFn) -> str:
     return json.dumps(envelope)
 
 
+@st.composite
+def one_field_off(draw: st.DrawFn) -> str:
+    """A valid delivery's envelope with exactly one field deleted or set to another value:
+    the message that passes every check but one."""
+    envelope = json.loads(encode_redis(draw(deliveries)))
+    set_path(envelope, draw(st.sampled_from(ENVELOPE_FIELDS)), draw(PLAUSIBLE | json_values),
+             delete=draw(st.booleans()))
+    return json.dumps(envelope)
+
+
 raw_payloads = st.one_of(
     st.binary(max_size=64),
     st.text(max_size=64),
     json_values.map(json.dumps),
     envelopes(),
+    one_field_off(), one_field_off(), one_field_off(),  # the likeliest to slip through
     deliveries.map(encode_redis),
 )
+
+
+def known_killers() -> list[str]:
+    """Each kind ``malformed`` makes, once: the fuzz tests run them as explicit examples."""
+    return [raw for _, raw in _broken("demo.services", random.Random(0))]
 
 
 # -- certainly malformed, for a live run ----------------------------------------------------
@@ -152,6 +173,12 @@ def _broken(task: str, rng: random.Random) -> list[tuple[str, str]]:
         ("no delivery_info", json.dumps(env({"properties.delivery_info": None}))),
         ("tag an object", json.dumps(env({"properties.delivery_tag": {"a": 1}}))),
         ("kombu bytes marker", call(["r", "x:1", {"__type__": "bytes", "__value__": 5}], {})),
+        ("lone surrogate body", json.dumps(env({"body": "\ud800"}))),
+        ("unknown compression", json.dumps(env({"headers.compression": "application/x-nosuch"}))),
+        ("eta set", json.dumps(env({"headers.eta": "2030-01-01T00:00:00"}))),
+        ("a callback", json.dumps(env({"body": json.dumps(
+            [["r", "x:1", {}], {}, {"callbacks": [{"task": "celery.backend_cleanup"}]}])}))),
+        ("loop iteration 0", call(["r", "x:1", {}], {"loop": {"iteration": 0}})),
     ]
 
 

@@ -16,10 +16,10 @@ import redis
 from celery import Celery
 from celery.exceptions import InvalidTaskError
 from celery.worker.request import Request
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from kombu.utils.json import loads as kombu_loads
-from queue_payloads import json_values, raw_payloads
+from queue_payloads import json_values, known_killers, raw_payloads
 
 from workers import broker, keys
 from workers.api import find_stage
@@ -29,6 +29,7 @@ from workers.engine.services import services
 from workers.message import BadMessage, Delivery, decode_redis, from_celery, kombu_json
 
 QUEUE = keys.queue_name("demo", "metric_day")
+KILLERS = known_killers()
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
@@ -79,8 +80,15 @@ def through_the_worker(raw: str | bytes, channel: Any, app: Celery) -> Delivery 
     return delivery
 
 
+def with_known_killers(test: Any) -> Any:
+    for raw in KILLERS:
+        test = example(raw=raw)(test)
+    return test
+
+
 @FUZZ
 @given(raw=raw_payloads)
+@with_known_killers
 def test_each_queue_payload_is_a_delivery_or_a_dead_letter(
     raw: str | bytes, channel: Any, app: Celery, redis_client: redis.Redis
 ) -> None:
@@ -105,6 +113,7 @@ def test_each_queue_payload_is_a_delivery_or_a_dead_letter(
 
 @FUZZ
 @given(raw=raw_payloads)
+@with_known_killers
 def test_decode_redis_gives_a_delivery_or_bad_message_only(raw: str | bytes) -> None:
     try:
         delivery = decode_redis(raw)

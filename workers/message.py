@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
+from kombu.compression import decompress as kombu_decompress
 from kombu.serialization import loads as kombu_loads
 from kombu.transport.virtual.base import Base64
 from kombu.utils.encoding import bytes_to_str
@@ -195,20 +196,21 @@ def envelope_problem(envelope: Any) -> str | None:
         if not isinstance(envelope.get(field), str | type(None)):
             return f"the envelope's {field} is not text"
     try:
-        body_bytes(envelope)
+        channel_body(envelope)
     except BadMessage as exc:
         return exc.reason
     return None
 
 
-def body_bytes(envelope: dict[str, Any]) -> bytes:
-    """The envelope's body as kombu's channel decodes it (base64 or plain text)."""
+def channel_body(envelope: dict[str, Any]) -> str | bytes:
+    """The envelope's body as kombu's virtual channel hands it to its ``Message``: base64
+    decoded to bytes, else the text itself."""
     body = envelope.get("body")
     if not isinstance(body, str | type(None)):
         raise BadMessage("the envelope's body is not text")
     encoding = envelope["properties"].get("body_encoding")
     if encoding is None or (isinstance(encoding, str) and encoding.lower() == "utf-8"):
-        return (body or "").encode("utf-8", "surrogatepass")
+        return body or ""
     if encoding != "base64":
         raise BadMessage(f"body encoding {encoding!r} is not base64 or utf-8")
     try:
@@ -217,10 +219,24 @@ def body_bytes(envelope: dict[str, Any]) -> bytes:
         raise BadMessage("the body is not valid base64") from None
 
 
+def message_body(envelope: dict[str, Any]) -> bytes:
+    """The body as kombu's ``Message`` ends up holding it: decompressed as its
+    ``compression`` header says, text encoded as UTF-8."""
+    body = channel_body(envelope)
+    compression = (envelope.get("headers") or {}).get("compression")
+    try:
+        if compression:
+            body = kombu_decompress(body, compression)
+        return body.encode("utf-8") if isinstance(body, str) else bytes(body)
+    except Exception as exc:  # an unknown or failed compression, a lone surrogate
+        raise BadMessage(f"cannot decode the body: {_short(exc)}") from None
+
+
 def decode_redis(raw: str | bytes) -> Delivery:
     """A message as kombu's Redis transport stores it -> a Delivery, or BadMessage (and
     nothing else, whatever ``raw`` holds). Each step is the one the worker takes: kombu's
-    JSON, ``envelope_problem``, the body decoded as kombu decodes it, ``from_celery``."""
+    JSON, ``envelope_problem``, the body as kombu's ``Message`` holds it, its content type
+    and encoding, ``from_celery``."""
     envelope = parse_envelope(raw)
     problem = envelope_problem(envelope)
     if problem:
@@ -228,7 +244,7 @@ def decode_redis(raw: str | bytes) -> Delivery:
     content_type = envelope.get("content-type")
     if content_type != CONTENT_TYPE:
         raise BadMessage(f"content type {content_type!r} is not {CONTENT_TYPE}")
-    body, encoding = body_bytes(envelope), envelope.get("content-encoding")
+    body, encoding = message_body(envelope), envelope.get("content-encoding")
     try:
         if encoding is None or encoding.lower() == "utf-8":
             payload = kombu_json(body.decode("utf-8"))  # kombu's registry, minus its lookups
