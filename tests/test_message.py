@@ -206,6 +206,14 @@ def test_decode_redis_refuses_a_bad_message_with_its_reason(raw: str, reason: st
     assert str(refused.value) == reason
 
 
+def test_a_reason_shows_a_long_value_cut_on_one_line() -> None:
+    with pytest.raises(BadMessage) as refused:
+        decode_redis(with_headers(id={"x": "line\n" * 10_000}))
+    assert refused.value.reason.startswith("the id header {'x': 'line\\nline")
+    assert refused.value.reason.endswith("... is not text")
+    assert len(refused.value.reason) < 160 and "\n" not in refused.value.reason
+
+
 @pytest.mark.parametrize("marker", [
     {"__type__": "bytes", "__value__": 5}, {"__type__": "decimal", "__value__": "1.2.3"},
     {"__type__": "nosuch", "__value__": 1},

@@ -119,6 +119,7 @@ def test_decode_redis_gives_a_delivery_or_bad_message_only(raw: str | bytes) -> 
         delivery = decode_redis(raw)
     except BadMessage as exc:
         assert isinstance(exc.reason, str) and exc.reason and "\n" not in exc.reason
+        assert len(exc.reason) <= 300
     else:
         assert isinstance(delivery, Delivery)
         assert delivery.task.count(".") == 1 and ":" in delivery.item_id

@@ -24,7 +24,12 @@ from kombu.utils.encoding import bytes_to_str
 
 from workers import keys
 from workers.engine.services import services
-from workers.message import CONTENT_TYPE, BadMessage, envelope_problem, parse_envelope
+from workers.message import (
+    BadMessage,
+    content_type_problem,
+    envelope_problem,
+    parse_envelope,
+)
 
 
 def _envelope_or_dead_letter(queue: str, raw: str) -> dict[str, Any] | None:
@@ -37,9 +42,7 @@ def _envelope_or_dead_letter(queue: str, raw: str) -> dict[str, Any] | None:
     except BadMessage as exc:
         problem = exc.reason
     if problem is None and queue.startswith(f"{keys.PREFIX}."):
-        content_type = envelope.get("content-type")
-        if content_type != CONTENT_TYPE:
-            problem = f"content type {content_type!r} is not {CONTENT_TYPE}"
+        problem = content_type_problem(envelope)
     if problem is None:
         return dict(envelope)
     services().dead_letters.add(queue, raw, problem)

@@ -41,6 +41,7 @@ _QUEUE_PREFIX = queue_name("", "")[:-1]  # "fanout.": a queue is this + PIPELINE
 _BASE64 = Base64()  # the codec kombu's virtual channels decode a base64 body with
 _TASK_NAME = re.compile(r"^[a-z0-9_]+\.[a-z0-9_]+$")
 _ARGSREPR_CHARS = 200
+_REASON_CHARS = 120  # a value shown in a dead letter's reason is cut to this
 _EMBED = '{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
 # The envelope kombu's Redis transport stores, constant parts written once (each %s is a JSON
 # value): json.dumps of a whole dict per message cost more than everything else on the
@@ -202,6 +203,14 @@ def envelope_problem(envelope: Any) -> str | None:
     return None
 
 
+def content_type_problem(envelope: dict[str, Any]) -> str | None:
+    """Why a fanout queue cannot take this envelope's content type (JSON only), or None."""
+    content_type = envelope.get("content-type")
+    if content_type == CONTENT_TYPE:
+        return None
+    return f"content type {_shown(content_type)} is not {CONTENT_TYPE}"
+
+
 def channel_body(envelope: dict[str, Any]) -> str | bytes:
     """The envelope's body as kombu's virtual channel hands it to its ``Message``: base64
     decoded to bytes, else the text itself."""
@@ -212,7 +221,7 @@ def channel_body(envelope: dict[str, Any]) -> str | bytes:
     if encoding is None or (isinstance(encoding, str) and encoding.lower() == "utf-8"):
         return body or ""
     if encoding != "base64":
-        raise BadMessage(f"body encoding {encoding!r} is not base64 or utf-8")
+        raise BadMessage(f"body encoding {_shown(encoding)} is not base64 or utf-8")
     try:
         return bytes(_BASE64.decode(body or ""))
     except ValueError:
@@ -241,9 +250,10 @@ def decode_redis(raw: str | bytes) -> Delivery:
     problem = envelope_problem(envelope)
     if problem:
         raise BadMessage(problem)
+    problem = content_type_problem(envelope)
+    if problem:
+        raise BadMessage(problem)
     content_type = envelope.get("content-type")
-    if content_type != CONTENT_TYPE:
-        raise BadMessage(f"content type {content_type!r} is not {CONTENT_TYPE}")
     body, encoding = message_body(envelope), envelope.get("content-encoding")
     try:
         if encoding is None or encoding.lower() == "utf-8":
@@ -289,14 +299,15 @@ def from_celery(headers: Any, payload: Any) -> Delivery:
     if embed is not None and (not isinstance(embed, dict) or any(embed.values())):
         raise BadMessage("the body's embed is not null callbacks, errbacks, chain and chord")
     if not isinstance(headers.get("id"), str) or not headers["id"]:
-        raise BadMessage(f"the id header {headers.get('id')!r} is not text")
+        raise BadMessage(f"the id header {_shown(headers.get('id'))} is not text")
     if not isinstance(headers.get("shadow"), str | type(None)):
-        raise BadMessage(f"the shadow header {headers['shadow']!r} is not text")
+        raise BadMessage(f"the shadow header {_shown(headers['shadow'])} is not text")
     for held in ("eta", "expires"):  # delays go through fanout's scheduler, never an ETA
         if headers.get(held) is not None:
-            raise BadMessage(f"the {held} header {headers[held]!r} is set (fanout's are null)")
+            raise BadMessage(f"the {held} header {_shown(headers[held])} is set "
+                             "(fanout's are null)")
     if not _time_limits(headers.get("timelimit")):
-        raise BadMessage(f"the timelimit header {headers['timelimit']!r} is not [hard, soft]")
+        raise BadMessage(f"the timelimit header {_shown(headers['timelimit'])} is not [hard, soft]")
     return from_task_call(headers.get("task"), args, kwargs, headers.get("retries"))
 
 
@@ -313,7 +324,17 @@ def _is_number(value: Any) -> bool:
 
 
 def _short(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}"[:_ARGSREPR_CHARS]
+    return _cut(f"{type(exc).__name__}: {exc}")
+
+
+def _shown(value: Any) -> str:
+    """A value for a one-line reason: its repr, cut."""
+    return _cut(repr(value))
+
+
+def _cut(text: str) -> str:
+    text = " ".join(text.split())  # one line, whatever the value holds
+    return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS - 3] + "..."
 
 
 def from_task_call(task: Any, args: Any, kwargs: Any, retries: Any) -> Delivery:
@@ -329,7 +350,7 @@ def from_task_call(task: Any, args: Any, kwargs: Any, retries: Any) -> Delivery:
     elif not isinstance(loop, dict):
         raise BadMessage("the loop kwarg is not an object")
     if retries is not None and (not _is_whole(retries) or retries < 0):
-        raise BadMessage(f"the retries header {retries!r} is not a whole number")
+        raise BadMessage(f"the retries header {_shown(retries)} is not a whole number")
     return _checked(Delivery(
         task=task, run_id=run_id, item_id=item_id, payload=payload,
         iteration=loop.get("iteration", 1), loop_payload=loop.get("payload"),
@@ -343,13 +364,13 @@ def _is_whole(value: Any) -> bool:
 
 def _checked(delivery: Delivery) -> Delivery:
     if not isinstance(delivery.task, str) or not _TASK_NAME.match(delivery.task):
-        raise BadMessage(f"task {delivery.task!r} is not a fanout stage (PIPELINE.STAGE)")
+        raise BadMessage(f"task {_shown(delivery.task)} is not a fanout stage (PIPELINE.STAGE)")
     if not isinstance(delivery.run_id, str) or not delivery.run_id:
         raise BadMessage("the run id is not text")
     if not isinstance(delivery.item_id, str) or ":" not in delivery.item_id:
-        raise BadMessage(f"item id {delivery.item_id!r} is not STAGE:ID")
+        raise BadMessage(f"item id {_shown(delivery.item_id)} is not STAGE:ID")
     if not _is_whole(delivery.iteration) or delivery.iteration < 1:
-        raise BadMessage(f"loop iteration {delivery.iteration!r} is not a whole number >= 1")
+        raise BadMessage(f"loop iteration {_shown(delivery.iteration)} is not a whole number >= 1")
     if not _is_whole(delivery.attempt) or delivery.attempt < 1:
-        raise BadMessage(f"attempt {delivery.attempt!r} is not a whole number >= 1")
+        raise BadMessage(f"attempt {_shown(delivery.attempt)} is not a whole number >= 1")
     return delivery
