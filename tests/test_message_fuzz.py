@@ -42,8 +42,8 @@ def app() -> Celery:
 
 @pytest.fixture
 def channel(redis_url: str) -> Iterator[Any]:
-    broker.install()
-    with kombu.Connection(redis_url) as connection:
+    # Named, not through broker.install(): kombu caches the alias's class once resolved.
+    with kombu.Connection(redis_url, transport=broker.Transport) as connection:
         assert isinstance(connection.default_channel, broker.Channel)
         yield connection.default_channel
 
