@@ -12,7 +12,8 @@ from typing import Any, NoReturn
 from kombu.exceptions import OperationalError
 
 from demo_vendor.__main__ import main as vendor_main
-from producers import commands, limits_cli, processes, schedules
+from producers import commands, limits_cli, processes, schedules, scheduling
+from producers.config_file import config_path
 from producers.errors import CliError, UsageError
 from producers.supervisor import supervise_workers
 from producers.trigger import load_configured_pipelines
@@ -25,7 +26,7 @@ from workers.connections import (
 from workers.outage import DOWN_ERRORS
 from workers.policy import kill_switch
 from workers.policy.kill_switch import Switch
-from workers.settings import ConfigError, get_settings
+from workers.settings import ConfigError, get_settings, validate_environment
 from workers.transport import check_broker
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return vendor_main(["serve", *argv[2:]])
     try:
         args = build_parser().parse_args(argv)
+        check_environment()
         return _dispatch(args)
     except (CliError, ConfigError) as exc:
         return _fail(str(exc))
@@ -194,6 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def check_environment() -> None:
+    """Every FANOUT_* setting, once, before a command acts on any (a bad one is a
+    ConfigError naming it): the workers' settings and home, the schedules' own, the config
+    file's path."""
+    validate_environment()
+    scheduling.grace_s()
+    scheduling.lease_s()
+    config_path()
 
 
 def _fail(message: str) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
+from queue_payloads import malformed
 from test_harvest import expected_rows, finish, run_demo
 
 from workers.engine.services import services
@@ -21,6 +22,8 @@ from workers.message import Delivery, encode_redis
 
 LEAF = queue_name("demo", "metric_day")
 SERVICES = queue_name("demo", "services")
+ACCOUNTS = queue_name("demo", "accounts")
+UNACKED = "unacked"  # kombu's Redis hash of delivered, unacknowledged messages
 
 
 def envelope(queue: str, **changes: Any) -> str:
@@ -127,3 +130,55 @@ def queue_json_holds(kept: str, raw: str) -> bool:
         return bool(letter.get("args") == json.loads(original["body"])[0])
     except (ValueError, AttributeError, KeyError, TypeError):
         return False
+
+
+def test_hundreds_of_malformed_messages_on_every_queue_kill_no_worker(
+    vendor: VendorHandle, start_worker: WorkerFactory, redis_client: redis.Redis,
+    sink_path: Path,
+) -> None:
+    """A broken producer LPUSHes generated malformed messages (base64 bodies of ``[]`` and
+    ``{"a": 1}``, bodies that are not base64, and every other kind in queue_payloads) onto
+    every stage queue of a live run served by 2 worker processes."""
+    vendor.configure(accounts=3, services=4, latency_ms=5)
+    workers = [start_worker(concurrency=2, ready=True) for _ in range(2)]
+    run_id = run_demo(vendor, days=5)
+    injected = {
+        queue: malformed(f"demo.{queue.rsplit('.', 1)[1]}", 200, seed=n)
+        for n, queue in enumerate((ACCOUNTS, SERVICES, LEAF))
+    }
+    for queue, raws in injected.items():
+        for start in range(0, len(raws), 50):  # in bursts, as the run goes on
+            redis_client.lpush(queue, *raws[start:start + 50])
+    summary = finish(run_id)
+
+    assert summary["status"] == "succeeded"
+    assert summary["stages"]["metric_day"]["succeeded"] == 60
+    assert sum(s["failed"] for s in summary["stages"].values()) == 0
+    assert [r[:6] for r in sink_rows(sink_path)] == expected_rows(3, 4, 5)
+    letters = wait_for(partial(_all_dead_letters, 600), what="600 dead letters")
+    for queue in injected:
+        assert len([x for x in letters if x.queue == queue]) == 200, queue
+    assert all(x.reason and x.raw for x in letters)
+    # Each was refused by a check that names its fault, not by the consumer's last resort.
+    assert [x.reason for x in letters if "Celery could not take it" in x.reason] == []
+    # None lost: nothing left on a queue, delivered-but-unacked, or claimed.
+    for queue in injected:
+        assert redis_client.llen(queue) == 0
+        assert redis_client.zcard(claimed(queue)) == 0
+    wait_for(lambda: redis_client.hlen(UNACKED) == 0, what="no unacked message")
+
+    for worker in workers:
+        assert worker.poll() is None
+    logs = sorted(Path(os.environ["FANOUT_HOME"]).parent.glob("worker*.log"))
+    assert len(logs) == 2
+    for log in logs:
+        text = log.read_text()
+        assert text.count(" ready.") == 1, text[-2000:]
+        assert "Unrecoverable error" not in text
+        assert "Traceback" not in text, text[-4000:]
+
+
+def _all_dead_letters(count: int) -> list[Any]:
+    letters = services().dead_letters.list()
+    assert len(letters) <= count, [x.reason for x in letters[count:]]
+    return letters if len(letters) == count else []

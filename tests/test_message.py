@@ -115,6 +115,19 @@ def bad_base64() -> str:
     return json.dumps(env)
 
 
+def base64_of(body: str) -> str:
+    env = envelope()
+    env["properties"]["body_encoding"] = "base64"
+    env["body"] = base64.b64encode(body.encode()).decode()
+    return json.dumps(env)
+
+
+def with_properties(**properties: Any) -> str:
+    env = envelope()
+    env["properties"].update(properties)
+    return json.dumps(env)
+
+
 ARGS = [FIRST.run_id, FIRST.item_id, FIRST.payload]
 REFUSED = {
     "plain_text": ("hello, world", "not JSON"),
@@ -129,6 +142,32 @@ REFUSED = {
     "yaml": (with_content_type("application/x-yaml"),
              "content type 'application/x-yaml' is not application/json"),
     "bad_base64": (bad_base64(), "the body is not valid base64"),
+    # The three shapes that killed every worker (issue #23).
+    "base64_empty_list": (base64_of("[]"),
+                          "the body is not a protocol-2 [args, kwargs, embed] list"),
+    "base64_object": (base64_of('{"a": 1}'),
+                      "the body is not a protocol-2 [args, kwargs, embed] list"),
+    "no_delivery_info": (with_properties(delivery_info=None),
+                         "the envelope has no delivery_info with exchange and routing_key"),
+    "no_routing_key": (with_properties(delivery_info={"exchange": ""}),
+                       "the envelope has no delivery_info with exchange and routing_key"),
+    "tag_object": (with_properties(delivery_tag={"a": 1}),
+                   "the envelope's delivery_tag is not text"),
+    "body_encoding_gzip": (with_properties(body_encoding="gzip"),
+                           "body encoding 'gzip' is not base64 or utf-8"),
+    "no_task_header": (json.dumps({**envelope(), "headers": {"id": "x"}}),
+                       "not a task message (no task header)"),
+    "id_missing": (with_headers(id=None), "the id header None is not text"),
+    "shadow_number": (with_headers(shadow=3), "the shadow header 3 is not text"),
+    "eta_set": (with_headers(eta="2030-01-01T00:00:00"),
+                "the eta header '2030-01-01T00:00:00' is set (fanout's are null)"),
+    "eta_empty_list": (with_headers(eta=[]), "the eta header [] is set (fanout's are null)"),
+    "timelimit_text": (with_headers(timelimit="soon"),
+                       "the timelimit header 'soon' is not [hard, soft]"),
+    "embed_callback": (json.dumps({**envelope(), "body": json.dumps([ARGS, {}, {
+        "callbacks": [{"task": "x"}]}])}),
+        "the body's embed is not null callbacks, errbacks, chain and chord"),
+    "retries_bool": (with_headers(retries=True), "the retries header True is not a whole number"),
     "body_not_protocol_2": (json.dumps({**envelope(), "body": '{"args": []}'}),
                             "the body is not a protocol-2 [args, kwargs, embed] list"),
     "task_without_stage": (with_headers(task="accounts"),
@@ -165,6 +204,26 @@ def test_decode_redis_refuses_a_bad_message_with_its_reason(raw: str, reason: st
         decode_redis(raw)
     assert refused.value.reason == reason
     assert str(refused.value) == reason
+
+
+def test_a_reason_shows_a_long_value_cut_on_one_line() -> None:
+    with pytest.raises(BadMessage) as refused:
+        decode_redis(with_headers(id={"x": "line\n" * 10_000}))
+    assert refused.value.reason.startswith("the id header {'x': 'line\\nline")
+    assert refused.value.reason.endswith("... is not text")
+    assert len(refused.value.reason) < 160 and "\n" not in refused.value.reason
+
+
+@pytest.mark.parametrize("marker", [
+    {"__type__": "bytes", "__value__": 5}, {"__type__": "decimal", "__value__": "1.2.3"},
+    {"__type__": "nosuch", "__value__": 1},
+], ids=["bytes_of_a_number", "bad_decimal", "unknown_type"])
+def test_a_kombu_type_marker_kombu_cannot_decode_is_refused(marker: dict[str, Any]) -> None:
+    """kombu's JSON hook raises AttributeError or InvalidOperation on these, not ValueError."""
+    with pytest.raises(BadMessage, match=r"^cannot decode the body: "):
+        decode_redis(with_body([FIRST.run_id, FIRST.item_id, marker], {}))
+    with pytest.raises(BadMessage, match=r"^not JSON$"):
+        decode_redis(json.dumps({**envelope(), "headers": marker}))
 
 
 @pytest.mark.parametrize("loop", [[], 0, "", False], ids=["list", "zero", "text", "false"])

@@ -46,7 +46,7 @@ from workers.liveness import worker_id as liveness_worker_id
 from workers.message import BadMessage, decode_redis, from_task_call
 from workers.outage import DOWN_ERRORS, OncePerOutage
 from workers.outcome import Outcome
-from workers.settings import Settings, get_settings
+from workers.settings import Settings, get_settings, validate_environment
 
 #: How soon Celery's consumer tries the broker again after losing it. kombu's defaults wait
 #: 2 s, then 2 s more at each try, up to 30 s: a worker came back up to 30 s after Redis did.
@@ -325,8 +325,9 @@ def _install_outage_filter(log_filter: OncePerOutage, logger: logging.Logger) ->
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    """The worker's Celery app, with every configured pipeline loaded and registered."""
-    settings = settings or get_settings()
+    """The worker's Celery app, with every configured pipeline loaded and registered. Without
+    ``settings``, the environment's, checked (a bad one: ConfigError, before Celery starts)."""
+    settings = settings or validate_environment()
     broker.install()  # fanout's Redis transport for redis:// broker URLs
     app = Celery("fanout", amqp=BrokerAMQP)
     configure(app, settings)

@@ -6,8 +6,10 @@ each, several times per message, on the worker's single consumer thread: it capp
 near 100 messages/s. A ``redis.Redis`` object is thread-safe, so one per channel serves all.
 
 kombu also decodes a popped message outside any guard: one item on a queue that is not JSON,
-or not kombu's envelope, raised in the consumer and killed the worker, and the next worker
-took the next bad item. Here such an item becomes a dead letter and the worker goes on.
+not kombu's envelope, or a base64 body that is not base64, raised in the consumer and killed
+the worker (the item lost: popped, not yet unacked), and the next worker took the next bad
+item. Here such an item becomes a dead letter and the worker goes on; what Celery cannot run
+in a message kombu can make is the consumer's to set aside (``consumer.py``).
 
 kombu does not record which worker holds an unacknowledged message, so a dead worker's
 messages came back only after the visibility timeout, and a live worker's task running longer
@@ -27,26 +29,30 @@ from typing import Any
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import dumps
 
 from workers import keys
 from workers.engine.services import services
 from workers.liveness import worker_id
-from workers.message import CONTENT_TYPE, envelope_problem
+from workers.message import (
+    BadMessage,
+    content_type_problem,
+    envelope_problem,
+    parse_envelope,
+)
 
 
 def _envelope_or_dead_letter(queue: str, raw: str) -> dict[str, Any] | None:
-    """The envelope kombu can deliver, or None once ``raw`` is kept as a dead letter."""
+    """The envelope kombu can turn into a message and keep unacked, or None once ``raw`` is
+    kept as a dead letter: this runs between BRPOP and kombu's ``Message``, where anything
+    raised would kill the worker and lose the item (popped, not yet unacked)."""
     try:
-        envelope = loads(raw)
-    except ValueError:
-        problem: str | None = "not JSON"
-    else:
+        envelope = parse_envelope(raw)
         problem = envelope_problem(envelope)
-        if problem is None and queue.startswith(f"{keys.PREFIX}."):
-            content_type = envelope.get("content-type")
-            if content_type != CONTENT_TYPE:
-                problem = f"content type {content_type!r} is not {CONTENT_TYPE}"
+    except BadMessage as exc:
+        problem = exc.reason
+    if problem is None and queue.startswith(f"{keys.PREFIX}."):
+        problem = content_type_problem(envelope)
     if problem is None:
         return dict(envelope)
     services().dead_letters.add(queue, raw, problem)

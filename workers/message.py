@@ -5,13 +5,21 @@ attempt). On the wire it is a Celery task message: task ``PIPELINE.STAGE``, args
 ``[run_id, item_id, payload]``, kwargs ``{"loop": {"iteration", "payload"}}`` after the first
 iteration, header ``retries`` = attempt - 1, task id ``RUN.ITEM`` (``RUN.ITEM.K`` for iteration
 K). ``encode_redis`` builds what kombu's Redis transport stores for it (tests check it equals
-what kombu's own producer stores); ``decode_redis`` and ``from_task_call`` check every field
-and raise ``BadMessage`` with the reason instead of letting a bad message reach a stage.
+what kombu's own producer stores).
+
+Decoding checks every layer a queue item goes through and raises ``BadMessage`` with the
+reason (the caller keeps it as a dead letter) instead of letting a bad message kill a worker
+or reach a stage; each check is the one the worker itself runs at that layer:
+- ``parse_envelope`` + ``envelope_problem``: what kombu's Redis transport needs to make a
+  message of the item and keep it unacknowledged (``broker.py``, between BRPOP and kombu);
+- ``from_celery``: a message's headers and decoded body, checked as far as Celery's strategy
+  reads them, down to ``from_task_call`` (the consumer, before Celery's strategy; the task);
+- ``decode_redis``: all of it on a raw item (claimed batches, tests). It raises nothing but
+  ``BadMessage``, whatever the item holds (fuzzed in tests/test_message_fuzz.py).
 """
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import re
@@ -19,13 +27,21 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
+from kombu.compression import decompress as kombu_decompress
+from kombu.serialization import loads as kombu_loads
+from kombu.transport.virtual.base import Base64
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads as json_loads
+
 from workers.ids import RawJSON, to_json
 from workers.keys import queue_name
 
 CONTENT_TYPE = "application/json"
 _QUEUE_PREFIX = queue_name("", "")[:-1]  # "fanout.": a queue is this + PIPELINE.STAGE
+_BASE64 = Base64()  # the codec kombu's virtual channels decode a base64 body with
 _TASK_NAME = re.compile(r"^[a-z0-9_]+\.[a-z0-9_]+$")
 _ARGSREPR_CHARS = 200
+_REASON_CHARS = 120  # a value shown in a dead letter's reason is cut to this
 _EMBED = '{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
 # The envelope kombu's Redis transport stores, constant parts written once (each %s is a JSON
 # value): json.dumps of a whole dict per message cost more than everything else on the
@@ -158,7 +174,9 @@ def encode_redis(delivery: Delivery) -> str:
 
 
 def envelope_problem(envelope: Any) -> str | None:
-    """Why kombu's Redis transport could not turn ``envelope`` into a message, or None."""
+    """Why kombu's Redis transport could not turn ``envelope`` into a message and keep it
+    unacknowledged (``virtual.Message`` reads the properties and decodes the body, the QoS
+    stores it by delivery tag under its exchange and routing key), or None."""
     if not isinstance(envelope, dict):
         return f"the envelope is a JSON {type(envelope).__name__}, not an object"
     properties = envelope.get("properties")
@@ -166,37 +184,157 @@ def envelope_problem(envelope: Any) -> str | None:
         return "the envelope has no properties object"
     if "delivery_tag" not in properties:
         return "the envelope has no delivery_tag"
-    if not isinstance(envelope.get("body"), str | type(None)):
-        return "the envelope's body is not text"
+    if not isinstance(properties["delivery_tag"], str) or not properties["delivery_tag"]:
+        return "the envelope's delivery_tag is not text"
+    info = properties.get("delivery_info")
+    if not isinstance(info, dict) or not all(
+        isinstance(info.get(key), str) for key in ("exchange", "routing_key")
+    ):
+        return "the envelope has no delivery_info with exchange and routing_key"
     if not isinstance(envelope.get("headers"), dict | type(None)):
         return "the envelope's headers are not an object"
+    for field in ("content-type", "content-encoding"):
+        if not isinstance(envelope.get(field), str | type(None)):
+            return f"the envelope's {field} is not text"
+    try:
+        channel_body(envelope)
+    except BadMessage as exc:
+        return exc.reason
     return None
 
 
-def decode_redis(raw: str | bytes) -> Delivery:
-    """A message as kombu's Redis transport stores it -> a Delivery, or BadMessage."""
+def content_type_problem(envelope: dict[str, Any]) -> str | None:
+    """Why a fanout queue cannot take this envelope's content type (JSON only), or None."""
+    content_type = envelope.get("content-type")
+    if content_type == CONTENT_TYPE:
+        return None
+    return f"content type {_shown(content_type)} is not {CONTENT_TYPE}"
+
+
+def channel_body(envelope: dict[str, Any]) -> str | bytes:
+    """The envelope's body as kombu's virtual channel hands it to its ``Message``: base64
+    decoded to bytes, else the text itself."""
+    body = envelope.get("body")
+    if not isinstance(body, str | type(None)):
+        raise BadMessage("the envelope's body is not text")
+    encoding = envelope["properties"].get("body_encoding")
+    if encoding is None or (isinstance(encoding, str) and encoding.lower() == "utf-8"):
+        return body or ""
+    if encoding != "base64":
+        raise BadMessage(f"body encoding {_shown(encoding)} is not base64 or utf-8")
     try:
-        envelope = json.loads(raw)
+        return bytes(_BASE64.decode(body or ""))
     except ValueError:
-        raise BadMessage("not JSON") from None
+        raise BadMessage("the body is not valid base64") from None
+
+
+def message_body(envelope: dict[str, Any]) -> bytes:
+    """The body as kombu's ``Message`` ends up holding it: decompressed as its
+    ``compression`` header says, text encoded as UTF-8."""
+    body = channel_body(envelope)
+    compression = (envelope.get("headers") or {}).get("compression")
+    try:
+        if compression:
+            body = kombu_decompress(body, compression)
+        return body.encode("utf-8") if isinstance(body, str) else bytes(body)
+    except Exception as exc:  # an unknown or failed compression, a lone surrogate
+        raise BadMessage(f"cannot decode the body: {_short(exc)}") from None
+
+
+def decode_redis(raw: str | bytes) -> Delivery:
+    """A message as kombu's Redis transport stores it -> a Delivery, or BadMessage (and
+    nothing else, whatever ``raw`` holds). Each step is the one the worker takes: kombu's
+    JSON, ``envelope_problem``, the body as kombu's ``Message`` holds it, its content type
+    and encoding, ``from_celery``."""
+    envelope = parse_envelope(raw)
     problem = envelope_problem(envelope)
     if problem:
         raise BadMessage(problem)
+    problem = content_type_problem(envelope)
+    if problem:
+        raise BadMessage(problem)
     content_type = envelope.get("content-type")
-    if content_type != CONTENT_TYPE:
-        raise BadMessage(f"content type {content_type!r} is not {CONTENT_TYPE}")
-    headers = envelope.get("headers") or {}
-    body = envelope.get("body") or ""
-    if envelope["properties"].get("body_encoding") == "base64":
-        try:
-            body = base64.b64decode(body).decode()
-        except ValueError:
-            raise BadMessage("the body is not valid base64") from None
+    body, encoding = message_body(envelope), envelope.get("content-encoding")
     try:
-        args, kwargs, _embed = json.loads(body)
-    except (ValueError, TypeError):
-        raise BadMessage("the body is not a protocol-2 [args, kwargs, embed] list") from None
+        if encoding is None or encoding.lower() == "utf-8":
+            payload = kombu_json(body.decode("utf-8"))  # kombu's registry, minus its lookups
+        else:
+            payload = kombu_loads(body, content_type, encoding, accept={CONTENT_TYPE})
+    except Exception as exc:  # kombu wraps most in DecodeError; any other is a bad body too
+        raise BadMessage(f"cannot decode the body: {_short(exc)}") from None
+    return from_celery(envelope.get("headers"), payload)
+
+
+def parse_envelope(raw: str | bytes) -> Any:
+    """``raw`` parsed as kombu's Redis transport parses it, or BadMessage("not JSON")."""
+    try:
+        return kombu_json(bytes_to_str(raw))
+    except Exception:  # ValueError, and what kombu's {"__type__": ...} hook or depth raise
+        raise BadMessage("not JSON") from None
+
+
+def kombu_json(text: str) -> Any:
+    """``text`` parsed as kombu's JSON parses it: its hook turns each ``{"__type__": ...,
+    "__value__": ...}`` object into a Python value. Text that cannot spell that key (neither
+    the key nor a \\u escape in it) gets the same from plain ``json.loads``, at half the cost:
+    this runs for every message a worker takes."""
+    if "__type__" in text or "\\u" in text:
+        return json_loads(text)
+    return json.loads(text)
+
+
+def from_celery(headers: Any, payload: Any) -> Delivery:
+    """A Celery protocol-2 task message (its headers and decoded body) -> a Delivery, or
+    BadMessage. Also checks what Celery's worker reads from it before the task runs (the
+    ``id``, ``shadow``, ``eta``, ``expires`` and ``timelimit`` headers, the embedded
+    callbacks), so a message accepted here cannot make Celery's strategy raise."""
+    headers = headers if headers is not None else {}
+    if not isinstance(headers, dict):
+        raise BadMessage("the headers are not an object")
+    if not isinstance(payload, list) or len(payload) != 3:
+        raise BadMessage("the body is not a protocol-2 [args, kwargs, embed] list")
+    if "task" not in headers:
+        raise BadMessage("not a task message (no task header)")
+    args, kwargs, embed = payload
+    if embed is not None and (not isinstance(embed, dict) or any(embed.values())):
+        raise BadMessage("the body's embed is not null callbacks, errbacks, chain and chord")
+    if not isinstance(headers.get("id"), str) or not headers["id"]:
+        raise BadMessage(f"the id header {_shown(headers.get('id'))} is not text")
+    if not isinstance(headers.get("shadow"), str | type(None)):
+        raise BadMessage(f"the shadow header {_shown(headers['shadow'])} is not text")
+    for held in ("eta", "expires"):  # delays go through fanout's scheduler, never an ETA
+        if headers.get(held) is not None:
+            raise BadMessage(f"the {held} header {_shown(headers[held])} is set "
+                             "(fanout's are null)")
+    if not _time_limits(headers.get("timelimit")):
+        raise BadMessage(f"the timelimit header {_shown(headers['timelimit'])} is not [hard, soft]")
     return from_task_call(headers.get("task"), args, kwargs, headers.get("retries"))
+
+
+def _time_limits(value: Any) -> bool:
+    if not value:
+        return True
+    return isinstance(value, list) and len(value) == 2 and all(
+        v is None or (_is_number(v) and v >= 0) for v in value
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _short(exc: Exception) -> str:
+    return _cut(f"{type(exc).__name__}: {exc}")
+
+
+def _shown(value: Any) -> str:
+    """A value for a one-line reason: its repr, cut."""
+    return _cut(repr(value))
+
+
+def _cut(text: str) -> str:
+    text = " ".join(text.split())  # one line, whatever the value holds
+    return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS - 3] + "..."
 
 
 def from_task_call(task: Any, args: Any, kwargs: Any, retries: Any) -> Delivery:
@@ -211,8 +349,8 @@ def from_task_call(task: Any, args: Any, kwargs: Any, retries: Any) -> Delivery:
         loop = {}
     elif not isinstance(loop, dict):
         raise BadMessage("the loop kwarg is not an object")
-    if retries is not None and (not isinstance(retries, int) or retries < 0):
-        raise BadMessage(f"the retries header {retries!r} is not a whole number")
+    if retries is not None and (not _is_whole(retries) or retries < 0):
+        raise BadMessage(f"the retries header {_shown(retries)} is not a whole number")
     return _checked(Delivery(
         task=task, run_id=run_id, item_id=item_id, payload=payload,
         iteration=loop.get("iteration", 1), loop_payload=loop.get("payload"),
@@ -220,15 +358,19 @@ def from_task_call(task: Any, args: Any, kwargs: Any, retries: Any) -> Delivery:
     ))
 
 
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _checked(delivery: Delivery) -> Delivery:
     if not isinstance(delivery.task, str) or not _TASK_NAME.match(delivery.task):
-        raise BadMessage(f"task {delivery.task!r} is not a fanout stage (PIPELINE.STAGE)")
+        raise BadMessage(f"task {_shown(delivery.task)} is not a fanout stage (PIPELINE.STAGE)")
     if not isinstance(delivery.run_id, str) or not delivery.run_id:
         raise BadMessage("the run id is not text")
     if not isinstance(delivery.item_id, str) or ":" not in delivery.item_id:
-        raise BadMessage(f"item id {delivery.item_id!r} is not STAGE:ID")
-    if not isinstance(delivery.iteration, int) or delivery.iteration < 1:
-        raise BadMessage(f"loop iteration {delivery.iteration!r} is not a whole number >= 1")
-    if not isinstance(delivery.attempt, int) or delivery.attempt < 1:
-        raise BadMessage(f"attempt {delivery.attempt!r} is not a whole number >= 1")
+        raise BadMessage(f"item id {_shown(delivery.item_id)} is not STAGE:ID")
+    if not _is_whole(delivery.iteration) or delivery.iteration < 1:
+        raise BadMessage(f"loop iteration {_shown(delivery.iteration)} is not a whole number >= 1")
+    if not _is_whole(delivery.attempt) or delivery.attempt < 1:
+        raise BadMessage(f"attempt {_shown(delivery.attempt)} is not a whole number >= 1")
     return delivery
