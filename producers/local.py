@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from producers import processes
 from workers.connections import check_reachable, resolve_redis_url
 from workers.settings import get_settings
+from workers.sinks import check_sink
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ def local_system(
     settings = get_settings()
     redis_url = resolve_redis_url(settings)
     check_reachable(redis_url)
+    check_sink(settings.sink_url)  # one line, exit 2, rather than a run that stands still
     os.environ["FANOUT_REDIS_URL"] = redis_url  # this process and its children agree
     settings.home.mkdir(parents=True, exist_ok=True)
     env = {"FANOUT_REDIS_URL": redis_url, "FANOUT_SINK_URL": settings.sink_url}

@@ -35,6 +35,9 @@ Shared:
                               in every worker publishes what is due (``engine/scheduler.py``)
 - ``fanout:dead:QUEUE``       list: messages of QUEUE that could not be decoded, with the reason
 - ``fanout:dead:queues``      set: the queues that have dead letters
+- ``fanout:sink:down``        string: JSON {error, since, worker} while a worker cannot write
+                              to the sink (``outage.py: SinkOutageNote``); refreshed at each
+                              failed probe, deleted when it is back, else expires after 30 s
 
 Global limits (``limits.py``), for limit NAME (a hash tag: one limit's keys share a slot):
 - ``fanout:limits``             set: the names of all limits (configuration: no TTL)
@@ -75,6 +78,7 @@ REAPER_LOCK = f"{PREFIX}:reaper:lock"
 DELAYED = f"{PREFIX}:delayed"
 DEAD_QUEUES = f"{PREFIX}:dead:queues"
 LIMITS_INDEX = f"{PREFIX}:limits"
+SINK_DOWN = f"{PREFIX}:sink:down"
 
 
 @dataclass(frozen=True, slots=True)

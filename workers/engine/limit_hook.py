@@ -10,6 +10,7 @@ from typing import Any
 
 from workers.context import StageContext
 from workers.hooks import Decision, Defer, Hook, StageResult
+from workers.http import VendorHTTPError
 from workers.limits import Lease
 from workers.throttle import Throttle, Throttled
 
@@ -52,6 +53,6 @@ class LimitHook(Hook):
         self, ctx: StageContext, item: Any, exc: BaseException, *, final: bool
     ) -> None:
         self._leave(ctx)
-        retry_after_s = getattr(exc, "retry_after_s", None)
-        if retry_after_s is not None and getattr(exc, "status", None) in (429, 503):
-            self.throttle.push_back(self.name, retry_after_s)
+        if isinstance(exc, VendorHTTPError) and exc.status in (429, 503) \
+                and exc.retry_after_s is not None:
+            self.throttle.push_back(self.name, exc.retry_after_s)

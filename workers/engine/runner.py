@@ -10,6 +10,14 @@ ledger. Order matters for at-least-once delivery with exactly-once accounting:
    finish the run; a batch does both in one sink commit and one ledger round trip.
 A worker killed anywhere before 4 leaves the item pending; its message comes back and steps
 2-3 are repeated, which is harmless: registration and the sink are idempotent.
+
+Each error in its bucket: a stage (or a hook's ``before``) that raises fails its item, retried
+by its policy, logged and recorded with its traceback once final; a raising ``after`` or
+``on_failure`` is logged and changes nothing (``hooks.HookCalls``); records the sink refuses
+(``SinkDataError``) fail the items that gave them, found by writing item by item, while the
+others of the batch are written; a sink that is down (``SinkDown``) holds the batch at the
+process's sink gate (``sinks/gate.py``) until it is back, and only after the gate's longest
+wait do its messages go back, as on a Redis error (``INFRA_ERRORS``).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,24 +41,44 @@ from workers.engine import batch_maps
 from workers.engine.cache_hook import CacheHook, inputs_key
 from workers.engine.limit_hook import LimitHook
 from workers.engine.services import Services
-from workers.hooks import Defer, Hook, Serve, Skip, StageResult
+from workers.hooks import Defer, Hook, HookCalls, Serve, Skip, StageResult
 from workers.ids import RawJSON, canonical_json, item_id, loop_parent
 from workers.ledger import Finish
 from workers.looping import Loop, LoopLimitExceeded, LoopState
 from workers.message import BadMessage, Delivery, decode_redis
+from workers.outage import SinkOutageNote
 from workers.outcome import Outcome
-from workers.sinks import Record
+from workers.policy.retry import retry_after_s
+from workers.settings import ConfigError
+from workers.sinks import Record, Sink, SinkDataError, SinkDown
+from workers.sinks.gate import SinkGate, sink_gate
 from workers.throttle import Throttled, throttle
 
 log = logging.getLogger("fanout")
 
-class SinkUnavailable(Exception):
-    """The sink could not be opened or written: the items did not fail, their messages go
-    back (the rows are upserted again when they run again)."""
-
-
 #: Errors of fanout's own infrastructure: the item did not fail, its message goes back.
-INFRA_ERRORS = (redis.RedisError, OperationalError, SinkUnavailable)
+INFRA_ERRORS = (redis.RedisError, OperationalError, SinkDown)
+#: The end of a failure's traceback kept in the ledger and in task events.
+TRACEBACK_CHARS = 4000
+
+
+def format_traceback(exc: BaseException) -> str:
+    """``exc`` with its traceback and causes, its last ``TRACEBACK_CHARS`` characters."""
+    return "".join(traceback.format_exception(exc))[-TRACEBACK_CHARS:]
+
+
+def process_gate(services: Services) -> SinkGate:
+    """This process's sink gate, telling each outage once on the ``fanout`` logger and noting
+    it in Redis for producers."""
+    def make() -> SinkGate:
+        return SinkGate(
+            say_down=lambda error: log.warning(
+                "sink unreachable (%s): writes wait until it is back, their messages kept",
+                error),
+            say_back=lambda seconds: log.info("sink is back after %s s", seconds),
+            note=SinkOutageNote(services.ledger.redis),
+        )
+    return sink_gate(make)
 
 
 def publish_children(
@@ -75,6 +104,19 @@ class ItemReport:
     outcome: Outcome
     runtime_s: float
     error: str = ""  # "ErrorType: message" when its stage raised
+    traceback: str = ""  # of that error, its last TRACEBACK_CHARS characters
+
+
+CopyOf = tuple[str, str, int]  # (run, item, iteration): one message, whatever its attempt
+
+
+@dataclass(frozen=True)
+class _Write:
+    """The records of one item, for the sink, and what fails it if the sink refuses them."""
+
+    finish: int  # its index in ``_Batch.finishes``
+    delivery: Delivery
+    records: Sequence[Record]
 
 
 @dataclass
@@ -82,13 +124,20 @@ class _Batch:
     """Terminal transitions deferred to the end of a batch, with the records they wrote."""
 
     finishes: list[Finish] = field(default_factory=list)
-    records: dict[str, list[Record]] = field(default_factory=lambda: defaultdict(list))
-    errors: dict[tuple[str, str, int], str] = field(default_factory=dict)  # failed tries
+    writes: list[_Write] = field(default_factory=list)
+    errors: dict[CopyOf, tuple[str, str]] = field(default_factory=dict)  # error, traceback
 
-    def add(self, done: Finish, records: Sequence[Record] = ()) -> None:
+    def add(self, done: Finish, records: Sequence[Record] = (),
+            delivery: Delivery | None = None) -> None:
+        if records and delivery is not None:
+            self.writes.append(_Write(len(self.finishes), delivery, records))
         self.finishes.append(done)
-        if records:
-            self.records[done.run_id].extend(records)
+
+    def records_by_run(self) -> dict[str, list[Record]]:
+        by_run: dict[str, list[Record]] = defaultdict(list)
+        for write in self.writes:
+            by_run[write.delivery.run_id].extend(write.records)
+        return by_run
 
 
 class StageRunner:
@@ -145,8 +194,8 @@ class StageRunner:
         ledger = self.services.ledger
         progress = ledger.progress_many([(d.run_id, d.item_id) for d, _ in work])
         batch = _Batch()
-        reports = []
-        seen: set[tuple[str, str, int]] = set()
+        ran: list[tuple[Delivery, Outcome, float]] = []
+        seen: set[CopyOf] = set()
         for (delivery, stage), (state, iteration, stopped) in zip(work, progress, strict=True):
             started = time.perf_counter()
             copy_of = (delivery.run_id, delivery.item_id, delivery.iteration)
@@ -159,9 +208,15 @@ class StageRunner:
             else:
                 outcome = self._run_one(delivery, stage, state, iteration, batch)
             seen.add(copy_of)
-            reports.append(ItemReport(delivery, outcome, time.perf_counter() - started,
-                                      batch.errors.get(copy_of, "")))
-        self._record(batch)
+            ran.append((delivery, outcome, time.perf_counter() - started))
+        refused = self._record(batch)
+        reports = []
+        for delivery, outcome, runtime_s in ran:
+            copy_of = (delivery.run_id, delivery.item_id, delivery.iteration)
+            if copy_of in refused and outcome is not Outcome.DUPLICATE:
+                outcome = Outcome.FAILED
+            error, trace = batch.errors.get(copy_of, ("", ""))
+            reports.append(ItemReport(delivery, outcome, runtime_s, error, trace))
         return reports
 
     # -- one delivery ---------------------------------------------------------------------
@@ -195,7 +250,7 @@ class StageRunner:
             self._run_params(delivery.run_id), delivery.attempt,
             LoopState(delivery.iteration, delivery.loop_payload), frozenset(pipeline.stages),
         )
-        hooks = self._hooks(pipeline, stage)
+        hooks = HookCalls(self._hooks(pipeline, stage))
         try:
             served = self._before(hooks, delivery, stage, ctx, batch)
             if isinstance(served, Outcome):
@@ -208,16 +263,13 @@ class StageRunner:
             except Loop as signal:
                 returned = signal
             result = self._result(stage, ctx, returned)
-            for hook in hooks:
-                hook.after(ctx, delivery.payload, result)
+            hooks.after(ctx, delivery.payload, result)
             return self._complete(delivery, stage, result, batch, Outcome.SUCCEEDED)
         except Throttled as held:  # a limit holds the item: run it again later, not a retry
-            for hook in hooks:
-                hook.on_failure(ctx, delivery.payload, held, final=False)
+            hooks.on_failure(ctx, delivery.payload, held, final=False)
             return self._throttle(delivery, stage, held.wait_s)
         except INFRA_ERRORS as exc:
-            for hook in hooks:  # e.g. a held slot is given back
-                hook.on_failure(ctx, delivery.payload, exc, final=False)
+            hooks.on_failure(ctx, delivery.payload, exc, final=False)  # e.g. a slot given back
             raise
         except Exception as exc:
             return self._failed(delivery, stage, ctx, hooks, exc, batch)
@@ -242,20 +294,19 @@ class StageRunner:
         return Outcome.THROTTLED
 
     def _before(
-        self, hooks: Sequence[Hook], delivery: Delivery, stage: Stage, ctx: StageContext,
+        self, hooks: HookCalls, delivery: Delivery, stage: Stage, ctx: StageContext,
         batch: _Batch,
     ) -> StageResult | Outcome | None:
         """Ask the hooks: an outcome ends the item here, a result replaces the call."""
-        for hook in hooks:
-            decision = hook.before(ctx, delivery.payload)
-            if isinstance(decision, Skip):
-                batch.add(Finish(delivery.run_id, stage.name, delivery.item_id,
-                                 Outcome.SKIPPED, delivery.iteration))
-                return Outcome.SKIPPED
-            if isinstance(decision, Defer):
-                return self._throttle(delivery, stage, decision.delay_s)
-            if isinstance(decision, Serve):
-                return decision.result
+        decision = hooks.before(ctx, delivery.payload)
+        if isinstance(decision, Skip):
+            batch.add(Finish(delivery.run_id, stage.name, delivery.item_id,
+                             Outcome.SKIPPED, delivery.iteration))
+            return Outcome.SKIPPED
+        if isinstance(decision, Defer):
+            return self._throttle(delivery, stage, decision.delay_s)
+        if isinstance(decision, Serve):
+            return decision.result
         return None
 
     @staticmethod
@@ -292,7 +343,7 @@ class StageRunner:
             return self._advance(delivery, stage, result.next_loop)
         batch.add(Finish(delivery.run_id, stage.name, delivery.item_id, outcome,
                          delivery.iteration, rows=len(result.records), result=result.value),
-                  result.records)
+                  result.records, delivery)
         return outcome
 
     def _advance(self, delivery: Delivery, stage: Stage, signal: Loop) -> Outcome:
@@ -309,58 +360,99 @@ class StageRunner:
         return Outcome.LOOPED
 
     def _failed(
-        self, delivery: Delivery, stage: Stage, ctx: StageContext, hooks: Sequence[Hook],
+        self, delivery: Delivery, stage: Stage, ctx: StageContext, hooks: HookCalls,
         exc: Exception, batch: _Batch,
     ) -> Outcome:
-        final = isinstance(exc, LoopLimitExceeded) or not stage.retry.should_retry(
-            exc, delivery.attempt
-        )
-        for hook in hooks:
-            hook.on_failure(ctx, delivery.payload, exc, final=final)
+        final = isinstance(exc, LoopLimitExceeded) or not self._should_retry(stage, exc,
+                                                                              delivery)
+        hooks.on_failure(ctx, delivery.payload, exc, final=final)
         ledger = self.services.ledger
+        trace = format_traceback(exc)
         batch.errors[(delivery.run_id, delivery.item_id, delivery.iteration)] = \
-            f"{type(exc).__name__}: {str(exc)[:300]}"
+            (f"{type(exc).__name__}: {str(exc)[:300]}", trace)
         # Every try counts, the vendor client's own retries too (one per failed attempt).
         tries, first_at = ledger.record_tries(delivery.run_id, delivery.item_id,
                                               max(1, http.tries()))
         if not final:
             # Never sooner than the vendor asked (a 429's or 503's Retry-After).
-            delay_s = max(stage.retry.delay_for(delivery.attempt),
-                          getattr(exc, "retry_after_s", None) or 0.0)
+            delay_s = max(stage.retry.delay_for(delivery.attempt), retry_after_s(exc) or 0.0)
             ledger.note(delivery.run_id, stage.name, "retried")
             log.info("%s %s attempt %d failed (%s), retrying in %.1fs", stage.task_name,
                      delivery.item_id, delivery.attempt, exc, delay_s)
             self.services.scheduler.later(delivery.next_attempt(), delay_s)
             return Outcome.RETRYING
-        failure = {
-            "stage": stage.name,
-            "item": delivery.payload,
-            "error_type": type(exc).__name__,
-            "message": str(exc)[:500],
-            "attempts": delivery.attempt,
-            "tries": tries,
-            "iteration": delivery.iteration,
-            "first_failed_at": first_at,
-            "last_failed_at": time.time(),
-        }
+        failure = _failure(stage.name, delivery, exc, trace, tries=tries, first_at=first_at)
         batch.add(Finish(delivery.run_id, stage.name, delivery.item_id, Outcome.FAILED,
                          delivery.iteration, failure=failure))
-        log.info("%s %s failed: %s", stage.task_name, delivery.item_id, exc)
+        log.warning("%s %s failed after %d attempts: %s", stage.task_name, delivery.item_id,
+                    delivery.attempt, exc, exc_info=exc)
         return Outcome.FAILED
+
+    @staticmethod
+    def _should_retry(stage: Stage, exc: Exception, delivery: Delivery) -> bool:
+        """The stage's policy; a ``retry_if`` that raises is logged and means no retry."""
+        try:
+            return stage.retry.should_retry(exc, delivery.attempt)
+        except Exception:
+            log.error("%s %s: retry_if raised (no retry)", stage.task_name, delivery.item_id,
+                      exc_info=True)
+            return False
 
     # -- the end of a batch ---------------------------------------------------------------
 
-    def _record(self, batch: _Batch) -> None:
-        """Records first, then the terminal transitions: a counted item has its rows."""
-        if batch.records:  # a stage that writes no rows never opens the sink
-            try:
-                sink = self.services.sink()
-                for run_id, records in batch.records.items():
-                    sink.write(records, run_id)
-            except Exception as exc:
-                raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    def _record(self, batch: _Batch) -> set[CopyOf]:
+        """Records first, then the terminal transitions: a counted item has its rows. Through
+        a sink outage the batch waits at the gate (``SinkDown`` once it gives up); the items
+        whose records the sink refused end failed. Returns those items."""
+        refused: set[CopyOf] = set()
+        if batch.writes:  # a stage that writes no rows never opens the sink
+            gate = process_gate(self.services)
+            rejected = gate.write(lambda: self._write(batch), probe=lambda: self._sink().probe())
+            for write, exc in rejected:
+                self._refused(batch, write, exc)
+                d = write.delivery
+                refused.add((d.run_id, d.item_id, d.iteration))
         _, signals = self.services.ledger.finish_batch(batch.finishes)
         batch_maps.settle(self.services, signals)
+        return refused
+
+    def _sink(self) -> Sink:
+        """The process's sink; one that cannot be opened now is down (a sink that can never
+        work was refused at the worker's start, ``app.check_sink_at_start``)."""
+        try:
+            return self.services.sink()
+        except ConfigError as exc:
+            raise SinkDown(str(exc)) from exc
+
+    def _write(self, batch: _Batch) -> list[tuple[_Write, SinkDataError]]:
+        """All records, one write per run; if the sink refuses them for their data, item by
+        item (upserts: rows written twice are written once). Returns the refused items."""
+        sink = self._sink()
+        try:
+            for run_id, records in batch.records_by_run().items():
+                sink.write(records, run_id)
+            return []
+        except SinkDataError:
+            pass
+        rejected = []
+        for write in batch.writes:
+            try:
+                sink.write(write.records, write.delivery.run_id)
+            except SinkDataError as exc:
+                rejected.append((write, exc))
+        return rejected
+
+    def _refused(self, batch: _Batch, write: _Write, exc: SinkDataError) -> None:
+        """The item of ``write`` fails (at once: the sink would refuse it again)."""
+        delivery, done = write.delivery, batch.finishes[write.finish]
+        trace = format_traceback(exc)
+        batch.errors[(delivery.run_id, delivery.item_id, delivery.iteration)] = \
+            (f"{type(exc).__name__}: {str(exc)[:300]}", trace)
+        failure = _failure(done.stage, delivery, exc, trace, tries=1, first_at=time.time())
+        batch.finishes[write.finish] = Finish(done.run_id, done.stage, done.item_id,
+                                              Outcome.FAILED, done.iteration, failure=failure)
+        log.warning("%s %s failed: the sink refused its %d records: %s", delivery.task,
+                    delivery.item_id, len(write.records), exc, exc_info=exc)
 
     def _run_params(self, run_id: str) -> dict[str, Any]:
         """Run parameters, read from the ledger once per process (messages stay lean)."""
@@ -372,3 +464,22 @@ class StageRunner:
                     self._params.clear()
                 self._params[run_id] = params
         return params
+
+
+def _failure(
+    stage: str, delivery: Delivery, exc: BaseException, trace: str, *, tries: int,
+    first_at: float,
+) -> dict[str, object]:
+    """What the ledger keeps of a failed item (``fanout failures``)."""
+    return {
+        "stage": stage,
+        "item": delivery.payload,
+        "error_type": type(exc).__name__,
+        "message": str(exc)[:500],
+        "traceback": trace,
+        "attempts": delivery.attempt,
+        "tries": tries,
+        "iteration": delivery.iteration,
+        "first_failed_at": first_at,
+        "last_failed_at": time.time(),
+    }

@@ -1,8 +1,12 @@
 """PostgreSQL sink: a connection pool shared by the worker threads of one process.
 
 Each ``write`` is one transaction, committed before it returns, so a task's rows are durable
-before its message is acked. Concurrent writers of overlapping keys cannot deadlock: every
-transaction upserts its rows in natural-key order, so no two take row locks in opposite orders.
+before its message is acked. psycopg's errors are sorted into the sink's three kinds
+(``sinks/base.py``): a server that refuses this URL for good (no such database or role, bad
+password) is a ``ConfigError``, one that cannot be reached or lost the connection is
+``SinkDown``, and a row it refuses for its values is a ``SinkDataError``. Concurrent writers
+of overlapping keys cannot deadlock: every transaction upserts its rows in natural-key order,
+so no two take row locks in opposite orders.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from workers.redact import redact
 from workers.settings import ConfigError
-from workers.sinks.base import Record
+from workers.sinks.base import Record, SinkDataError, SinkDown
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS metrics (
@@ -42,6 +46,14 @@ ON CONFLICT (vendor, account, service, metric, day) DO UPDATE SET
     value = excluded.value, run_id = excluded.run_id, fetched_at = excluded.fetched_at
 """
 _CONNECT_TIMEOUT_S = 10  # unless the URL sets connect_timeout; libpq's default is forever
+#: What libpq says when the server refuses this URL for good. A failed connection carries no
+#: SQLSTATE in psycopg, only the server's FATAL text; anything else (refused, timed out, "the
+#: database system is starting up", too many clients) may pass later: an outage.
+_REFUSED_FOR_GOOD = ("does not exist", "authentication failed", "no pg_hba.conf entry",
+                     "password", "permission denied")
+#: Statement errors that are about the sink, not the rows (the table gone, rights revoked):
+#: an operator can fix them while the items wait.
+_NOT_ABOUT_DATA = (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege)
 
 Row = tuple[str, str, str, str, str, float, str, float]
 
@@ -60,7 +72,8 @@ class PostgresSink:
             with psycopg.connect(url, **kwargs) as conn:
                 _create_table(conn)
         except psycopg.Error as exc:
-            raise ConfigError(f"cannot open sink {redact(url)}: {_one_line(exc)}") from exc
+            raise _opening_error(url, exc) from exc
+        self._kwargs = kwargs
         # check: a connection is tried when taken (one round trip per batch written), so
         # those a server restart or failover closed are replaced instead of failing a write.
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
@@ -76,8 +89,23 @@ class PostgresSink:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 cur.executemany(_UPSERT, rows)  # pipelined: one round trip for the batch
         except PoolTimeout:
-            raise _unavailable(self.url, self._timeout_s) from None
+            raise SinkDown(_unavailable(self.url, self._timeout_s)) from None
+        except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError,
+                psycopg.NotSupportedError) as exc:
+            if isinstance(exc, _NOT_ABOUT_DATA):
+                raise SinkDown(f"sink {redact(self.url)}: {_one_line(exc)}") from exc
+            raise SinkDataError(f"{type(exc).__name__}: {_one_line(exc)}") from exc
+        except psycopg.Error as exc:  # OperationalError, InterfaceError: the connection
+            raise SinkDown(f"sink {redact(self.url)}: {_one_line(exc)}") from exc
         return len(records)
+
+    def probe(self) -> None:
+        """A connection of its own, not the pool's: the pool waits ``timeout_s`` for one."""
+        try:
+            with psycopg.connect(self.url, **self._kwargs) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            raise SinkDown(f"sink {redact(self.url)}: {_one_line(exc)}") from exc
 
     def count(self, run_id: str | None = None) -> int:
         try:
@@ -88,7 +116,7 @@ class PostgresSink:
                     query = "SELECT COUNT(*) FROM metrics WHERE run_id = %s"
                     row = conn.execute(query, (run_id,)).fetchone()
         except PoolTimeout:
-            raise _unavailable(self.url, self._timeout_s) from None
+            raise SinkDown(_unavailable(self.url, self._timeout_s)) from None
         assert row is not None
         return int(row[0])
 
@@ -112,10 +140,18 @@ def _sorted_unique(records: Sequence[Record], run_id: str, fetched_at: float) ->
     return [(*key, value, run_id, fetched_at) for key, value in sorted(latest.items())]
 
 
-def _unavailable(url: str, timeout_s: float) -> psycopg.OperationalError:
-    return psycopg.OperationalError(
-        f"sink {redact(url)}: no database connection within {timeout_s:g}s"
-    )
+def _unavailable(url: str, timeout_s: float) -> str:
+    return f"sink {redact(url)}: no database connection within {timeout_s:g}s"
+
+
+def _opening_error(url: str, exc: psycopg.Error) -> Exception:
+    """A server that refuses this URL for good is a ConfigError; any other failure to open
+    (nothing listening, a lost connection) is an outage."""
+    text = f"cannot open sink {redact(url)}: {_one_line(exc)}"
+    if isinstance(exc, psycopg.OperationalError) and \
+            not any(phrase in str(exc) for phrase in _REFUSED_FOR_GOOD):
+        return SinkDown(text)
+    return ConfigError(text)
 
 
 def _one_line(exc: BaseException) -> str:
