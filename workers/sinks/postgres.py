@@ -11,6 +11,8 @@ so no two take row locks in opposite orders.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +21,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from workers.outage import OncePerOutage
 from workers.redact import redact
 from workers.settings import ConfigError
 from workers.sinks.base import Record, SinkDataError, SinkDown
@@ -57,11 +60,19 @@ _NOT_ABOUT_DATA = (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPri
 
 Row = tuple[str, str, str, str, str, float, str, float]
 
+#: The pool says so on every failed reconnect (at 1, 2, 4, 8 ... s) and for every connection
+#: it drops: in an outage, the first of these is enough (the sink gate tells the rest).
+logging.getLogger("psycopg.pool").addFilter(OncePerOutage(
+    (), ("error connecting in", "discarding closed connection", "discarding broken connection"),
+    (),
+))
+
 
 class PostgresSink:
-    def __init__(self, url: str, *, max_connections: int = 8, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, max_connections: int = 8, timeout_s: float = 10.0) -> None:
         self.url = url
         self._timeout_s = timeout_s
+        self._max_connections = max_connections
         # Autocommit: a write opens its one transaction itself; a count needs none.
         kwargs: dict[str, Any] = {"autocommit": True}
         # A direct connection first: a bad URL fails now with libpq's reason, where the pool
@@ -74,11 +85,17 @@ class PostgresSink:
         except psycopg.Error as exc:
             raise _opening_error(url, exc) from exc
         self._kwargs = kwargs
+        self._pool = self._new_pool()
+        self._pool_lock = threading.Lock()
+        self._lost = False  # a write lost its connection since the pool was made
+
+    def _new_pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
         # check: a connection is tried when taken (one round trip per batch written), so
         # those a server restart or failover closed are replaced instead of failing a write.
-        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            url, kwargs=kwargs, min_size=1, max_size=max_connections, open=True,
-            timeout=timeout_s, name="fanout-sink", check=ConnectionPool.check_connection,
+        return ConnectionPool(
+            self.url, kwargs=self._kwargs, min_size=1, max_size=self._max_connections,
+            open=True, timeout=self._timeout_s, name="fanout-sink",
+            check=ConnectionPool.check_connection,
         )
 
     def write(self, records: Sequence[Record], run_id: str) -> int:
@@ -89,6 +106,7 @@ class PostgresSink:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 cur.executemany(_UPSERT, rows)  # pipelined: one round trip for the batch
         except PoolTimeout:
+            self._lost = True
             raise SinkDown(_unavailable(self.url, self._timeout_s)) from None
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError,
                 psycopg.NotSupportedError) as exc:
@@ -96,16 +114,24 @@ class PostgresSink:
                 raise SinkDown(f"sink {redact(self.url)}: {_one_line(exc)}") from exc
             raise SinkDataError(f"{type(exc).__name__}: {_one_line(exc)}") from exc
         except psycopg.Error as exc:  # OperationalError, InterfaceError: the connection
+            self._lost = True
             raise SinkDown(f"sink {redact(self.url)}: {_one_line(exc)}") from exc
         return len(records)
 
     def probe(self) -> None:
-        """A connection of its own, not the pool's: the pool waits ``timeout_s`` for one."""
+        """A connection of its own, not the pool's: the pool waits ``timeout_s`` for one.
+        Once the server answers after a lost connection, the pool is made afresh: the old
+        one retries connecting on a backoff of its own (1, 2, 4 ... 16 s), so after a
+        20 s outage its next try could come 10 s after the server was back."""
         try:
             with psycopg.connect(self.url, **self._kwargs) as conn:
                 conn.execute("SELECT 1")
         except psycopg.Error as exc:
             raise SinkDown(f"sink {redact(self.url)}: {_one_line(exc)}") from exc
+        if self._lost:
+            with self._pool_lock:
+                old, self._pool, self._lost = self._pool, self._new_pool(), False
+            old.close(timeout=0)  # a write still waiting on it gets PoolClosed: SinkDown
 
     def count(self, run_id: str | None = None) -> int:
         try:
