@@ -80,25 +80,30 @@ class NoWorkerWatch:
         self._progress: object = None
         self._since = clock()
         self._first: dict[str, int] | None = None  # depths half way through the standstill
-        self._told = False
+        self._told = False  # of the queues
+        self._told_sink = False
 
     def update(self, progress: object, queues: Sequence[str]) -> None:
         now = self.clock()
         if progress != self._progress:
-            self._progress, self._since, self._first, self._told = progress, now, None, False
+            self._progress, self._since, self._first = progress, now, None
+            self._told = self._told_sink = False
             return
         idle_s = now - self._since
+        if idle_s >= self.after_s and not self._told_sink:
+            # Said even after the line about the queues: workers stuck at their sink gate
+            # hold messages too, and it is the reason.
+            error = self.sink_down()
+            if error:
+                self.say(f"workers are up but cannot write to the sink: {error}")
+                self._told_sink = self._told = True
+                return
         if self._told or idle_s < self.after_s / 2:
             return
         if self._first is None:
             self._first = {q: self.depth(q) for q in queues}
             return
         if idle_s < self.after_s:
-            return
-        error = self.sink_down()
-        if error:
-            self.say(f"workers are up but cannot write to the sink: {error}")
-            self._told = True
             return
         for queue in queues:
             waiting = self.depth(queue)

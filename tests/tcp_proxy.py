@@ -4,6 +4,7 @@ restores it, without touching the server other tests share."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -70,8 +71,6 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
 
 
 def _close(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     sock.close()

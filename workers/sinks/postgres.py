@@ -85,9 +85,12 @@ class PostgresSink:
         except psycopg.Error as exc:
             raise _opening_error(url, exc) from exc
         self._kwargs = kwargs
+        # A connection was found dead since the last good write: the server may be gone, so
+        # writes fail fast (SinkDown: they wait at the sink gate, which probes) instead of
+        # each waiting ``timeout_s`` for the pool.
+        self._lost = False
         self._pool = self._new_pool()
         self._pool_lock = threading.Lock()
-        self._lost = False  # a write lost its connection since the pool was made
 
     def _new_pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
         # check: a connection is tried when taken (one round trip per batch written), so
@@ -95,18 +98,28 @@ class PostgresSink:
         return ConnectionPool(
             self.url, kwargs=self._kwargs, min_size=1, max_size=self._max_connections,
             open=True, timeout=self._timeout_s, name="fanout-sink",
-            check=ConnectionPool.check_connection,
+            check=self._check,
         )
+
+    def _check(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            ConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            self._lost = True
+            raise
 
     def write(self, records: Sequence[Record], run_id: str) -> int:
         if not records:
             return 0
+        if self._lost:
+            raise SinkDown(f"sink {redact(self.url)}: lost its connections (probing)")
         rows = _sorted_unique(records, run_id, time.time())
+        pool = self._pool
         try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 cur.executemany(_UPSERT, rows)  # pipelined: one round trip for the batch
         except PoolTimeout:
-            self._lost = True
+            self._lost = pool is self._pool  # not when the probe replaced it meanwhile
             raise SinkDown(_unavailable(self.url, self._timeout_s)) from None
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError,
                 psycopg.NotSupportedError) as exc:
@@ -114,8 +127,9 @@ class PostgresSink:
                 raise SinkDown(f"sink {redact(self.url)}: {_one_line(exc)}") from exc
             raise SinkDataError(f"{type(exc).__name__}: {_one_line(exc)}") from exc
         except psycopg.Error as exc:  # OperationalError, InterfaceError: the connection
-            self._lost = True
+            self._lost = pool is self._pool
             raise SinkDown(f"sink {redact(self.url)}: {_one_line(exc)}") from exc
+        self._lost = False  # the pool works again
         return len(records)
 
     def probe(self) -> None:
