@@ -9,13 +9,27 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import fault_pipelines  # noqa: F401  (registers the pipelines in this process)
 import pytest
 import redis
-from conftest import POSTGRES_URL, WorkerFactory, postgres_problem, require_service, wait_for
+from conftest import (
+    POSTGRES_URL,
+    WorkerFactory,
+    postgres_problem,
+    require_service,
+    rows_at,
+    wait_for,
+)
+from tcp_proxy import TcpProxy
 from test_cli import assert_one_line_error, fanout
+from test_runner_faults import WORKER_ENV
+from test_sink_outage import through
 
+from producers.trigger import start_run
 from workers.embedded_redis import free_port
+from workers.engine.services import services
 from workers.keys import SINK_DOWN
 
 MISSING_DB = POSTGRES_URL.rsplit("/", 1)[0] + "/fanout_no_such_db"
@@ -66,13 +80,29 @@ def test_a_worker_refuses_a_sink_that_can_never_work(tmp_path: Path) -> None:
                     f'database "fanout_no_such_db" does not exist'], said
 
 
-def test_a_worker_with_its_sink_unreachable_at_start_waits_and_says_so_once(
-    start_worker: WorkerFactory, redis_client: redis.Redis, tmp_path: Path,
+def test_a_worker_with_its_sink_unreachable_at_start_waits_says_so_once_and_writes(
+    start_worker: WorkerFactory, redis_client: redis.Redis, tmp_path: Path, postgres_url: str,
 ) -> None:
-    worker = start_worker({"FANOUT_SINK_URL": nothing_listening()}, ready=True)
-    assert worker.poll() is None
-    log = (tmp_path / "worker0.log").read_text()
-    assert log.count("sink unreachable") == 1, log
-    assert "Connection refused" in log
-    assert "Traceback" not in log
-    wait_for(lambda: redis_client.get(SINK_DOWN), what="the outage noted in Redis")
+    server = urlsplit(postgres_url)
+    proxy = TcpProxy(server.hostname or "127.0.0.1", server.port or 5432)
+    try:
+        proxy.cut()
+        worker = start_worker({**WORKER_ENV, "FANOUT_SINK_URL": through(proxy, postgres_url)},
+                              ready=True)
+        assert worker.poll() is None
+        log = tmp_path / "worker0.log"
+        assert log.read_text().count("sink unreachable") == 1
+        assert "Connection refused" in log.read_text()
+        wait_for(lambda: redis_client.get(SINK_DOWN), what="the outage noted in Redis")
+
+        run_id = start_run("sinkfaults", {}, roots=[0, 1, 2], root_stage="leaf")
+        proxy.restore()
+        assert services().ledger.wait(run_id, 60) == "succeeded"
+    finally:
+        proxy.close()
+    assert [row[:6] for row in rows_at(postgres_url)] == [
+        ("sinkfaults", "acct", f"svc-{n}", "m", "2026-01-01", float(n)) for n in (0, 1, 2)]
+    text = log.read_text()
+    assert text.count("sink unreachable") == 1 and text.count("sink is back after") == 1
+    assert "Traceback" not in text
+    assert redis_client.get(SINK_DOWN) is None

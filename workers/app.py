@@ -50,7 +50,7 @@ from workers.message import BadMessage, from_task_call
 from workers.outage import DOWN_ERRORS, OncePerOutage
 from workers.outcome import Outcome
 from workers.settings import ConfigError, Settings, get_settings
-from workers.sinks import SinkDown, get_sink
+from workers.sinks import SinkDown, open_sink
 
 #: How soon Celery's consumer tries the broker again after losing it. kombu's defaults wait
 #: 2 s, then 2 s more at each try, up to 30 s: a worker came back up to 30 s after Redis did.
@@ -149,8 +149,8 @@ def check_sink_at_start(**_: object) -> None:
     """Open this process's sink before taking any message: a sink that can never work as
     configured (no driver, an unsupported URL, no such database, bad credentials) stops the
     worker in one line, exit 2; one unreachable now is an outage the sink gate waits out."""
-    try:
-        get_sink()
+    try:  # opened and closed: a prefork pool's children must not share its connections
+        open_sink(get_settings().sink_url).close()
     except ConfigError as exc:
         print(f"fanout worker: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
