@@ -6,15 +6,28 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import redis
 
 from workers.context import StageContext
 from workers.hooks import Decision, Defer, Hook, StageResult
 from workers.http import VendorHTTPError
 from workers.limits import Lease
-from workers.throttle import Throttle, Throttled
+from workers.throttle import Throttle, Throttled, throttle
+
+if TYPE_CHECKING:
+    from workers.api import Stage
 
 log = logging.getLogger("fanout.limits")
+
+#: The stage options this hook owns (``Pipeline.stage(...)``).
+OPTIONS = ("limits",)
+
+
+def for_stage(stage: Stage, client: redis.Redis) -> tuple[Hook, ...]:
+    """One hook per limit the stage names (``throttle()`` has its own Redis client)."""
+    return tuple(LimitHook(name, throttle()) for name in stage.limits)
 
 
 class LimitHook(Hook):

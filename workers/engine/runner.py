@@ -38,9 +38,8 @@ from workers import http
 from workers.api import Pipeline, Stage, find_stage, get_pipeline
 from workers.context import StageContext
 from workers.engine import batch_maps
-from workers.engine.cache_hook import CacheHook, inputs_key
-from workers.engine.limit_hook import LimitHook
 from workers.engine.services import Services
+from workers.engine.stage_hooks import hooks_for
 from workers.hooks import Defer, Hook, HookCalls, Serve, Skip, StageResult
 from workers.ids import RawJSON, canonical_json, item_id, loop_parent
 from workers.ledger import Finish
@@ -52,7 +51,7 @@ from workers.policy.retry import retry_after_s
 from workers.settings import ConfigError
 from workers.sinks import Record, Sink, SinkDataError, SinkDown
 from workers.sinks.gate import SinkGate, sink_gate
-from workers.throttle import Throttled, throttle
+from workers.throttle import Throttled
 
 log = logging.getLogger("fanout")
 
@@ -275,16 +274,11 @@ class StageRunner:
             return self._failed(delivery, stage, ctx, hooks, exc, batch)
 
     def _hooks(self, pipeline: Pipeline, stage: Stage) -> tuple[Hook, ...]:
-        """The pipeline's and the stage's hooks, then its cache, then its limits (last: a
-        served or skipped item takes nothing from a limit)."""
+        """The pipeline's and the stage's hooks, then those its own options ask for (its
+        cache, then its limits: ``stage_hooks.STAGE_HOOKS``)."""
         found = self._stage_hooks.get(stage.task_name)
         if found is None:
-            cache: tuple[Hook, ...] = ()
-            if stage.cache or stage.cache_key:
-                cache = (CacheHook(self.services.ledger.redis, stage.cache_ttl_s,
-                                   stage.cache_key or inputs_key),)
-            limits = tuple(LimitHook(name, throttle()) for name in stage.limits)
-            found = (*pipeline.hooks_of(stage), *cache, *limits)
+            found = (*pipeline.hooks_of(stage), *hooks_for(stage, self.services.ledger.redis))
             self._stage_hooks[stage.task_name] = found
         return found
 
