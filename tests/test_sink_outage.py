@@ -161,5 +161,6 @@ def test_fanout_run_wait_says_the_workers_cannot_write_to_the_sink(
         proxy.close()
     told = [line for line in said if "cannot write to the sink" in line]
     assert len(told) == 1
-    assert told[0].startswith("workers are up but cannot write to the sink: sink postgresql://")
+    assert told[0].startswith("workers are up but cannot write to the sink: ")
+    assert f"postgresql://postgres@127.0.0.1:{proxy.port}/" in told[0]
     assert not any("no worker is taking messages" in line for line in said)

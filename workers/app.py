@@ -41,8 +41,9 @@ from kombu.transport.redis import Mutex, MutexHeld
 from workers import broker
 from workers.api import Stage, all_pipelines, load_pipelines
 from workers.connections import broker_redis, get_redis, resolve_broker_url, warn_if_evicting
+from workers.engine.batch_record import process_gate
 from workers.engine.reaper import start_reaper
-from workers.engine.runner import INFRA_ERRORS, StageRunner, process_gate
+from workers.engine.runner import INFRA_ERRORS, StageRunner
 from workers.engine.scheduler import start_mover
 from workers.engine.services import services
 from workers.events import ItemEvents

@@ -25,10 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -38,6 +36,7 @@ from workers import http
 from workers.api import Pipeline, Stage, find_stage, get_pipeline
 from workers.context import StageContext
 from workers.engine import batch_maps
+from workers.engine.batch_record import Batch, CopyOf, failure_of, format_traceback, record
 from workers.engine.services import Services
 from workers.engine.stage_hooks import hooks_for
 from workers.hooks import Defer, Hook, HookCalls, Serve, Skip, StageResult
@@ -45,41 +44,15 @@ from workers.ids import RawJSON, canonical_json, item_id, loop_parent
 from workers.ledger import Finish
 from workers.looping import Loop, LoopLimitExceeded, LoopState
 from workers.message import BadMessage, Delivery, decode_redis
-from workers.outage import SinkOutageNote
 from workers.outcome import Outcome
 from workers.policy.retry import retry_after_s
-from workers.settings import ConfigError
-from workers.sinks import Record, Sink, SinkDataError, SinkDown
-from workers.sinks.gate import SinkGate, sink_gate
+from workers.sinks import Record, SinkDown
 from workers.throttle import Throttled
 
 log = logging.getLogger("fanout")
 
 #: Errors of fanout's own infrastructure: the item did not fail, its message goes back.
 INFRA_ERRORS = (redis.RedisError, OperationalError, SinkDown)
-#: The end of a failure's traceback kept in the ledger and in task events.
-TRACEBACK_CHARS = 4000
-
-
-def format_traceback(exc: BaseException) -> str:
-    """``exc`` with its traceback and causes, its last ``TRACEBACK_CHARS`` characters."""
-    return "".join(traceback.format_exception(exc))[-TRACEBACK_CHARS:]
-
-
-def process_gate(services: Services) -> SinkGate:
-    """This process's sink gate, telling each outage once on the ``fanout`` logger and noting
-    it in Redis for producers."""
-    def make() -> SinkGate:
-        return SinkGate(
-            say_down=lambda error: log.warning(
-                "sink unreachable (%s): writes wait until it is back, their messages kept",
-                error),
-            say_back=lambda seconds: log.info("sink is back after %s s", seconds),
-            note=SinkOutageNote(services.ledger.redis),
-        )
-    return sink_gate(make)
-
-
 def publish_children(
     services: Services, stage: Stage, run_id: str, parent_id: str, items: Sequence[Any]
 ) -> int:
@@ -104,39 +77,6 @@ class ItemReport:
     runtime_s: float
     error: str = ""  # "ErrorType: message" when its stage raised
     traceback: str = ""  # of that error, its last TRACEBACK_CHARS characters
-
-
-CopyOf = tuple[str, str, int]  # (run, item, iteration): one message, whatever its attempt
-
-
-@dataclass(frozen=True)
-class _Write:
-    """The records of one item, for the sink, and what fails it if the sink refuses them."""
-
-    finish: int  # its index in ``_Batch.finishes``
-    delivery: Delivery
-    records: Sequence[Record]
-
-
-@dataclass
-class _Batch:
-    """Terminal transitions deferred to the end of a batch, with the records they wrote."""
-
-    finishes: list[Finish] = field(default_factory=list)
-    writes: list[_Write] = field(default_factory=list)
-    errors: dict[CopyOf, tuple[str, str]] = field(default_factory=dict)  # error, traceback
-
-    def add(self, done: Finish, records: Sequence[Record] = (),
-            delivery: Delivery | None = None) -> None:
-        if records and delivery is not None:
-            self.writes.append(_Write(len(self.finishes), delivery, records))
-        self.finishes.append(done)
-
-    def records_by_run(self) -> dict[str, list[Record]]:
-        by_run: dict[str, list[Record]] = defaultdict(list)
-        for write in self.writes:
-            by_run[write.delivery.run_id].extend(write.records)
-        return by_run
 
 
 class StageRunner:
@@ -192,7 +132,7 @@ class StageRunner:
         """Run deliveries (each with its stage); returns what happened to each."""
         ledger = self.services.ledger
         progress = ledger.progress_many([(d.run_id, d.item_id) for d, _ in work])
-        batch = _Batch()
+        batch = Batch()
         ran: list[tuple[Delivery, Outcome, float]] = []
         seen: set[CopyOf] = set()
         for (delivery, stage), (state, iteration, stopped) in zip(work, progress, strict=True):
@@ -208,7 +148,7 @@ class StageRunner:
                 outcome = self._run_one(delivery, stage, state, iteration, batch)
             seen.add(copy_of)
             ran.append((delivery, outcome, time.perf_counter() - started))
-        refused = self._record(batch)
+        refused = record(self.services, batch)
         reports = []
         for delivery, outcome, runtime_s in ran:
             copy_of = (delivery.run_id, delivery.item_id, delivery.iteration)
@@ -233,7 +173,7 @@ class StageRunner:
         return delivery, own
 
     def _run_one(
-        self, delivery: Delivery, stage: Stage, state: str | None, iteration: int, batch: _Batch
+        self, delivery: Delivery, stage: Stage, state: str | None, iteration: int, batch: Batch
     ) -> Outcome:
         if state is None:
             log.warning("%s %s: unknown item (run expired?), dropped", stage.task_name,
@@ -289,7 +229,7 @@ class StageRunner:
 
     def _before(
         self, hooks: HookCalls, delivery: Delivery, stage: Stage, ctx: StageContext,
-        batch: _Batch,
+        batch: Batch,
     ) -> StageResult | Outcome | None:
         """Ask the hooks: an outcome ends the item here, a result replaces the call."""
         decision = hooks.before(ctx, delivery.payload)
@@ -321,7 +261,7 @@ class StageRunner:
         return result
 
     def _complete(
-        self, delivery: Delivery, stage: Stage, result: StageResult, batch: _Batch,
+        self, delivery: Delivery, stage: Stage, result: StageResult, batch: Batch,
         outcome: Outcome,
     ) -> Outcome:
         pipeline = get_pipeline(stage.pipeline)
@@ -355,7 +295,7 @@ class StageRunner:
 
     def _failed(
         self, delivery: Delivery, stage: Stage, ctx: StageContext, hooks: HookCalls,
-        exc: Exception, batch: _Batch,
+        exc: Exception, batch: Batch,
     ) -> Outcome:
         final = isinstance(exc, LoopLimitExceeded) or not self._should_retry(stage, exc,
                                                                               delivery)
@@ -375,7 +315,7 @@ class StageRunner:
                      delivery.item_id, delivery.attempt, exc, delay_s)
             self.services.scheduler.later(delivery.next_attempt(), delay_s)
             return Outcome.RETRYING
-        failure = _failure(stage.name, delivery, exc, trace, tries=tries, first_at=first_at)
+        failure = failure_of(stage.name, delivery, exc, trace, tries=tries, first_at=first_at)
         batch.add(Finish(delivery.run_id, stage.name, delivery.item_id, Outcome.FAILED,
                          delivery.iteration, failure=failure))
         log.warning("%s %s failed after %d attempts: %s", stage.task_name, delivery.item_id,
@@ -392,61 +332,7 @@ class StageRunner:
                       exc_info=True)
             return False
 
-    # -- the end of a batch ---------------------------------------------------------------
-
-    def _record(self, batch: _Batch) -> set[CopyOf]:
-        """Records first, then the terminal transitions: a counted item has its rows. Through
-        a sink outage the batch waits at the gate (``SinkDown`` once it gives up); the items
-        whose records the sink refused end failed. Returns those items."""
-        refused: set[CopyOf] = set()
-        if batch.writes:  # a stage that writes no rows never opens the sink
-            gate = process_gate(self.services)
-            rejected = gate.write(lambda: self._write(batch), probe=lambda: self._sink().probe())
-            for write, exc in rejected:
-                self._refused(batch, write, exc)
-                d = write.delivery
-                refused.add((d.run_id, d.item_id, d.iteration))
-        _, signals = self.services.ledger.finish_batch(batch.finishes)
-        batch_maps.settle(self.services, signals)
-        return refused
-
-    def _sink(self) -> Sink:
-        """The process's sink; one that cannot be opened now is down (a sink that can never
-        work was refused at the worker's start, ``app.check_sink_at_start``)."""
-        try:
-            return self.services.sink()
-        except ConfigError as exc:
-            raise SinkDown(str(exc)) from exc
-
-    def _write(self, batch: _Batch) -> list[tuple[_Write, SinkDataError]]:
-        """All records, one write per run; if the sink refuses them for their data, item by
-        item (upserts: rows written twice are written once). Returns the refused items."""
-        sink = self._sink()
-        try:
-            for run_id, records in batch.records_by_run().items():
-                sink.write(records, run_id)
-            return []
-        except SinkDataError:
-            pass
-        rejected = []
-        for write in batch.writes:
-            try:
-                sink.write(write.records, write.delivery.run_id)
-            except SinkDataError as exc:
-                rejected.append((write, exc))
-        return rejected
-
-    def _refused(self, batch: _Batch, write: _Write, exc: SinkDataError) -> None:
-        """The item of ``write`` fails (at once: the sink would refuse it again)."""
-        delivery, done = write.delivery, batch.finishes[write.finish]
-        trace = format_traceback(exc)
-        batch.errors[(delivery.run_id, delivery.item_id, delivery.iteration)] = \
-            (f"{type(exc).__name__}: {str(exc)[:300]}", trace)
-        failure = _failure(done.stage, delivery, exc, trace, tries=1, first_at=time.time())
-        batch.finishes[write.finish] = Finish(done.run_id, done.stage, done.item_id,
-                                              Outcome.FAILED, done.iteration, failure=failure)
-        log.warning("%s %s failed: the sink refused its %d records: %s", delivery.task,
-                    delivery.item_id, len(write.records), exc, exc_info=exc)
+    # -- the end of a batch: engine/batch_record.py -----------------------------------
 
     def _run_params(self, run_id: str) -> dict[str, Any]:
         """Run parameters, read from the ledger once per process (messages stay lean)."""
@@ -459,21 +345,3 @@ class StageRunner:
                 self._params[run_id] = params
         return params
 
-
-def _failure(
-    stage: str, delivery: Delivery, exc: BaseException, trace: str, *, tries: int,
-    first_at: float,
-) -> dict[str, object]:
-    """What the ledger keeps of a failed item (``fanout failures``)."""
-    return {
-        "stage": stage,
-        "item": delivery.payload,
-        "error_type": type(exc).__name__,
-        "message": str(exc)[:500],
-        "traceback": trace,
-        "attempts": delivery.attempt,
-        "tries": tries,
-        "iteration": delivery.iteration,
-        "first_failed_at": first_at,
-        "last_failed_at": time.time(),
-    }
