@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +143,47 @@ def test_a_record_the_sink_refuses_fails_its_item_and_the_batch_is_written(
     log = (tmp_path / "worker0.log").read_text()
     assert "sink unreachable" not in log
     assert log.count("the sink refused its 1 records") == 1
+
+
+def test_the_task_events_of_a_batch_carry_each_failed_items_traceback(
+    start_worker: WorkerFactory,
+) -> None:
+    """What Flower is given: a task-failed event per failed item of a claimed batch, with
+    its error and its traceback."""
+    from workers.celery import app
+
+    failed: dict[str, dict[str, Any]] = {}
+    ended = threading.Event()
+    ready = threading.Event()
+
+    def on_failed(event: dict[str, Any]) -> None:
+        failed[event["args"]] = event
+
+    def on_any(event: dict[str, Any]) -> None:
+        if len(failed) == 2:
+            ended.set()
+
+    def listen() -> None:
+        with app.connection_for_read() as conn:
+            receiver = app.events.Receiver(conn, handlers={"task-failed": on_failed,
+                                                           "*": on_any})
+            ready.set()
+            for _ in receiver.itercapture(limit=None, timeout=60, wakeup=False):
+                if ended.is_set():
+                    return
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert ready.wait(30)
+    # One batch: 0 is the task's own message (the only one prefetched), 1-3 the items it
+    # claimed. (The task's own item is told by Celery's own events.)
+    run_id, _ = run_roots("hookfaults", [0, 1, 2, 3])
+    start_worker({**WORKER_ENV, "FANOUT_PREFETCH_MULTIPLIER": "1"}, concurrency=1)
+    assert finished(run_id)["status"] == "partial"
+    assert ended.wait(30), failed
+    by_item = {ast.literal_eval(args)[-1]: event for args, event in failed.items()}
+    assert sorted(by_item) == [1, 3]
+    assert by_item[3]["exception"] == "ValueError: leaf 3 broke"
+    assert by_item[3]["traceback"].startswith("Traceback (most recent call last):")
+    assert by_item[3]["traceback"].endswith("ValueError: leaf 3 broke\n")
+    assert by_item[1]["traceback"].endswith("RuntimeError: before broke on 1\n")
