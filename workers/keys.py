@@ -10,7 +10,8 @@ Run ledger, for run R (``RunKeys``):
 - ``fanout:run:{R}:counts``   hash: ``STAGE:COUNTER`` -> int (enqueued, succeeded, failed,
                               cached, retried, throttled, skipped, iterations), ``rows``
 - ``fanout:run:{R}:items``    hash: item id -> state (``p`` pending, ``s`` ``f`` ``c`` ``k``)
-- ``fanout:run:{R}:failed``   hash: item id -> JSON {stage, item, error_type, message, attempts}
+- ``fanout:run:{R}:failed``   hash: item id -> JSON {stage, item, error_type, message, attempts,
+                              traceback (its last 4,000 characters), ...}
 - ``fanout:run:{R}:done``     list: one element pushed when the run finishes (BLPOP wakes waiters)
 - ``fanout:run:{R}:payloads`` hash: item id -> payload JSON while the item is pending (so the
                               reaper can publish a lost message again)
