@@ -31,7 +31,7 @@ from workers.ledger import Ledger, LedgerError, RunSnapshot
 from workers.outage import DOWN_ERRORS
 from workers.redact import redact
 from workers.settings import ConfigError, get_settings
-from workers.sinks import check_sink_url
+from workers.sinks import check_sink, check_sink_url
 from workers.transport import check_broker
 
 
@@ -44,14 +44,18 @@ def make_console(*, stderr: bool = False) -> Console:
     return console
 
 
-def _connect() -> str:
-    """Resolve Redis (starting the embedded one if needed) and fail in one line if it is down."""
+def _connect(*, sink: bool = False) -> str:
+    """Resolve Redis (starting the embedded one if needed) and fail in one line if it is down.
+    ``sink``: open the sink too (a command that starts a run): one that cannot be opened, for
+    good or for now, is one line and exit 2 instead of a run that stands still."""
     url = resolve_redis_url()
     check_reachable(url)
     os.environ["FANOUT_REDIS_URL"] = url  # children and this process agree on one server
     settings = get_settings()
     check_broker(resolve_broker_url(settings))
     check_sink_url(settings.sink_url)
+    if sink:
+        check_sink(settings.sink_url)
     return url
 
 
@@ -131,7 +135,7 @@ def _cancel_demo_run(run_id: str, stop: Interrupted) -> str:
 
 
 def replay(args: argparse.Namespace) -> int:
-    _connect()
+    _connect(sink=True)
     count = replay_run(args.run_id, stage=args.stage, item=args.item)
     console = make_console(stderr=True)
     console.print(f"replaying {count} failed items of run {args.run_id}")
@@ -145,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--kill-switch and --per-item need --batch-size")
     if args.per_item and args.kill_switch is None:
         raise UsageError("--per-item needs --kill-switch")
-    _connect()
+    _connect(sink=True)
     params: dict[str, Any] = dict(args.param)
     for key in ("days", "end_day", "vendor_url"):
         value = getattr(args, key)
@@ -291,8 +295,23 @@ def failures(args: argparse.Namespace) -> int:
         console.print(f"{failure['stage']} {item} {failure['error_type']}: {failure['message']} "
                       f"(attempts {failure['attempts']}, {tries} tries with HTTP retries) "
                       f"{json.dumps(failure['item'])}", markup=False)
+        where = raised_at(failure.get("traceback", ""))
+        if where:
+            console.print(f"  raised at {where}", markup=False)
     console.print(f"{len(failed)} failed items in run {snap.run_id}")
     return 0
+
+
+def raised_at(traceback_text: str) -> str:
+    """Where a traceback's innermost frame is (``file:line in function``), or ""."""
+    frames = [line.strip() for line in traceback_text.splitlines()
+              if line.startswith('  File "')]
+    if not frames:
+        return ""
+    # '  File "PATH", line N, in FUNC'
+    path, _, rest = frames[-1].removeprefix('File "').partition('", line ')
+    line, _, function = rest.partition(", in ")
+    return f"{path}:{line} in {function}"
 
 
 def dead_letters(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from producers.errors import CliError
 from workers.connections import check_reachable, resolve_broker_url, resolve_redis_url
 from workers.redact import redact
 from workers.settings import get_settings
+from workers.sinks import check_sink
 
 #: How long the vendor and the workers get to stop after SIGTERM before SIGKILL.
 STOP_GRACE_S = 3.0
@@ -62,6 +63,7 @@ def local_system(
     settings = get_settings()
     redis_url = resolve_redis_url(settings)
     check_reachable(redis_url)
+    check_sink(settings.sink_url)  # one line, exit 2, rather than a run that stands still
     os.environ["FANOUT_REDIS_URL"] = redis_url  # this process and its children agree
     broker_url = resolve_broker_url(settings)
     settings.home.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Showing a run in the terminal: a progress bar per stage while it runs, a summary after.
 
 Waiting rides out an outage of Redis: one line when it goes, one when it is back, and it gives
-up (one line, exit 1) only after ``FANOUT_OUTAGE_LIMIT_S``. It also says, once, when a run
-stands still with messages on a stage queue that no worker takes.
+up (one line, exit 1) only after ``FANOUT_OUTAGE_LIMIT_S``. It also says, once, why a run
+stands still: workers that cannot write to the sink (they note it in Redis,
+``outage.SinkOutageNote``), or messages on a stage queue that no worker takes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from producers.errors import RunNotFound
 from workers.engine.services import services
 from workers.keys import queue_name
 from workers.ledger import COUNTERS, Ledger, RunSnapshot
-from workers.outage import DOWN_ERRORS, Outage, where
+from workers.outage import DOWN_ERRORS, Outage, SinkOutageNote, where
 from workers.settings import get_settings
 
 TERMINAL_COUNTERS = ("succeeded", "failed", "cached", "skipped")
@@ -61,29 +62,42 @@ def _to_stderr(line: str) -> None:
 
 
 class NoWorkerWatch:
-    """Says once per standstill that no worker takes a stage's messages: the run made no
-    progress for ``after_s`` and a queue's depth stayed above 0 without going down (a worker
+    """Says once per standstill why the run made no progress for ``after_s``: workers noted
+    that they cannot write to the sink (``sink_down`` returns their error), or else no worker
+    takes a stage's messages: a queue's depth stayed above 0 without going down (a worker
     that takes messages lowers it, even while its tasks run long)."""
 
     def __init__(
         self, depth: Callable[[str], int], say: Callable[[str], None], *,
         clock: Callable[[], float] = time.monotonic, after_s: float = NO_WORKER_S,
+        sink_down: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.depth = depth
         self.say = say
+        self.sink_down = sink_down
         self.clock = clock
         self.after_s = after_s
         self._progress: object = None
         self._since = clock()
         self._first: dict[str, int] | None = None  # depths half way through the standstill
-        self._told = False
+        self._told = False  # of the queues
+        self._told_sink = False
 
     def update(self, progress: object, queues: Sequence[str]) -> None:
         now = self.clock()
         if progress != self._progress:
-            self._progress, self._since, self._first, self._told = progress, now, None, False
+            self._progress, self._since, self._first = progress, now, None
+            self._told = self._told_sink = False
             return
         idle_s = now - self._since
+        if idle_s >= self.after_s and not self._told_sink:
+            # Said even after the line about the queues: workers stuck at their sink gate
+            # hold messages too, and it is the reason.
+            error = self.sink_down()
+            if error:
+                self.say(f"workers are up but cannot write to the sink: {error}")
+                self._told_sink = self._told = True
+                return
         if self._told or idle_s < self.after_s / 2:
             return
         if self._first is None:
@@ -124,7 +138,8 @@ def wait_for_run(
     outage = Outage(say, f"Redis at {url} unreachable: waiting for it (gives up after "
                          f"{limit_s:.0f} s)", "Redis is back after {seconds:.1f} s",
                     max_delay_s=1.0)
-    idle = NoWorkerWatch(depth or services().transport.queue_depth, say)
+    idle = NoWorkerWatch(depth or services().transport.queue_depth, say,
+                         sink_down=lambda: SinkOutageNote.read(ledger.redis))
     progress = _progress(console) if console else None
     bars: dict[str, TaskID] = {}
     snap: RunSnapshot | None = None

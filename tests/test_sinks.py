@@ -22,7 +22,7 @@ from conftest import POSTGRES_URL, require_service, rows_at, terminate_postgres_
 
 from workers.redact import redact
 from workers.settings import ConfigError
-from workers.sinks import Record, Sink, open_sink
+from workers.sinks import Record, Sink, SinkDataError, SinkDown, check_sink, open_sink
 
 Row = tuple[str, str, str, str, str, float, str]
 
@@ -128,20 +128,60 @@ def test_count_of_an_unknown_run_is_zero(sink: Sink) -> None:
     assert sink.count("no-such-run") == 0
 
 
-@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
-def test_unreachable_postgres_names_the_redacted_url(scheme: str) -> None:
+def test_a_record_the_sink_refuses_fails_only_its_own_write(
+    sink: Sink, sink_url: str
+) -> None:
+    """SQLite's group commit carries the rows of many writers in one transaction: the one
+    whose row is refused (NULL value) hears of it, the others are written."""
+    bad = Record("demo", "acct-9", "svc-9", "calls", "2024-01-01", None)  # type: ignore[arg-type]
+    good = [[record(i, float(i))] for i in range(8)]
+    barrier = threading.Barrier(9)
+
+    def write(records: list[Record]) -> str:
+        barrier.wait()
+        try:
+            sink.write(records, "run-1")
+        except SinkDataError as exc:
+            return f"refused: {exc}"
+        return "written"
+
+    with ThreadPoolExecutor(9) as pool:
+        answers = list(pool.map(write, [*good, [bad]]))
+    assert answers[:8] == ["written"] * 8
+    assert answers[8].startswith("refused: IntegrityError") or \
+        answers[8].startswith("refused: NotNullViolation"), answers[8]
+    assert rows_at(sink_url) == by_key([as_row(r[0], "run-1") for r in good])
+
+
+def _psycopg_or_skip() -> None:
     try:
         import psycopg  # noqa: F401
         import psycopg_pool  # noqa: F401
     except ImportError as exc:
         require_service(f"psycopg or psycopg_pool not installed ({exc})")
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_unreachable_postgres_is_down_and_names_the_redacted_url(scheme: str) -> None:
+    """Nothing listening may be an outage (the worker waits), and a command that starts a run
+    refuses it in one line (check_sink: a ConfigError)."""
+    _psycopg_or_skip()
     url = f"{scheme}://fanout:s3cret-pw@127.0.0.1:1/test"
-    with pytest.raises(ConfigError) as raised:
+    with pytest.raises(SinkDown) as down:
         open_sink(url)
-    message = str(raised.value)
-    assert f"{scheme}://fanout:***@127.0.0.1:1/test" in message
-    assert "\n" not in message
-    assert "s3cret" not in message
+    with pytest.raises(ConfigError) as refused:
+        check_sink(url)
+    for message in (str(down.value), str(refused.value)):
+        assert f"{scheme}://fanout:***@127.0.0.1:1/test" in message
+        assert "\n" not in message
+        assert "s3cret" not in message
+
+
+def test_a_missing_postgres_database_can_never_work() -> None:
+    _psycopg_or_skip()
+    url = POSTGRES_URL.rsplit("/", 1)[0] + "/fanout_no_such_db"
+    with pytest.raises(ConfigError, match='database "fanout_no_such_db" does not exist'):
+        open_sink(url)
 
 
 def test_postgres_sink_without_psycopg_says_what_to_install(

@@ -10,12 +10,18 @@ outage (``outage_filter``, installed on Celery's log handlers), and the reaper i
 restore of unacknowledged messages (``RedisBrokerHooks``) for after a restart and after a
 worker's death. On a Redis broker each worker process beats (``workers/liveness.py``), so
 what it holds is renewed while it lives and put back within seconds once it dies.
+
+The sink is opened at ``worker_init`` (``check_sink_at_start``): one that can never work as
+configured stops the worker with one line and exit code 2; one merely unreachable is an
+outage, told once, that the sink gate rides out (``workers/sinks/gate.py``). At
+``worker_shutting_down`` the writes waiting at the gate give up, so their messages go back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from typing import Any
 
@@ -28,6 +34,7 @@ from celery.signals import (
     after_setup_task_logger,
     worker_init,
     worker_ready,
+    worker_shutting_down,
 )
 from kombu import Connection, Exchange, Queue
 from kombu.exceptions import OperationalError
@@ -36,6 +43,7 @@ from kombu.transport.redis import Mutex, MutexHeld
 from workers import broker, keys
 from workers.api import Stage, all_pipelines, load_pipelines
 from workers.connections import broker_redis, get_redis, resolve_broker_url, warn_if_evicting
+from workers.engine.batch_record import process_gate
 from workers.engine.reaper import start_reaper
 from workers.engine.runner import INFRA_ERRORS, StageRunner
 from workers.engine.scheduler import start_mover
@@ -46,7 +54,8 @@ from workers.liveness import worker_id as liveness_worker_id
 from workers.message import BadMessage, decode_redis, from_task_call
 from workers.outage import DOWN_ERRORS, OncePerOutage
 from workers.outcome import Outcome
-from workers.settings import Settings, get_settings, validate_environment
+from workers.settings import ConfigError, Settings, get_settings, validate_environment
+from workers.sinks import SinkDown, open_sink
 
 #: How soon Celery's consumer tries the broker again after losing it. kombu's defaults wait
 #: 2 s, then 2 s more at each try, up to 30 s: a worker came back up to 30 s after Redis did.
@@ -141,6 +150,23 @@ def _note_pool_size(sender: Any = None, **_: object) -> None:
         _PoolSize.threads = concurrency
 
 
+def check_sink_at_start(**_: object) -> None:
+    """Open this process's sink before taking any message: a sink that can never work as
+    configured (no driver, an unsupported URL, no such database, bad credentials) stops the
+    worker in one line, exit 2; one unreachable now is an outage the sink gate waits out."""
+    try:  # opened and closed: a prefork pool's children must not share its connections
+        open_sink(get_settings().sink_url).close()
+    except ConfigError as exc:
+        print(f"fanout worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except SinkDown as exc:
+        process_gate(services()).went_down(exc)
+
+
+def _release_sink_gate(**_: object) -> None:
+    process_gate(services()).stop()
+
+
 def _make_task(app: Celery, stage: Stage, item_events: ItemEvents) -> Task:
     runner: list[StageRunner] = []  # made in the process that runs the task (after a fork)
 
@@ -160,7 +186,8 @@ def _make_task(app: Celery, stage: Stage, item_events: ItemEvents) -> Task:
         except INFRA_ERRORS as exc:
             raise Reject(str(exc), requeue=True) from exc
         if reports[0].outcome is Outcome.RETRYING:
-            self.send_event("task-retried", exception=reports[0].error, traceback="")
+            self.send_event("task-retried", exception=reports[0].error,
+                            traceback=reports[0].traceback)
         if app.conf.worker_send_task_events:  # Flower sees each item the batch carried too
             item_events.emit(self.request.hostname, reports[1:])
         return _describe([r.outcome for r in reports])
@@ -314,7 +341,7 @@ CELERY_BACK_PHRASES = ("Connected to",)
 
 def outage_filter() -> OncePerOutage:
     """The filter that keeps one line per outage of Celery's (and of a task's Redis error)."""
-    return OncePerOutage((*DOWN_ERRORS, OperationalError), CELERY_OUTAGE_PHRASES,
+    return OncePerOutage((*DOWN_ERRORS, OperationalError, SinkDown), CELERY_OUTAGE_PHRASES,
                          CELERY_BACK_PHRASES)
 
 
@@ -343,6 +370,9 @@ def create_app(settings: Settings | None = None) -> Celery:
         _install_outage_filter(log_filter, logger)
 
     worker_init.connect(_note_pool_size, weak=False, dispatch_uid="fanout-pool-size")
+    worker_init.connect(check_sink_at_start, weak=False, dispatch_uid="fanout-sink-check")
+    worker_shutting_down.connect(_release_sink_gate, weak=False,
+                                 dispatch_uid="fanout-sink-gate")
     worker_ready.connect(start_threads, weak=False, dispatch_uid="fanout-threads")
     # Once Celery has set up its handlers (the root logger's and the task logger's).
     after_setup_logger.connect(install_filter, weak=False, dispatch_uid="fanout-outage-log")

@@ -66,9 +66,11 @@ class ItemEvents:
                  "root_id": uuid, "parent_id": None, "received": started, "started": started,
                  "timestamp": now}
         if outcome is Outcome.FAILED:
-            dispatcher.send("task-failed", exception=report.error, traceback="", **about)
+            dispatcher.send("task-failed", exception=report.error, traceback=report.traceback,
+                            **about)
         elif outcome is Outcome.RETRYING:
-            dispatcher.send("task-retried", exception=report.error, traceback="", **about)
+            dispatcher.send("task-retried", exception=report.error,
+                            traceback=report.traceback, **about)
         else:
             dispatcher.send("task-succeeded", result=outcome.value, runtime=report.runtime_s,
                             **about)

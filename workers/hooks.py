@@ -5,16 +5,26 @@ after it (record, trip a switch), in the spirit of Dramatiq's middleware. Retrie
 caching and kill switches plug in here; a pipeline lists its hooks (``Pipeline(hooks=...)``)
 and a stage may add its own. What a stage produced is a ``StageResult``: the engine fans it out
 the same way whether the stage ran, a hook served it, or a replay brought it back.
+
+Hooks are isolated as Dramatiq's middleware are (``HookCalls``). ``before`` runs in order
+until one decides; one that raises is the item's error, as if its stage had raised (retried
+by its policy). ``after`` and ``on_failure`` run only on the hooks whose ``before`` returned,
+in reverse order; one that raises is logged with its traceback, the others still run, and the
+item's outcome stands (a raising ``after`` does not fail an item whose call succeeded).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from workers.context import StageContext
 from workers.looping import Loop
 from workers.sinks.base import Record
+
+log = logging.getLogger("fanout.hooks")
 
 
 @dataclass
@@ -88,3 +98,40 @@ class Hook:
         self, ctx: StageContext, item: Any, exc: BaseException, *, final: bool
     ) -> None:
         """Called when the stage function raised; ``final`` when no retry follows."""
+
+
+class HookCalls:
+    """The hooks of one item, called in turn (see the module docstring)."""
+
+    def __init__(self, hooks: Sequence[Hook]) -> None:
+        self.hooks = hooks
+        self.entered: list[Hook] = []  # those whose before() returned
+
+    def before(self, ctx: StageContext, item: Any) -> Decision | None:
+        for hook in self.hooks:
+            decision = hook.before(ctx, item)  # raising: the item's error
+            self.entered.append(hook)
+            if decision is not None:
+                return decision
+        return None
+
+    def after(self, ctx: StageContext, item: Any, result: StageResult) -> None:
+        for hook in reversed(self.entered):
+            try:
+                hook.after(ctx, item, result)
+            except Exception:
+                _log_raised(hook, "after", ctx)
+
+    def on_failure(
+        self, ctx: StageContext, item: Any, exc: BaseException, *, final: bool
+    ) -> None:
+        for hook in reversed(self.entered):
+            try:
+                hook.on_failure(ctx, item, exc, final=final)
+            except Exception:
+                _log_raised(hook, "on_failure", ctx)
+
+
+def _log_raised(hook: Hook, method: str, ctx: StageContext) -> None:
+    log.error("%s %s: hook %s.%s() raised (the item's outcome stands)", ctx.task_name,
+              ctx.item_id, type(hook).__name__, method, exc_info=True)

@@ -27,14 +27,15 @@ from tenacity import (
 )
 
 from workers.http_transport import KeepAliveTransport
+from workers.policy.retry import RetryAfter
 from workers.settings import get_settings
 from workers.throttle import throttle
 
 _BODY_EXCERPT_CHARS = 200
 
 
-class VendorHTTPError(Exception):
-    """The vendor answered with an error status."""
+class VendorHTTPError(RetryAfter):
+    """The vendor answered with an error status (``retry_after_s``: its Retry-After)."""
 
     def __init__(self, status: int, url: str, body: str, retry_after_s: float | None = None):
         self.status = status

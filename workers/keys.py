@@ -10,7 +10,8 @@ Run ledger, for run R (``RunKeys``):
 - ``fanout:run:{R}:counts``   hash: ``STAGE:COUNTER`` -> int (enqueued, succeeded, failed,
                               cached, retried, throttled, skipped, iterations), ``rows``
 - ``fanout:run:{R}:items``    hash: item id -> state (``p`` pending, ``s`` ``f`` ``c`` ``k``)
-- ``fanout:run:{R}:failed``   hash: item id -> JSON {stage, item, error_type, message, attempts}
+- ``fanout:run:{R}:failed``   hash: item id -> JSON {stage, item, error_type, message, attempts,
+                              traceback (its last 4,000 characters), ...}
 - ``fanout:run:{R}:done``     list: one element pushed when the run finishes (BLPOP wakes waiters)
 - ``fanout:run:{R}:payloads`` hash: item id -> payload JSON while the item is pending (so the
                               reaper can publish a lost message again)
@@ -46,6 +47,9 @@ Shared:
                               in every worker publishes what is due (``engine/scheduler.py``)
 - ``fanout:dead:QUEUE``       list: messages of QUEUE that could not be decoded, with the reason
 - ``fanout:dead:queues``      set: the queues that have dead letters
+- ``fanout:sink:down``        string: JSON {error, since, worker} while a worker cannot write
+                              to the sink (``outage.py: SinkOutageNote``); refreshed at each
+                              failed probe, deleted when it is back, else expires after 30 s
 
 Global limits (``limits.py``), for limit NAME (a hash tag: one limit's keys share a slot):
 - ``fanout:limits``             set: the names of all limits (configuration: no TTL)
@@ -91,6 +95,7 @@ WORKERS = f"{PREFIX}:workers"
 #: How long a worker may take to put back what one dead worker held before another may.
 REAPING_TTL_S = 60
 LIMITS_INDEX = f"{PREFIX}:limits"
+SINK_DOWN = f"{PREFIX}:sink:down"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,17 +13,25 @@ the first line of an outage through (its traceback cut to one line) and drops th
 a line says the connection is back, or until nothing was said of it for ``quiet_s``. What is
 a line "of an outage" is the caller's to say (``workers/app.py`` names Celery's).
 
+``SinkOutageNote`` tells producers that workers cannot write to the sink (the sink gate,
+``workers/sinks/gate.py``, keeps its own state per process): a Redis key with a short TTL.
+
 Time comes from ``clock`` (monotonic seconds), so tests move it instead of sleeping.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import redis
+
+from workers import keys
 
 #: What "Redis is unreachable" looks like to redis-py (BusyLoadingError, a server still loading
 #: its data, is a ConnectionError).
@@ -217,3 +225,39 @@ def _one_line(record: logging.LogRecord, errors: tuple[type[BaseException], ...]
     record.args = None
     record.exc_info = None
     record.exc_text = None
+
+
+class SinkOutageNote:
+    """``keys.SINK_DOWN`` while this worker cannot write to the sink. ``__call__(error)``
+    sets it (refreshing its TTL), ``__call__(None)`` deletes it. A Redis error is let go: the
+    note is for producers to tell why a run stands still, the gate does not depend on it."""
+
+    TTL_S = 30  # longer than the gate's longest wait between probes (10 s)
+
+    def __init__(self, client: redis.Redis, worker: str | None = None) -> None:
+        self.redis = client
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+        self._since: float | None = None
+
+    def __call__(self, error: str | None) -> None:
+        try:
+            if error is None:
+                self._since = None
+                self.redis.delete(keys.SINK_DOWN)
+                return
+            self._since = self._since or time.time()
+            value = json.dumps({"error": error, "since": self._since, "worker": self.worker})
+            self.redis.set(keys.SINK_DOWN, value, ex=self.TTL_S)
+        except redis.RedisError as exc:
+            log.debug("could not note the sink outage in Redis: %s", exc)
+
+    @staticmethod
+    def read(client: redis.Redis) -> str | None:
+        """The error a worker last met writing to the sink, while it lasts; else None."""
+        raw = client.get(keys.SINK_DOWN)
+        if not raw:
+            return None
+        try:
+            return str(json.loads(raw)["error"])
+        except (ValueError, KeyError, TypeError):
+            return str(raw)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -19,6 +19,9 @@ from workers import keys
 from workers.context import StageContext
 from workers.hooks import Decision, Hook, Serve, StageResult
 from workers.ids import canonical_json
+
+if TYPE_CHECKING:
+    from workers.api import Stage
 
 CacheKeyFn = Callable[[StageContext, Any], str]
 
@@ -58,6 +61,17 @@ class CacheHook(Hook):
     def after(self, ctx: StageContext, item: Any, result: StageResult) -> None:
         text = canonical_json(result.to_json())
         self.redis.set(self._key(ctx, item), text, px=self.ttl_ms)
+
+
+#: The stage options this hook owns (``Pipeline.stage(...)``).
+OPTIONS = ("cache", "cache_key", "cache_ttl_s")
+
+
+def for_stage(stage: Stage, client: redis.Redis) -> tuple[Hook, ...]:
+    """The cache a stage's options ask for, if any."""
+    if not (stage.cache or stage.cache_key):
+        return ()
+    return (CacheHook(client, stage.cache_ttl_s, stage.cache_key or inputs_key),)
 
 
 def clear(client: redis.Redis, task_name: str | None = None) -> int:

@@ -6,14 +6,28 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import redis
 
 from workers.context import StageContext
 from workers.hooks import Decision, Defer, Hook, StageResult
+from workers.http import VendorHTTPError
 from workers.limits import Lease
-from workers.throttle import Throttle, Throttled
+from workers.throttle import Throttle, Throttled, throttle
+
+if TYPE_CHECKING:
+    from workers.api import Stage
 
 log = logging.getLogger("fanout.limits")
+
+#: The stage options this hook owns (``Pipeline.stage(...)``).
+OPTIONS = ("limits",)
+
+
+def for_stage(stage: Stage, client: redis.Redis) -> tuple[Hook, ...]:
+    """One hook per limit the stage names (``throttle()`` has its own Redis client)."""
+    return tuple(LimitHook(name, throttle()) for name in stage.limits)
 
 
 class LimitHook(Hook):
@@ -52,6 +66,6 @@ class LimitHook(Hook):
         self, ctx: StageContext, item: Any, exc: BaseException, *, final: bool
     ) -> None:
         self._leave(ctx)
-        retry_after_s = getattr(exc, "retry_after_s", None)
-        if retry_after_s is not None and getattr(exc, "status", None) in (429, 503):
-            self.throttle.push_back(self.name, retry_after_s)
+        if isinstance(exc, VendorHTTPError) and exc.status in (429, 503) \
+                and exc.retry_after_s is not None:
+            self.throttle.push_back(self.name, exc.retry_after_s)

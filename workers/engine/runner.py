@@ -10,6 +10,14 @@ ledger. Order matters for at-least-once delivery with exactly-once accounting:
    finish the run; a batch does both in one sink commit and one ledger round trip.
 A worker killed anywhere before 4 leaves the item pending; its message comes back and steps
 2-3 are repeated, which is harmless: registration and the sink are idempotent.
+
+Each error in its bucket: a stage (or a hook's ``before``) that raises fails its item, retried
+by its policy, logged and recorded with its traceback once final; a raising ``after`` or
+``on_failure`` is logged and changes nothing (``hooks.HookCalls``); records the sink refuses
+(``SinkDataError``) fail the items that gave them, found by writing item by item, while the
+others of the batch are written; a sink that is down (``SinkDown``) holds the batch at the
+process's sink gate (``sinks/gate.py``) until it is back, and only after the gate's longest
+wait do its messages go back, as on a Redis error (``INFRA_ERRORS``).
 """
 
 from __future__ import annotations
@@ -17,9 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -29,29 +36,23 @@ from workers import http
 from workers.api import Pipeline, Stage, find_stage, get_pipeline
 from workers.context import StageContext
 from workers.engine import batch_maps
-from workers.engine.cache_hook import CacheHook, inputs_key
-from workers.engine.limit_hook import LimitHook
+from workers.engine.batch_record import Batch, CopyOf, failure_of, format_traceback, record
 from workers.engine.services import Services
-from workers.hooks import Defer, Hook, Serve, Skip, StageResult
+from workers.engine.stage_hooks import hooks_for
+from workers.hooks import Defer, Hook, HookCalls, Serve, Skip, StageResult
 from workers.ids import RawJSON, canonical_json, item_id, loop_parent
 from workers.ledger import Finish
 from workers.looping import Loop, LoopLimitExceeded, LoopState
 from workers.message import BadMessage, Delivery, decode_redis
 from workers.outcome import Outcome
-from workers.sinks import Record
-from workers.throttle import Throttled, throttle
+from workers.policy.retry import retry_after_s
+from workers.sinks import Record, SinkDown
+from workers.throttle import Throttled
 
 log = logging.getLogger("fanout")
 
-class SinkUnavailable(Exception):
-    """The sink could not be opened or written: the items did not fail, their messages go
-    back (the rows are upserted again when they run again)."""
-
-
 #: Errors of fanout's own infrastructure: the item did not fail, its message goes back.
-INFRA_ERRORS = (redis.RedisError, OperationalError, SinkUnavailable)
-
-
+INFRA_ERRORS = (redis.RedisError, OperationalError, SinkDown)
 def publish_children(
     services: Services, stage: Stage, run_id: str, parent_id: str, items: Sequence[Any]
 ) -> int:
@@ -76,20 +77,7 @@ class ItemReport:
     outcome: Outcome
     runtime_s: float
     error: str = ""  # "ErrorType: message" when its stage raised
-
-
-@dataclass
-class _Batch:
-    """Terminal transitions deferred to the end of a batch, with the records they wrote."""
-
-    finishes: list[Finish] = field(default_factory=list)
-    records: dict[str, list[Record]] = field(default_factory=lambda: defaultdict(list))
-    errors: dict[tuple[str, str, int], str] = field(default_factory=dict)  # failed tries
-
-    def add(self, done: Finish, records: Sequence[Record] = ()) -> None:
-        self.finishes.append(done)
-        if records:
-            self.records[done.run_id].extend(records)
+    traceback: str = ""  # of that error, its last TRACEBACK_CHARS characters
 
 
 class StageRunner:
@@ -145,9 +133,9 @@ class StageRunner:
         """Run deliveries (each with its stage); returns what happened to each."""
         ledger = self.services.ledger
         progress = ledger.items.progress_many([(d.run_id, d.item_id) for d, _ in work])
-        batch = _Batch()
-        reports = []
-        seen: set[tuple[str, str, int]] = set()
+        batch = Batch()
+        ran: list[tuple[Delivery, Outcome, float]] = []
+        seen: set[CopyOf] = set()
         for (delivery, stage), (state, iteration, stopped) in zip(work, progress, strict=True):
             started = time.perf_counter()
             copy_of = (delivery.run_id, delivery.item_id, delivery.iteration)
@@ -160,9 +148,15 @@ class StageRunner:
             else:
                 outcome = self._run_one(delivery, stage, state, iteration, batch)
             seen.add(copy_of)
-            reports.append(ItemReport(delivery, outcome, time.perf_counter() - started,
-                                      batch.errors.get(copy_of, "")))
-        self._record(batch)
+            ran.append((delivery, outcome, time.perf_counter() - started))
+        refused = record(self.services, batch)
+        reports = []
+        for delivery, outcome, runtime_s in ran:
+            copy_of = (delivery.run_id, delivery.item_id, delivery.iteration)
+            if copy_of in refused and outcome is not Outcome.DUPLICATE:
+                outcome = Outcome.FAILED
+            error, trace = batch.errors.get(copy_of, ("", ""))
+            reports.append(ItemReport(delivery, outcome, runtime_s, error, trace))
         return reports
 
     # -- one delivery ---------------------------------------------------------------------
@@ -180,7 +174,7 @@ class StageRunner:
         return delivery, own
 
     def _run_one(
-        self, delivery: Delivery, stage: Stage, state: str | None, iteration: int, batch: _Batch
+        self, delivery: Delivery, stage: Stage, state: str | None, iteration: int, batch: Batch
     ) -> Outcome:
         if state is None:
             log.warning("%s %s: unknown item (run expired?), dropped", stage.task_name,
@@ -196,7 +190,7 @@ class StageRunner:
             self._run_params(delivery.run_id), delivery.attempt,
             LoopState(delivery.iteration, delivery.loop_payload), frozenset(pipeline.stages),
         )
-        hooks = self._hooks(pipeline, stage)
+        hooks = HookCalls(self._hooks(pipeline, stage))
         try:
             served = self._before(hooks, delivery, stage, ctx, batch)
             if isinstance(served, Outcome):
@@ -209,31 +203,23 @@ class StageRunner:
             except Loop as signal:
                 returned = signal
             result = self._result(stage, ctx, returned)
-            for hook in hooks:
-                hook.after(ctx, delivery.payload, result)
+            hooks.after(ctx, delivery.payload, result)
             return self._complete(delivery, stage, result, batch, Outcome.SUCCEEDED)
         except Throttled as held:  # a limit holds the item: run it again later, not a retry
-            for hook in hooks:
-                hook.on_failure(ctx, delivery.payload, held, final=False)
+            hooks.on_failure(ctx, delivery.payload, held, final=False)
             return self._throttle(delivery, stage, held.wait_s)
         except INFRA_ERRORS as exc:
-            for hook in hooks:  # e.g. a held slot is given back
-                hook.on_failure(ctx, delivery.payload, exc, final=False)
+            hooks.on_failure(ctx, delivery.payload, exc, final=False)  # e.g. a slot given back
             raise
         except Exception as exc:
             return self._failed(delivery, stage, ctx, hooks, exc, batch)
 
     def _hooks(self, pipeline: Pipeline, stage: Stage) -> tuple[Hook, ...]:
-        """The pipeline's and the stage's hooks, then its cache, then its limits (last: a
-        served or skipped item takes nothing from a limit)."""
+        """The pipeline's and the stage's hooks, then those its own options ask for (its
+        cache, then its limits: ``stage_hooks.STAGE_HOOKS``)."""
         found = self._stage_hooks.get(stage.task_name)
         if found is None:
-            cache: tuple[Hook, ...] = ()
-            if stage.cache or stage.cache_key:
-                cache = (CacheHook(self.services.ledger.redis, stage.cache_ttl_s,
-                                   stage.cache_key or inputs_key),)
-            limits = tuple(LimitHook(name, throttle()) for name in stage.limits)
-            found = (*pipeline.hooks_of(stage), *cache, *limits)
+            found = (*pipeline.hooks_of(stage), *hooks_for(stage, self.services.ledger.redis))
             self._stage_hooks[stage.task_name] = found
         return found
 
@@ -243,20 +229,19 @@ class StageRunner:
         return Outcome.THROTTLED
 
     def _before(
-        self, hooks: Sequence[Hook], delivery: Delivery, stage: Stage, ctx: StageContext,
-        batch: _Batch,
+        self, hooks: HookCalls, delivery: Delivery, stage: Stage, ctx: StageContext,
+        batch: Batch,
     ) -> StageResult | Outcome | None:
         """Ask the hooks: an outcome ends the item here, a result replaces the call."""
-        for hook in hooks:
-            decision = hook.before(ctx, delivery.payload)
-            if isinstance(decision, Skip):
-                batch.add(Finish(delivery.run_id, stage.name, delivery.item_id,
-                                 Outcome.SKIPPED, delivery.iteration))
-                return Outcome.SKIPPED
-            if isinstance(decision, Defer):
-                return self._throttle(delivery, stage, decision.delay_s)
-            if isinstance(decision, Serve):
-                return decision.result
+        decision = hooks.before(ctx, delivery.payload)
+        if isinstance(decision, Skip):
+            batch.add(Finish(delivery.run_id, stage.name, delivery.item_id,
+                             Outcome.SKIPPED, delivery.iteration))
+            return Outcome.SKIPPED
+        if isinstance(decision, Defer):
+            return self._throttle(delivery, stage, decision.delay_s)
+        if isinstance(decision, Serve):
+            return decision.result
         return None
 
     @staticmethod
@@ -277,7 +262,7 @@ class StageRunner:
         return result
 
     def _complete(
-        self, delivery: Delivery, stage: Stage, result: StageResult, batch: _Batch,
+        self, delivery: Delivery, stage: Stage, result: StageResult, batch: Batch,
         outcome: Outcome,
     ) -> Outcome:
         pipeline = get_pipeline(stage.pipeline)
@@ -293,7 +278,7 @@ class StageRunner:
             return self._advance(delivery, stage, result.next_loop)
         batch.add(Finish(delivery.run_id, stage.name, delivery.item_id, outcome,
                          delivery.iteration, rows=len(result.records), result=result.value),
-                  result.records)
+                  result.records, delivery)
         return outcome
 
     def _advance(self, delivery: Delivery, stage: Stage, signal: Loop) -> Outcome:
@@ -310,58 +295,45 @@ class StageRunner:
         return Outcome.LOOPED
 
     def _failed(
-        self, delivery: Delivery, stage: Stage, ctx: StageContext, hooks: Sequence[Hook],
-        exc: Exception, batch: _Batch,
+        self, delivery: Delivery, stage: Stage, ctx: StageContext, hooks: HookCalls,
+        exc: Exception, batch: Batch,
     ) -> Outcome:
-        final = isinstance(exc, LoopLimitExceeded) or not stage.retry.should_retry(
-            exc, delivery.attempt
-        )
-        for hook in hooks:
-            hook.on_failure(ctx, delivery.payload, exc, final=final)
+        final = isinstance(exc, LoopLimitExceeded) or not self._should_retry(stage, exc,
+                                                                              delivery)
+        hooks.on_failure(ctx, delivery.payload, exc, final=final)
         items = self.services.ledger.items
+        trace = format_traceback(exc)
         batch.errors[(delivery.run_id, delivery.item_id, delivery.iteration)] = \
-            f"{type(exc).__name__}: {str(exc)[:300]}"
+            (f"{type(exc).__name__}: {str(exc)[:300]}", trace)
         # Every try counts, the vendor client's own retries too (one per failed attempt).
         tries, first_at = items.record_tries(delivery.run_id, delivery.item_id,
                                              max(1, http.tries()))
         if not final:
             # Never sooner than the vendor asked (a 429's or 503's Retry-After).
-            delay_s = max(stage.retry.delay_for(delivery.attempt),
-                          getattr(exc, "retry_after_s", None) or 0.0)
+            delay_s = max(stage.retry.delay_for(delivery.attempt), retry_after_s(exc) or 0.0)
             items.note(delivery.run_id, stage.name, "retried")
             log.info("%s %s attempt %d failed (%s), retrying in %.1fs", stage.task_name,
                      delivery.item_id, delivery.attempt, exc, delay_s)
             self.services.scheduler.later(delivery.next_attempt(), delay_s)
             return Outcome.RETRYING
-        failure = {
-            "stage": stage.name,
-            "item": delivery.payload,
-            "error_type": type(exc).__name__,
-            "message": str(exc)[:500],
-            "attempts": delivery.attempt,
-            "tries": tries,
-            "iteration": delivery.iteration,
-            "first_failed_at": first_at,
-            "last_failed_at": time.time(),
-        }
+        failure = failure_of(stage.name, delivery, exc, trace, tries=tries, first_at=first_at)
         batch.add(Finish(delivery.run_id, stage.name, delivery.item_id, Outcome.FAILED,
                          delivery.iteration, failure=failure))
-        log.info("%s %s failed: %s", stage.task_name, delivery.item_id, exc)
+        log.warning("%s %s failed after %d attempts: %s", stage.task_name, delivery.item_id,
+                    delivery.attempt, exc, exc_info=exc)
         return Outcome.FAILED
 
-    # -- the end of a batch ---------------------------------------------------------------
+    @staticmethod
+    def _should_retry(stage: Stage, exc: Exception, delivery: Delivery) -> bool:
+        """The stage's policy; a ``retry_if`` that raises is logged and means no retry."""
+        try:
+            return stage.retry.should_retry(exc, delivery.attempt)
+        except Exception:
+            log.error("%s %s: retry_if raised (no retry)", stage.task_name, delivery.item_id,
+                      exc_info=True)
+            return False
 
-    def _record(self, batch: _Batch) -> None:
-        """Records first, then the terminal transitions: a counted item has its rows."""
-        if batch.records:  # a stage that writes no rows never opens the sink
-            try:
-                sink = self.services.sink()
-                for run_id, records in batch.records.items():
-                    sink.write(records, run_id)
-            except Exception as exc:
-                raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        _, signals = self.services.ledger.items.finish_batch(batch.finishes)
-        batch_maps.settle(self.services, signals)
+    # -- the end of a batch: engine/batch_record.py -----------------------------------
 
     def _run_params(self, run_id: str) -> dict[str, Any]:
         """Run parameters, read from the ledger once per process (messages stay lean)."""
@@ -373,3 +345,4 @@ class StageRunner:
                     self._params.clear()
                 self._params[run_id] = params
         return params
+

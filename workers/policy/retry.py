@@ -27,6 +27,20 @@ class PermanentError(Exception):
 
 def is_permanent(exc: BaseException) -> bool:
     return bool(getattr(exc, "permanent", False))
+
+
+class RetryAfter(Exception):
+    """An error that says how long to wait before the next try (a vendor's Retry-After):
+    the task's retry waits at least ``retry_after_s`` (None: it did not say)."""
+
+    retry_after_s: float | None = None
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The wait ``exc`` asks for before the next try, if it is a ``RetryAfter`` that says."""
+    return exc.retry_after_s if isinstance(exc, RetryAfter) else None
+
+
 Rand = Callable[[], float]
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 
 from workers.redact import redact
 from workers.settings import ConfigError, get_settings
-from workers.sinks.base import NATURAL_KEY, Record, Sink
+from workers.sinks.base import NATURAL_KEY, Record, Sink, SinkDataError, SinkDown
 from workers.sinks.sqlite import SqliteSink
 
-__all__ = ["NATURAL_KEY", "Record", "Sink", "check_sink_url", "get_sink", "open_sink"]
+__all__ = ["NATURAL_KEY", "Record", "Sink", "SinkDataError", "SinkDown", "check_sink",
+           "check_sink_url", "get_sink", "open_sink"]
 
 
 SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
@@ -25,9 +27,24 @@ def check_sink_url(url: str) -> None:
         )
 
 
+def check_sink(url: str) -> None:
+    """Open the sink at ``url`` for real and close it: for a command that starts a run, a
+    sink it cannot open now, for good or for a while, is a ConfigError (one line, exit 2)."""
+    try:
+        open_sink(url).close()
+    except SinkDown as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def open_sink(url: str) -> Sink:
+    """The sink at ``url``. Raises ConfigError when it can never work as given, SinkDown
+    when it cannot be reached now."""
     if url.startswith("sqlite:///"):
-        return SqliteSink(url.removeprefix("sqlite:///"))
+        path = url.removeprefix("sqlite:///")
+        try:
+            return SqliteSink(path)
+        except (sqlite3.Error, OSError) as exc:
+            raise ConfigError(f"cannot open sink {url}: {exc}") from None
     if url.startswith(("postgresql://", "postgres://")):
         try:  # imported on use: psycopg is an optional dependency (fanout[postgres])
             from workers.sinks.postgres import PostgresSink

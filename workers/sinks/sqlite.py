@@ -2,7 +2,11 @@
 
 A task's rows must be on disk before its message is acked (a SIGKILL after the ack must lose
 nothing), so ``write`` waits for the commit. Threads that arrive while a commit is running
-join the next one: one transaction carries the rows of many tasks.
+join the next one: one transaction carries the rows of many tasks. When that transaction is
+refused for the rows one task gave (a NULL value, a type SQLite cannot bind), each task's rows
+are written again in a transaction of their own, so only that task hears of it (a
+``SinkDataError``); an OperationalError (a locked or full disk, a read-only file) is
+``SinkDown`` for every task of the transaction.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from workers.sinks.base import Record
+from workers.sinks.base import Record, SinkDataError, SinkDown
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS metrics (
@@ -35,6 +40,20 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (vendor, account, service, metric, day) DO UPDATE SET
     value = excluded.value, run_id = excluded.run_id, fetched_at = excluded.fetched_at
 """
+#: Refusals of the rows themselves; any other sqlite3.Error is about the database.
+_DATA_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError,
+                sqlite3.ProgrammingError)
+
+Row = tuple[object, ...]
+
+
+@dataclass
+class _Chunk:
+    """The rows of one ``write`` call, and what became of them."""
+
+    rows: list[Row]
+    done: bool = False
+    refused: SinkDataError | None = None
 
 
 class SqliteSink:
@@ -43,11 +62,9 @@ class SqliteSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
         self._set_up()
-        self._pending: list[tuple[object, ...]] = []
+        self._pending: list[_Chunk] = []
         self._pending_lock = threading.Lock()
         self._commit_lock = threading.Lock()
-        self._next_batch = 1  # the batch that new rows join
-        self._committed = 0  # the last batch on disk
 
     def _set_up(self) -> None:
         """WAL and the table. Two processes opening a new file at once: switching it to WAL
@@ -72,30 +89,54 @@ class SqliteSink:
         if not records:
             return 0
         now = time.time()
-        rows = [
+        chunk = _Chunk([
             (r.vendor, r.account, r.service, r.metric, r.day, r.value, run_id, now)
             for r in records
-        ]
+        ])
         with self._pending_lock:
-            self._pending.extend(rows)
-            my_batch = self._next_batch
+            self._pending.append(chunk)
         with self._commit_lock:
-            if self._committed >= my_batch:
-                return len(rows)  # another thread committed our rows with its own
-            with self._pending_lock:
-                batch, self._pending = self._pending, []
-                taken = self._next_batch
-                self._next_batch += 1
-            try:
-                with self._conn:
-                    self._conn.executemany(_UPSERT, batch)
-            except BaseException:
-                # Hand the rows to the next committer: their writers are still waiting.
+            if not chunk.done:  # else another thread committed our rows with its own
                 with self._pending_lock:
-                    self._pending[:0] = batch
-                raise
-            self._committed = taken
-        return len(rows)
+                    chunks, self._pending = self._pending, []
+                try:
+                    self._commit(chunks)
+                except BaseException:
+                    # Hand the rows to the next committer: their writers are still waiting.
+                    with self._pending_lock:
+                        self._pending[:0] = [c for c in chunks if not c.done]
+                    raise
+        if chunk.refused is not None:
+            raise chunk.refused
+        return len(chunk.rows)
+
+    def _commit(self, chunks: list[_Chunk]) -> None:
+        """One transaction for all; if its rows are refused, one per chunk."""
+        try:
+            with self._conn:
+                self._conn.executemany(_UPSERT, [row for c in chunks for row in c.rows])
+        except _DATA_ERRORS:
+            for chunk in chunks:
+                try:
+                    with self._conn:
+                        self._conn.executemany(_UPSERT, chunk.rows)
+                except _DATA_ERRORS as exc:
+                    chunk.refused = SinkDataError(f"{type(exc).__name__}: {exc}")
+                except sqlite3.Error as exc:
+                    raise SinkDown(f"sink {self.path}: {exc}") from exc
+                chunk.done = True
+            return
+        except sqlite3.Error as exc:
+            raise SinkDown(f"sink {self.path}: {exc}") from exc
+        for chunk in chunks:
+            chunk.done = True
+
+    def probe(self) -> None:
+        try:
+            with self._commit_lock:
+                self._conn.execute("SELECT COUNT(*) FROM metrics WHERE 0").fetchone()
+        except sqlite3.Error as exc:
+            raise SinkDown(f"sink {self.path}: {exc}") from exc
 
     def count(self, run_id: str | None = None) -> int:
         with self._commit_lock:
