@@ -118,7 +118,7 @@ class Settings:
             redis_url=env_url("FANOUT_REDIS_URL", REDIS_SCHEMES),
             broker_url=env_url("FANOUT_BROKER_URL"),  # any broker Celery serves
             sink_url=sink_url,
-            # Must exceed the longest task; a killed worker's messages come back after it.
+            # kombu's fallback on a Redis broker: live workers renew their leases (liveness.py).
             visibility_timeout_s=env_int("FANOUT_VISIBILITY_TIMEOUT_S", 300, minimum=1),
             ledger_ttl_s=env_int("FANOUT_LEDGER_TTL_S", 7 * 24 * 3600, minimum=60),
             http_timeout_s=env_float("FANOUT_HTTP_TIMEOUT_S", 30.0, above=0),

@@ -116,9 +116,11 @@ class StageRunner:
 
     def _give_back(self, queue: str, claimed: Sequence[str], runnable: Sequence[str]) -> None:
         """The batch could not be recorded (the sink or Redis failed): its runnable claimed
-        messages go back on their queue now instead of after the visibility timeout, and the
-        dead-lettered ones are released (the task's own message goes back through Celery).
-        With Redis itself down they stay claimed, and the reaper puts them back."""
+        messages go back on their queue now, and the dead-lettered ones are released (the
+        task's own message goes back through Celery). With Redis itself down the transport
+        keeps what it owes and settles it at a heartbeat once Redis is back
+        (``RedisTransport.settle``); should this worker die first, the reaper puts its claims
+        back."""
         transport = self.services.transport
         try:
             transport.give_back(queue, runnable)
@@ -126,8 +128,8 @@ class StageRunner:
             kept = set(runnable)
             transport.release(queue, [raw for raw in claimed if raw not in kept])
         except INFRA_ERRORS as exc:
-            log.warning("%d claimed messages of %s stay claimed until the reaper puts them "
-                        "back: %s", len(runnable), queue, exc)
+            log.warning("%d claimed messages of %s go back once Redis answers again: %s",
+                        len(runnable), queue, exc)
 
     def run(self, work: Sequence[tuple[Delivery, Stage]]) -> list[ItemReport]:
         """Run deliveries (each with its stage); returns what happened to each."""
