@@ -8,6 +8,9 @@ raises in ``before`` for item 1, in ``after`` for item 2 and in ``on_failure`` f
 
 ``sinkfaults.leaf`` returns one record per item; item 3's has no value, which every sink
 refuses (NOT NULL).
+
+``flaky.leaf`` (one retry, no delay) raises ValueError on its first attempt when the item is
+"retry", on every attempt when it is "fail", and returns the item otherwise.
 """
 
 from __future__ import annotations
@@ -85,3 +88,13 @@ sinkfaults = Pipeline("sinkfaults")
 def sink_leaf(ctx: StageContext, n: int) -> Record:
     value = None if n == 3 else float(n)
     return Record("sinkfaults", "acct", f"svc-{n}", "m", "2026-01-01", value)  # type: ignore[arg-type]
+
+
+flaky = Pipeline("flaky")
+
+
+@flaky.stage("leaf", retries=1, retry_delay_s=0)
+def flaky_leaf(ctx: StageContext, item: str) -> str:
+    if item == "fail" or (item == "retry" and ctx.attempt == 1):
+        raise ValueError(f"{item} on attempt {ctx.attempt}")
+    return item

@@ -187,3 +187,61 @@ def test_the_task_events_of_a_batch_carry_each_failed_items_traceback(
     assert by_item[3]["traceback"].startswith("Traceback (most recent call last):")
     assert by_item[3]["traceback"].endswith("ValueError: leaf 3 broke\n")
     assert by_item[1]["traceback"].endswith("RuntimeError: before broke on 1\n")
+
+
+def test_the_tasks_own_item_is_failure_or_retry_in_its_celery_events(
+    start_worker: WorkerFactory,
+) -> None:
+    """What Flower is told of a task's own message: Celery's own task-failed, with the
+    item's error and the traceback of the stage, for an item that failed for good, and
+    task-retried, then task-succeeded, for one that failed once and was retried (on 0bb300f
+    both ended task-succeeded with the result 'failed' or 'retrying')."""
+    from workers.celery import app
+
+    events: dict[str, list[dict[str, Any]]] = {}
+    ready, ended = threading.Event(), threading.Event()
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("uuid"):
+            events.setdefault(event["uuid"], []).append(event)
+            last = [kinds[-1]["type"] for kinds in events.values()]
+            if len(last) == 3 and set(last) <= {"task-failed", "task-succeeded"}:
+                ended.set()
+
+    def listen() -> None:
+        with app.connection_for_read() as conn:
+            receiver = app.events.Receiver(conn, handlers={"*": on_event})
+            ready.set()
+            for _ in receiver.itercapture(limit=None, timeout=60, wakeup=False):
+                if ended.is_set():
+                    return
+
+    threading.Thread(target=listen, daemon=True).start()
+    assert ready.wait(30)
+    run_id = start_run("flaky", {}, roots=["fail", "retry", "ok"], root_stage="leaf")
+    start_worker({**WORKER_ENV, "FANOUT_PREFETCH_MULTIPLIER": "1"}, concurrency=1)
+    summary = finished(run_id)
+    assert summary["status"] == "partial"
+    assert summary["stages"]["leaf"] == {"enqueued": 3, "succeeded": 2, "failed": 1,
+                                         "cached": 0, "retried": 2, "throttled": 0,
+                                         "skipped": 0}
+    assert ended.wait(30), events
+    by_item = {ast.literal_eval(evs[0]["args"])[-1]: evs for evs in events.values()}
+    kinds = {item: [e["type"] for e in evs] for item, evs in by_item.items()}
+    # "fail" is retried once, then fails for good; "retry" is retried once, then succeeds.
+    assert kinds["fail"] == ["task-received", "task-started", "task-retried",
+                             "task-received", "task-started", "task-failed"]
+    assert kinds["retry"] == ["task-received", "task-started", "task-retried",
+                              "task-received", "task-started", "task-succeeded"]
+    assert kinds["ok"] == ["task-received", "task-started", "task-succeeded"]
+    failed = by_item["fail"][-1]
+    assert failed["exception"] == "ValueError('fail on attempt 2')"
+    assert failed["traceback"].startswith("Traceback (most recent call last):")
+    assert 'in flaky_leaf\n    raise ValueError(f"{item} on attempt {ctx.attempt}")' \
+        in failed["traceback"]
+    assert failed["traceback"].endswith("ValueError: fail on attempt 2\n")
+    retried = by_item["retry"][2]
+    # Celery's own form for a retry: Retry(Retry(...), ValueError('retry on attempt 1'), None)
+    assert "ValueError('retry on attempt 1')" in retried["exception"]
+    assert "in flaky_leaf" in retried["traceback"]
+    assert "ValueError: retry on attempt 1" in retried["traceback"]

@@ -28,7 +28,7 @@ from typing import Any
 import redis
 from celery import Celery, Task
 from celery.app.amqp import AMQP
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
@@ -45,7 +45,7 @@ from workers.api import Stage, all_pipelines, load_pipelines
 from workers.connections import broker_redis, get_redis, resolve_broker_url, warn_if_evicting
 from workers.engine.batch_record import process_gate
 from workers.engine.reaper import start_reaper
-from workers.engine.runner import INFRA_ERRORS, StageRunner
+from workers.engine.runner import INFRA_ERRORS, ItemReport, StageRunner
 from workers.engine.scheduler import start_mover
 from workers.engine.services import Services, services
 from workers.events import ItemEvents
@@ -185,17 +185,29 @@ def _make_task(app: Celery, stage: Stage, item_events: ItemEvents) -> Task:
             reports = runner[0].run_claimed(delivery, stage)
         except INFRA_ERRORS as exc:
             raise Reject(str(exc), requeue=True) from exc
-        if reports[0].outcome is Outcome.RETRYING:
-            self.send_event("task-retried", exception=reports[0].error,
-                            traceback=reports[0].traceback)
         if app.conf.worker_send_task_events:  # Flower sees each item the batch carried too
             item_events.emit(self.request.hostname, reports[1:])
+        _tell_celery(reports[0])
         return _describe([r.outcome for r in reports])
 
     run_stage.__name__ = stage.name
     run_stage.__qualname__ = stage.task_name
-    task: Task = app.task(name=stage.task_name, bind=True)(run_stage)
+    # throws: a stage's error is expected; Celery logs it in one line (the runner has logged
+    # its traceback) and still sends task-failed with it.
+    task: Task = app.task(name=stage.task_name, bind=True, throws=(Exception,))(run_stage)
     return task
+
+
+def _tell_celery(own: ItemReport) -> None:
+    """The task's own item failed or is retried: everything is recorded already, so raise
+    now for Celery to tell Flower the truth, FAILURE with the item's error and traceback, or
+    RETRY (the next attempt is scheduled; Celery only acknowledges the message)."""
+    if own.exception is None:
+        return
+    if own.outcome is Outcome.FAILED:
+        raise own.exception
+    if own.outcome is Outcome.RETRYING:
+        raise Retry(own.error, exc=own.exception) from own.exception
 
 
 def _describe(outcomes: list[Outcome]) -> str:

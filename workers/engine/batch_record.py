@@ -69,7 +69,12 @@ class Batch:
 
     finishes: list[Finish] = field(default_factory=list)
     writes: list[Write] = field(default_factory=list)
-    errors: dict[CopyOf, tuple[str, str]] = field(default_factory=dict)  # error, traceback
+    errors: dict[CopyOf, BaseException] = field(default_factory=dict)  # what a try raised
+
+    def failed(self, delivery: Delivery, exc: BaseException) -> str:
+        """Note ``exc`` as what ``delivery``'s try raised; returns its traceback, bounded."""
+        self.errors[(delivery.run_id, delivery.item_id, delivery.iteration)] = exc
+        return format_traceback(exc)
 
     def add(self, done: Finish, records: Sequence[Record] = (),
             delivery: Delivery | None = None) -> None:
@@ -130,9 +135,7 @@ def _write(services: Services, batch: Batch) -> list[tuple[Write, SinkDataError]
 def _refused(batch: Batch, write: Write, exc: SinkDataError) -> None:
     """The item of ``write`` fails (at once: the sink would refuse it again)."""
     delivery, done = write.delivery, batch.finishes[write.finish]
-    trace = format_traceback(exc)
-    batch.errors[(delivery.run_id, delivery.item_id, delivery.iteration)] = \
-        (f"{type(exc).__name__}: {str(exc)[:300]}", trace)
+    trace = batch.failed(delivery, exc)
     failure = failure_of(done.stage, delivery, exc, trace, tries=1, first_at=time.time())
     batch.finishes[write.finish] = Finish(done.run_id, done.stage, done.item_id,
                                           Outcome.FAILED, done.iteration, failure=failure)

@@ -76,8 +76,18 @@ class ItemReport:
     delivery: Delivery
     outcome: Outcome
     runtime_s: float
-    error: str = ""  # "ErrorType: message" when its stage raised
-    traceback: str = ""  # of that error, its last TRACEBACK_CHARS characters
+    exception: BaseException | None = None  # what its try raised, if it failed
+
+    @property
+    def error(self) -> str:
+        """``ErrorType: message`` of what it raised, or ""."""
+        exc = self.exception
+        return "" if exc is None else f"{type(exc).__name__}: {str(exc)[:300]}"
+
+    @property
+    def traceback(self) -> str:
+        """The traceback of what it raised, its last TRACEBACK_CHARS characters, or ""."""
+        return "" if self.exception is None else format_traceback(self.exception)
 
 
 class StageRunner:
@@ -157,8 +167,7 @@ class StageRunner:
             copy_of = (delivery.run_id, delivery.item_id, delivery.iteration)
             if copy_of in refused and outcome is not Outcome.DUPLICATE:
                 outcome = Outcome.FAILED
-            error, trace = batch.errors.get(copy_of, ("", ""))
-            reports.append(ItemReport(delivery, outcome, runtime_s, error, trace))
+            reports.append(ItemReport(delivery, outcome, runtime_s, batch.errors.get(copy_of)))
         return reports
 
     # -- one delivery ---------------------------------------------------------------------
@@ -304,9 +313,7 @@ class StageRunner:
                                                                               delivery)
         hooks.on_failure(ctx, delivery.payload, exc, final=final)
         items = self.services.ledger.items
-        trace = format_traceback(exc)
-        batch.errors[(delivery.run_id, delivery.item_id, delivery.iteration)] = \
-            (f"{type(exc).__name__}: {str(exc)[:300]}", trace)
+        trace = batch.failed(delivery, exc)
         # Every try counts, the vendor client's own retries too (one per failed attempt).
         tries, first_at = items.record_tries(delivery.run_id, delivery.item_id,
                                              max(1, http.tries()))
