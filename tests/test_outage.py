@@ -204,9 +204,13 @@ def test_no_worker_is_said_once_when_a_queue_stands_still() -> None:
     said: list[str] = []
     watch = NoWorkerWatch(depths.__getitem__, said.append, clock=clock, after_s=5)
     queues = list(depths)
+    told_after_s = None
     for _ in range(40):  # ten seconds without progress, two messages waiting
         watch.update("no progress", queues)
+        if said and told_after_s is None:
+            told_after_s = clock.now - T0
         clock.advance(0.25)
+    assert told_after_s == 5.0  # told once the standstill has lasted after_s, not before
     assert said == ["no worker is taking messages from fanout.demo.accounts: 2 waiting; "
                     "start one with `fanout worker`"]
 
