@@ -257,7 +257,9 @@ def test_push_back_ends_at_its_time_and_holds_a_limit_without_a_rate(
     limits.push_back("pool", 1.0)
     refused = limits.try_acquire("pool")
     assert not refused.allowed and span.counted_down(refused.wait_s, 1.0)
-    wait_for_server_time(redis_client, float(redis_client.get(LimitKeys.of("pool").backoff)))
+    ends_at = redis_client.get(LimitKeys.of("pool").backoff)
+    assert isinstance(ends_at, str)
+    wait_for_server_time(redis_client, float(ends_at))
     assert limits.try_acquire("pool").allowed
 
 

@@ -188,7 +188,7 @@ def test_a_redis_restart_mid_run_loses_nothing_and_the_work_resumes_at_once(
     # The work resumed at once: not after the visibility timeout (kombu restoring unacked
     # messages) nor the reaper's stall time (twice that), which are the only other ways back.
     # How it compares with an undisturbed run depends on the machine: printed, not asserted.
-    finished_at = float(client.hget(RunKeys.of(run_id).run, "finished_at"))
+    finished_at = float(str(client.hget(RunKeys.of(run_id).run, "finished_at")))
     after_back_s = finished_at - back_at
     assert after_back_s < float(VISIBILITY["FANOUT_VISIBILITY_TIMEOUT_S"])
     proportional_s = reference_wall_s * (LEAVES - done_at_kill) / LEAVES
