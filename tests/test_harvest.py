@@ -106,7 +106,9 @@ def test_worker_sigkilled_mid_run_loses_nothing(
     vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path
 ) -> None:
     vendor.configure(accounts=2, services=10, latency_ms=40)
-    short_visibility = {"FANOUT_VISIBILITY_TIMEOUT_S": "3"}
+    # Short, so the dead worker's claimed messages come back soon; long enough that a live
+    # worker's batch (16 calls of 40 ms) never outlasts it on a loaded machine and runs twice.
+    short_visibility = {"FANOUT_VISIBILITY_TIMEOUT_S": "6"}
     victim = start_worker(short_visibility, concurrency=8)
     run_id = run_demo(vendor, days=10)
 
