@@ -107,8 +107,9 @@ def test_worker_sigkilled_mid_run_loses_nothing(
 ) -> None:
     vendor.configure(accounts=2, services=10, latency_ms=40)
     # Short, so the dead worker's claimed messages come back soon; long enough that a live
-    # worker's batch (16 calls of 40 ms) never outlasts it on a loaded machine and runs twice.
-    short_visibility = {"FANOUT_VISIBILITY_TIMEOUT_S": "6"}
+    # worker's claimed batch (up to 32 calls of 40 ms) never outlasts it on a loaded machine
+    # and runs twice, which would make the refetch count below inexact.
+    short_visibility = {"FANOUT_VISIBILITY_TIMEOUT_S": "10"}
     victim = start_worker(short_visibility, concurrency=8)
     run_id = run_demo(vendor, days=10)
 
