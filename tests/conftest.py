@@ -271,13 +271,17 @@ def postgres_url() -> Iterator[str]:
 
 
 class FakeClock:
-    """A clock a test moves by hand (``clock.now += 30``) instead of sleeping."""
+    """A clock a test moves by hand (``clock.advance(30)`` or ``clock.now = t``) instead of
+    sleeping; the one every test that injects a ``clock=`` uses."""
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float = 1_000_000.0) -> None:
         self.now = now
 
     def __call__(self) -> float:
         return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @pytest.fixture

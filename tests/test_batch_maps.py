@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -117,13 +118,20 @@ def test_a_batch_map_inside_a_stage(vendor: VendorHandle, start_worker: WorkerFa
 
 
 def test_cancel_stops_a_live_run(vendor: VendorHandle, start_worker: WorkerFactory) -> None:
-    vendor.configure(latency_ms=100)
-    start_worker(WORKER_ENV, concurrency=2)
+    vendor.configure(latency_ms=300)  # 40 items on 2 threads: 6 s of work
+    worker = start_worker(WORKER_ENV, concurrency=2)
     run_id = start_run("batchtest", {"vendor_url": vendor.url}, roots=items(40),
                        root_stage="fetch")
     wait_for(lambda: len(fetched(vendor)) >= 4, what="a few items done")
-    cancel = subprocess.run([sys.executable, "-m", "producers.cli", "cancel", run_id],
-                            capture_output=True, text=True, timeout=60, env=os.environ.copy())
+    # The worker is paused while `fanout cancel` starts and runs, so the cancel cannot lose
+    # the race with the work however slow the machine; it goes on once the run is cancelled.
+    os.killpg(worker.pid, signal.SIGSTOP)
+    try:
+        cancel = subprocess.run([sys.executable, "-m", "producers.cli", "cancel", run_id],
+                                capture_output=True, text=True, timeout=60,
+                                env=os.environ.copy())
+    finally:
+        os.killpg(worker.pid, signal.SIGCONT)
     assert cancel.returncode == 0, cancel.stderr
     ledger = services().ledger
     assert ledger.view.wait(run_id, 60) == "cancelled"

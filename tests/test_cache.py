@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import cache_pipelines
-from conftest import VendorHandle, WorkerFactory, sink_rows
+import redis
+from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
 
 from producers.trigger import start_run
+from workers import keys
 from workers.engine.services import services
 
 TESTS = Path(__file__).resolve().parent
@@ -34,8 +35,13 @@ def requests(vendor: VendorHandle) -> dict[str, int]:
     return {k: v for k, v in vendor.stats()["by_endpoint"].items() if v}
 
 
+def cached_keys(client: redis.Redis, task_name: str) -> list[str]:
+    return sorted(client.scan_iter(match=keys.cache(task_name, "*")))
+
+
 def test_a_second_run_is_served_from_the_cache_until_it_expires(
-    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path
+    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path,
+    redis_client: redis.Redis,
 ) -> None:
     vendor.configure(accounts=2, services=3)
     start_worker(WORKER_ENV)
@@ -55,7 +61,19 @@ def test_a_second_run_is_served_from_the_cache_until_it_expires(
     assert requests(vendor) == {"services": 2, "metrics": 12}  # no new request
     assert [r[:6] for r in sink_rows(sink_path)] == [r[:6] for r in rows]
 
-    time.sleep(cache_pipelines.CACHE_TTL_S + 0.5)  # the metric cache expires; the listing's not
+    # Each stage's entries carry its TTL: the metric's CACHE_TTL_S, the listing's a day.
+    metric_keys = cached_keys(redis_client, "cachetest.metric")
+    listing_keys = cached_keys(redis_client, "cachetest.listing")
+    assert (len(metric_keys), len(listing_keys)) == (12, 2)
+    assert all(0 < redis_client.pttl(k) <= cache_pipelines.CACHE_TTL_S * 1000
+               for k in metric_keys)
+    assert all(cache_pipelines.CACHE_TTL_S * 1000 < redis_client.pttl(k) <= 86_400_000
+               for k in listing_keys)
+    # The metric entries' TTL runs out now (Redis expires them, as it would after
+    # CACHE_TTL_S); the listing's do not.
+    for key in metric_keys:
+        redis_client.pexpire(key, 1)
+    wait_for(lambda: redis_client.exists(*metric_keys) == 0, what="the metric cache expired")
     third = run(vendor)
     assert third["stages"]["listing"]["cached"] == 2
     assert third["stages"]["metric"]["succeeded"] == 12

@@ -12,7 +12,9 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
+import redis
 from conftest import VendorHandle, WorkerFactory, wait_for
 
 from workers.embedded_redis import free_port
@@ -244,29 +246,65 @@ def test_flower_replaces_the_fanout_process(tmp_path: Path, redis_url: str) -> N
         cmdline = Path(f"/proc/{proc.pid}/cmdline")
         wait_for(lambda: b"flower" in cmdline.read_bytes() and b"celery" in cmdline.read_bytes(),
                  what="the same process running Flower")
+        # Answering means its event loop runs: a SIGTERM that lands earlier, between Flower
+        # starting its events thread and marking itself started, leaves that thread running
+        # and the process hanging (Flower's own start-up race, seen on a loaded machine).
+        wait_for(lambda: answers(port), what="Flower answering")
     finally:
         proc.send_signal(signal.SIGTERM)
-        # It is Flower (same pid), so the signal reached it and nothing is left behind.
-        assert proc.wait(timeout=20) is not None
+        # It is Flower (same pid): the signal reached Flower's own SIGTERM handler, which
+        # exits 0, and no process is left behind serving the port.
+        assert proc.wait(timeout=60) == 0
+    assert not listening(port)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def answers(port: int) -> bool:
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/healthcheck", timeout=10)
+    except httpx.TransportError:
+        return False
+    return True
+
+
+def blpop_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_blpop", {}).get("calls", 0))
 
 
 def test_status_lists_recent_runs_and_watches_a_live_one(
-    vendor: VendorHandle, start_worker: WorkerFactory
+    vendor: VendorHandle, start_worker: WorkerFactory, redis_client: redis.Redis
 ) -> None:
-    vendor.configure(accounts=2, services=3, latency_ms=100)
-    start_worker(concurrency=2)
+    vendor.configure(accounts=2, services=3)
     live = fanout("run", "demo", "--days", "4", "--end-day", "2026-01-31",
                   "--vendor-url", vendor.url, "-p", "http_retries=0")
     run_id = live.stdout.strip()
-    watched = subprocess.run(
+    # No worker yet, so the run is live for as long as the watcher needs to start: it looks
+    # at the run (a BLPOP on its done list, then a snapshot, then the next BLPOP) before the
+    # worker that ends it is started.
+    waits_before = blpop_calls(redis_client)
+    watcher = subprocess.Popen(
         [sys.executable, "-m", "producers.cli", "status", run_id, "--watch", "--json"],
-        capture_output=True, text=True, timeout=120, env=os.environ.copy(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
     )
-    assert watched.returncode == 0, watched.stderr
-    summary = json.loads(watched.stdout.strip().splitlines()[-1])
+    try:
+        wait_for(lambda: blpop_calls(redis_client) >= waits_before + 2,
+                 what="the watcher's first look at the live run")
+        assert watcher.poll() is None
+        start_worker(concurrency=2)
+        out, err = watcher.communicate(timeout=120)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
     assert (summary["run_id"], summary["status"], summary["rows_written"]) == \
         (run_id, "succeeded", 24)
-    assert "metric_day" in watched.stderr  # the live bars, per stage
+    assert "metric_day" in err  # the live bars, per stage
 
     listed = json.loads(fanout("status", "--json").stdout)
     newest = listed[0]

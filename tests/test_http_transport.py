@@ -178,9 +178,8 @@ def test_bodiless_statuses_do_not_hang(transport: KeepAliveTransport, status: by
     # a 304 may carry the Content-Length of the resource it stands for: no body follows
     bodiless = b"HTTP/1.1 " + status + b"\r\nContent-Length: 50\r\nETag: \"e\"\r\n\r\n"
     with RawServer([[Reply(bodiless), Reply(ok(2))]]) as server:
-        started = time.monotonic()
+        # Waiting for the 50 bytes that never come would end in send's 2 s ReadTimeout.
         answer = send(transport, "GET", server.url("/a"))
-        assert time.monotonic() - started < 1.0
         assert answer.status_code == int(status[:3])
         assert answer.content == b""
         assert send(transport, "GET", server.url("/b")).json() == {"n": 2}
@@ -190,9 +189,8 @@ def test_bodiless_statuses_do_not_hang(transport: KeepAliveTransport, status: by
 def test_head_answer_has_no_body_and_does_not_hang(transport: KeepAliveTransport) -> None:
     head = response(headers=(JSON_TYPE, ("Content-Length", "5000")), length=False)
     with RawServer([[Reply(head), Reply(ok(2))]]) as server:
-        started = time.monotonic()
+        # Waiting for the 5,000 bytes that never come would end in send's 2 s ReadTimeout.
         answer = send(transport, "HEAD", server.url("/a"))
-        assert time.monotonic() - started < 1.0
         assert answer.status_code == 200
         assert answer.headers["content-length"] == "5000"
         assert answer.content == b""
@@ -285,9 +283,11 @@ def test_read_timeout_raises_read_timeout(transport: KeepAliveTransport) -> None
         request = httpx.Request("GET", server.url("/a"))
         request.extensions["timeout"] = httpx.Timeout(0.2).as_dict()
         started = time.monotonic()
+        # The request's 0.2 s is the only timeout there is (the transport has none of its
+        # own): without it this read would block, so the ReadTimeout proves it was applied.
         with pytest.raises(httpx.ReadTimeout):
             transport.handle_request(request)
-        assert 0.2 <= time.monotonic() - started < 1.0
+        assert time.monotonic() - started >= 0.2
         assert send(transport, "GET", server.url("/b")).json() == {"n": 2}
         assert server.connections == 2  # the timed-out connection was dropped
 

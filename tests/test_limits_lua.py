@@ -1,7 +1,10 @@
 """Contract of the global limits (``workers/limits.py``, ``lua/limit_*.lua``) on a real Redis.
 
-Waits are compared with the interval within a tolerance; the few sleeps (a lease running out,
-a push-back ending) add up to under a second for the file.
+The scripts compute waits and TTLs on Redis server time, so each is checked against the
+server time that passed around the calls (``ServerSpan``), not against a tolerance a slow
+machine could exceed. Where a test needs time to pass (a lease running out, a push-back
+ending), it waits for the server's clock to pass that moment; where it needs time not to pass
+(a refusal), the intervals are seconds, not milliseconds.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from workers.limits import (
 )
 from workers.policy.gcra import Rate
 
-TOLERANCE_S = 0.05
+#: The scripts answer in microseconds (%.6f): a few roundings, never the machine's speed.
+ROUNDING_S = 1e-5
 
 
 @pytest.fixture
@@ -41,6 +45,30 @@ def other_worker(redis_url: str) -> Limits:
 def server_now_s(client: redis.Redis) -> float:
     seconds, micros = client.time()
     return seconds + micros / 1e6
+
+
+class ServerSpan:
+    """Redis server time (the clock every limit script reads) since the span began. A wait or
+    TTL a script set to ``full`` in the span and counted down since is within
+    ``[full - elapsed, full]``, however slow the machine."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.start_s = server_now_s(client)
+
+    def elapsed_s(self) -> float:
+        return server_now_s(self.client) - self.start_s
+
+    def counted_down(self, value_s: float, full_s: float, rounding_s: float = ROUNDING_S) -> bool:
+        return full_s - self.elapsed_s() - rounding_s <= value_s <= full_s + rounding_s
+
+
+def wait_for_server_time(client: redis.Redis, moment_s: float, timeout_s: float = 60) -> None:
+    """Return once Redis server time has passed ``moment_s`` (an epoch second)."""
+    deadline = time.monotonic() + timeout_s
+    while server_now_s(client) <= moment_s:
+        assert time.monotonic() < deadline, f"server time never passed {moment_s}"
+        time.sleep(0.01)
 
 
 def all_at_once(call: Callable[[int], Any], n: int) -> list[Any]:
@@ -129,29 +157,31 @@ def test_using_an_unknown_limit_says_so(limits: Limits) -> None:
 
 # --- rate (GCRA on server time) ---
 
-def test_a_burst_passes_then_the_next_waits_about_one_interval(
-    limits: Limits, other_worker: Limits
+def test_a_burst_passes_then_the_next_waits_one_interval(
+    limits: Limits, other_worker: Limits, redis_client: redis.Redis
 ) -> None:
-    limits.set_limit("api", rate="60/m", burst=3)  # one per second
+    limits.set_limit("api", rate="1/m", burst=3)  # one a minute
+    span = ServerSpan(redis_client)
     assert [limits.try_acquire("api").allowed for _ in range(3)] == [True, True, True]
     for worker in (limits, other_worker):  # the state is shared, not per worker
         refused = worker.try_acquire("api")
         assert not refused.allowed
-        assert 1.0 - TOLERANCE_S < refused.wait_s <= 1.0
+        assert span.counted_down(refused.wait_s, 60.0), refused
 
 
 def test_the_state_is_the_gcra_tat_on_server_time_and_expires(
     limits: Limits, redis_client: redis.Redis
 ) -> None:
     limits.set_limit("api", rate="60/m", burst=3)
-    before_s = server_now_s(redis_client)
+    span = ServerSpan(redis_client)
+    before_s = span.start_s
     for _ in range(3):
         limits.try_acquire("api")
     keys = LimitKeys.of("api")
     tat_s = float(redis_client.get(keys.tat) or 0)
     assert before_s + 3.0 <= tat_s <= server_now_s(redis_client) + 3.0
-    # It matters for 3 s (until tat passes) and lives about a second longer.
-    assert 3000 < redis_client.pttl(keys.tat) <= 4000
+    # It matters for 3 s (until tat passes) and lives a second longer (ms, ceiled).
+    assert span.counted_down(redis_client.pttl(keys.tat) / 1000, 4.0, 0.002)
 
 
 def test_concurrent_callers_never_get_more_than_the_burst(
@@ -162,28 +192,34 @@ def test_concurrent_callers_never_get_more_than_the_burst(
     assert sum(all_at_once(lambda i: workers[i % 2].try_acquire("api").allowed, 20)) == 5
 
 
-def test_acquire_sleeps_through_a_short_wait_and_returns_a_long_one(limits: Limits) -> None:
-    limits.set_limit("api", rate="20/s")  # 0.05 s apart
+def test_acquire_sleeps_through_a_short_wait_and_returns_a_long_one(
+    limits: Limits, redis_client: redis.Redis
+) -> None:
+    limits.set_limit("api", rate="2/s")  # 0.5 s apart
     slept: list[float] = []
 
     def sleep(seconds: float) -> None:
         slept.append(seconds)
         time.sleep(seconds)
 
+    span = ServerSpan(redis_client)
     assert limits.acquire("api", max_wait_s=1, sleep=sleep).allowed
     assert slept == []
     assert limits.acquire("api", max_wait_s=1, sleep=sleep).allowed
-    assert len(slept) == 1 and slept[0] <= 0.05
+    assert len(slept) == 1 and span.counted_down(slept[0], 0.5)
+    # Its turn is the next interval after the one slept to: 1 s after the first.
     refused = limits.acquire("api", max_wait_s=0.001, sleep=sleep)
-    assert not refused.allowed and 0.05 - TOLERANCE_S < refused.wait_s <= 0.05
+    assert not refused.allowed and span.counted_down(refused.wait_s, 1.0)
+    assert refused.wait_s <= 0.5 + ROUNDING_S  # at least the half second slept has passed
     assert len(slept) == 1
 
 
-def test_cost_takes_several_at_once(limits: Limits) -> None:
-    limits.set_limit("api", rate="60/m", burst=4)
+def test_cost_takes_several_at_once(limits: Limits, redis_client: redis.Redis) -> None:
+    limits.set_limit("api", rate="1/m", burst=4)
+    span = ServerSpan(redis_client)
     assert limits.try_acquire("api", cost=3).allowed
-    refused = limits.try_acquire("api", cost=2)
-    assert not refused.allowed and 1.0 - TOLERANCE_S < refused.wait_s <= 1.0
+    refused = limits.try_acquire("api", cost=2)  # one left of the burst: a minute for the next
+    assert not refused.allowed and span.counted_down(refused.wait_s, 60.0)
     with pytest.raises(ValueError, match="cost must be a whole number >= 1"):
         limits.try_acquire("api", cost=0)
     with pytest.raises(ValueError, match="cost 5 exceeds the burst 4 of limit 'api'"):
@@ -196,26 +232,34 @@ def test_push_back_blocks_every_worker_and_a_shorter_one_does_not_shorten_it(
     limits: Limits, other_worker: Limits, redis_client: redis.Redis
 ) -> None:
     limits.set_limit("api", rate="10/s", burst=10)
-    assert 30 - TOLERANCE_S < limits.push_back("api", 30) <= 30
+    span = ServerSpan(redis_client)
+    assert span.counted_down(limits.push_back("api", 30), 30.0)
     for worker in (limits, other_worker):
         refused = worker.try_acquire("api")
-        assert not refused.allowed and 30 - TOLERANCE_S < refused.wait_s <= 30
+        assert not refused.allowed and span.counted_down(refused.wait_s, 30.0)
     # A later 429 with a shorter Retry-After (another worker saw it): still 30 s.
-    assert 30 - TOLERANCE_S < other_worker.push_back("api", 5) <= 30
-    assert 30 - TOLERANCE_S < limits.try_acquire("api").wait_s <= 30
+    assert span.counted_down(other_worker.push_back("api", 5), 30.0)
+    assert span.counted_down(limits.try_acquire("api").wait_s, 30.0)
     # A longer one extends it.
-    assert 60 - TOLERANCE_S < other_worker.push_back("api", 60) <= 60
-    assert 60 - TOLERANCE_S < limits.try_acquire("api").wait_s <= 60
-    assert 60_000 < redis_client.pttl(LimitKeys.of("api").backoff) <= 61_000
+    longer = ServerSpan(redis_client)
+    assert longer.counted_down(other_worker.push_back("api", 60), 60.0)
+    assert longer.counted_down(limits.try_acquire("api").wait_s, 60.0)
+    pttl_s = redis_client.pttl(LimitKeys.of("api").backoff) / 1000
+    assert longer.counted_down(pttl_s, 61.0, 0.002)  # a second past its end (ms, ceiled)
 
 
-def test_push_back_ends_at_its_time_and_holds_a_limit_without_a_rate(limits: Limits) -> None:
+def test_push_back_ends_at_its_time_and_holds_a_limit_without_a_rate(
+    limits: Limits, redis_client: redis.Redis
+) -> None:
     limits.set_limit("pool", concurrency=2)
     assert limits.try_acquire("pool").allowed
-    limits.push_back("pool", 0.15)
+    span = ServerSpan(redis_client)
+    limits.push_back("pool", 1.0)
     refused = limits.try_acquire("pool")
-    assert not refused.allowed and 0.15 - TOLERANCE_S < refused.wait_s <= 0.15
-    time.sleep(0.2)
+    assert not refused.allowed and span.counted_down(refused.wait_s, 1.0)
+    ends_at = redis_client.get(LimitKeys.of("pool").backoff)
+    assert isinstance(ends_at, str)
+    wait_for_server_time(redis_client, float(ends_at))
     assert limits.try_acquire("pool").allowed
 
 
@@ -247,11 +291,13 @@ def test_concurrent_acquires_never_exceed_the_slots(limits: Limits, other_worker
     assert sum(all_at_once(lambda i: workers[i % 2].acquire_slot("db", f"h{i}", 30), 12)) == 3
 
 
-def test_an_expired_lease_frees_its_slot(limits: Limits) -> None:
+def test_an_expired_lease_frees_its_slot(limits: Limits, redis_client: redis.Redis) -> None:
     limits.set_limit("db", concurrency=1)
-    assert limits.acquire_slot("db", "killed-worker", 0.2)  # then SIGKILLed: never released
+    assert limits.acquire_slot("db", "killed-worker", 1.0)  # then SIGKILLed: never released
     assert not limits.acquire_slot("db", "w2", 30)
-    time.sleep(0.25)
+    expiry_s = redis_client.zscore(LimitKeys.of("db").slots, "killed-worker")
+    assert expiry_s is not None
+    wait_for_server_time(redis_client, expiry_s)
     assert limits.acquire_slot("db", "w2", 30)
     # The late holder lost its slot: it can neither renew nor release it.
     assert limits.renew_slot("db", "killed-worker", 30) is False
@@ -263,14 +309,20 @@ def test_renew_extends_a_live_lease_and_the_set_expires_with_its_longest(
 ) -> None:
     limits.set_limit("db", concurrency=2)
     slots = LimitKeys.of("db").slots
+    span = ServerSpan(redis_client)
     limits.acquire_slot("db", "w1", 5)
     limits.acquire_slot("db", "w2", 2)
     now_s = server_now_s(redis_client)
-    assert now_s + 4.9 < (redis_client.zscore(slots, "w1") or 0) <= now_s + 5
-    assert 5000 < redis_client.pttl(slots) <= 6000
+    expiry_s = redis_client.zscore(slots, "w1") or 0
+    assert span.start_s + 5 - ROUNDING_S <= expiry_s <= now_s + 5 + ROUNDING_S
+    # The set lives a second past its longest lease (ms, ceiled).
+    assert span.counted_down(redis_client.pttl(slots) / 1000, 6.0, 0.002)
+    renewed = ServerSpan(redis_client)
     assert limits.renew_slot("db", "w2", 20) is True
-    assert now_s + 19.9 < (redis_client.zscore(slots, "w2") or 0) <= now_s + 20.1
-    assert 20_000 < redis_client.pttl(slots) <= 21_000
+    now_s = server_now_s(redis_client)
+    expiry_s = redis_client.zscore(slots, "w2") or 0
+    assert renewed.start_s + 20 - ROUNDING_S <= expiry_s <= now_s + 20 + ROUNDING_S
+    assert renewed.counted_down(redis_client.pttl(slots) / 1000, 21.0, 0.002)
     assert limits.renew_slot("db", "never-acquired", 20) is False
     with pytest.raises(ValueError, match="lease_s must be seconds > 0"):
         limits.acquire_slot("db", "w3", 0)
@@ -282,9 +334,13 @@ def test_slot_renews_while_the_body_runs_and_releases_on_exit(
     limits: Limits, other_worker: Limits, redis_client: redis.Redis
 ) -> None:
     limits.set_limit("db", concurrency=1)
-    with limits.slot("db", "w1", lease_s=0.15) as lease:
-        time.sleep(0.3)  # twice the lease: only the renewals keep it
+    slots = LimitKeys.of("db").slots
+    with limits.slot("db", "w1", lease_s=2.0) as lease:  # renewed every 2/3 s
+        first_expiry_s = redis_client.zscore(slots, "w1")
+        assert first_expiry_s is not None
+        wait_for_server_time(redis_client, first_expiry_s)  # only the renewals keep it now
         assert not lease.lost
+        assert (redis_client.zscore(slots, "w1") or 0) > server_now_s(redis_client)
         assert not other_worker.acquire_slot("db", "w2", 30)
         with pytest.raises(SlotUnavailable, match="every concurrency slot of limit 'db'"), \
                 other_worker.slot("db", "w2", 30):
@@ -319,29 +375,38 @@ def test_every_state_key_expires_and_delete_removes_config_and_state(
     assert redis_client.keys("fanout:*") == []
 
 
-def test_callers_willing_to_wait_reserve_turns_spaced_at_the_rate(limits: Limits) -> None:
-    limits.set_limit("api", rate="10/s")  # 0.1 s apart
-    permits = [limits.try_acquire("api", max_wait_s=0.25) for _ in range(4)]
+def test_callers_willing_to_wait_reserve_turns_spaced_at_the_rate(
+    limits: Limits, redis_client: redis.Redis
+) -> None:
+    limits.set_limit("api", rate="1/m")  # a minute apart
+    span = ServerSpan(redis_client)
+    permits = [limits.try_acquire("api", max_wait_s=150) for _ in range(4)]
     assert [p.allowed for p in permits] == [True, True, True, False]
     waits = [p.wait_s for p in permits]
     assert waits[0] == 0
-    assert 0.1 - TOLERANCE_S < waits[1] <= 0.1 and 0.2 - TOLERANCE_S < waits[2] <= 0.2
-    assert 0.3 - TOLERANCE_S < waits[3] <= 0.3  # refused: its turn is past the 0.25 s it allows
+    assert span.counted_down(waits[1], 60.0) and span.counted_down(waits[2], 120.0)
+    # Refused: its turn is past the 150 s it allows.
+    assert span.counted_down(waits[3], 180.0)
 
 
-def test_a_turn_reserved_before_a_push_back_still_waits_for_it(limits: Limits) -> None:
-    limits.set_limit("api", rate="20/s")  # 0.05 s apart
+def test_a_turn_reserved_before_a_push_back_still_waits_for_it(
+    limits: Limits, redis_client: redis.Redis
+) -> None:
+    limits.set_limit("api", rate="2/s")  # 0.5 s apart
     assert limits.try_acquire("api").allowed
     slept: list[float] = []
+    spans: list[ServerSpan] = []
 
     def sleep(seconds: float) -> None:
         slept.append(seconds)
         if len(slept) == 1:  # a vendor's 429 arrives while this turn sleeps
-            limits.push_back("api", 0.3)
+            spans.append(ServerSpan(redis_client))
+            limits.push_back("api", 1.5)
         time.sleep(seconds)
 
-    assert limits.acquire("api", max_wait_s=1, sleep=sleep).allowed
-    assert len(slept) == 2 and 0.3 - 0.06 < slept[1] <= 0.3
+    assert limits.acquire("api", max_wait_s=2, sleep=sleep).allowed
+    assert len(slept) == 2 and spans[0].counted_down(slept[1], 1.5)
+    assert slept[1] <= 1.5 - slept[0] + ROUNDING_S  # the first sleep was part of the push-back
     refused = Limits(limits.redis)
     refused.push_back("api", 5)
     assert not limits.acquire("api", max_wait_s=1, sleep=lambda s: None).allowed

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 from celery.exceptions import Reject
+from conftest import FakeClock
 from kombu.exceptions import OperationalError
 
 from producers.report import NoWorkerWatch, RedisGone, wait_for_run
@@ -19,18 +20,8 @@ from workers.app import outage_filter
 from workers.ledger import RunSnapshot
 from workers.outage import DOWN_ERRORS, OncePerOutage, Outage, shared, where
 
+T0 = 100.0  # the tests' fake clock starts here
 REFUSED = redis.ConnectionError("Error 111 connecting to 127.0.0.1:6399. Connection refused.")
-
-
-class FakeClock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make_outage(clock: FakeClock) -> tuple[Outage, list[str]]:
@@ -41,7 +32,7 @@ def make_outage(clock: FakeClock) -> tuple[Outage, list[str]]:
 
 
 def test_an_outage_is_told_once_when_it_starts_and_once_when_it_ends() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     outage, said = make_outage(clock)
     assert outage.ok() is None and said == []  # no outage: nothing to say
 
@@ -63,10 +54,10 @@ def test_an_outage_is_told_once_when_it_starts_and_once_when_it_ends() -> None:
 
 
 def test_the_wait_between_tries_grows_with_the_outage_up_to_a_cap() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     outage, _ = make_outage(clock)
     delays = []
-    while clock.now < 130:  # thirty seconds of tries, each after the wait it was given
+    while clock.now < T0 + 30:  # thirty seconds of tries, each after the wait it was given
         delays.append(outage.failed(REFUSED))
         clock.advance(delays[-1])
     assert delays[0] == 0.25  # the first retry comes soon
@@ -78,7 +69,7 @@ def test_the_wait_between_tries_grows_with_the_outage_up_to_a_cap() -> None:
 
 
 def test_threads_sharing_an_outage_tell_it_once() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     outage, said = make_outage(clock)
     threads = [threading.Thread(target=lambda: [outage.failed(REFUSED) for _ in range(100)])
                for _ in range(8)]
@@ -126,7 +117,7 @@ CANNOT_CONNECT = "consumer: Cannot connect to %s: %s.\n%s\n"
 
 
 def test_the_filter_keeps_the_first_line_of_an_outage_and_drops_the_rest() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     log_filter = outage_filter()
     log_filter.clock = clock
     lost = record("%s (%r)", "consumer: Connection to broker lost. Trying to re-establish the "
@@ -173,7 +164,7 @@ def test_the_line_kept_is_one_line_with_its_error() -> None:
 
 
 def test_an_outage_nobody_speaks_of_for_a_while_is_over() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     log_filter = OncePerOutage(DOWN_ERRORS, ("Cannot connect",), ("Connected to",),
                                clock=clock, quiet_s=60)
     assert log_filter.filter(record("no Redis", exc=REFUSED))
@@ -208,14 +199,18 @@ def test_a_vendor_that_refuses_connections_is_not_a_redis_outage() -> None:
 
 
 def test_no_worker_is_said_once_when_a_queue_stands_still() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     depths = {"fanout.demo.accounts": 2, "fanout.demo.services": 0}
     said: list[str] = []
     watch = NoWorkerWatch(depths.__getitem__, said.append, clock=clock, after_s=5)
     queues = list(depths)
+    told_after_s = None
     for _ in range(40):  # ten seconds without progress, two messages waiting
         watch.update("no progress", queues)
+        if said and told_after_s is None:
+            told_after_s = clock.now - T0
         clock.advance(0.25)
+    assert told_after_s == 5.0  # told once the standstill has lasted after_s, not before
     assert said == ["no worker is taking messages from fanout.demo.accounts: 2 waiting; "
                     "start one with `fanout worker`"]
 
@@ -227,7 +222,7 @@ def test_no_worker_is_said_once_when_a_queue_stands_still() -> None:
 
 
 def test_a_busy_worker_taking_messages_is_not_missing() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     depths = {"fanout.demo.metric_day": 500}
     said: list[str] = []
     watch = NoWorkerWatch(lambda q: depths[q], said.append, clock=clock, after_s=5)

@@ -26,6 +26,7 @@ import redis
 from conftest import FakeClock, VendorHandle, WorkerFactory, sink_rows, wait_for
 from test_harvest import END_DAY, expected_rows
 
+from producers.report import NO_WORKER_S
 from workers import embedded_redis, keys
 from workers.api import get_pipeline
 from workers.app import RedisBrokerHooks, create_app
@@ -184,15 +185,17 @@ def test_a_redis_restart_mid_run_loses_nothing_and_the_work_resumes_at_once(
     assert len(about) <= 8, "\n".join(about)
     assert len(warnings) <= 3, "\n".join(warnings)
 
-    # The work left at the kill took at most twice what it takes undisturbed.
-    finished_at = float(client.hget(RunKeys.of(run_id).run, "finished_at"))
+    # The work resumed at once: not after the visibility timeout (kombu restoring unacked
+    # messages) nor the reaper's stall time (twice that), which are the only other ways back.
+    # How it compares with an undisturbed run depends on the machine: printed, not asserted.
+    finished_at = float(str(client.hget(RunKeys.of(run_id).run, "finished_at")))
     after_back_s = finished_at - back_at
+    assert after_back_s < float(VISIBILITY["FANOUT_VISIBILITY_TIMEOUT_S"])
     proportional_s = reference_wall_s * (LEAVES - done_at_kill) / LEAVES
     print(f"\nreference run {reference_wall_s:.2f}s for {LEAVES} leaves; killed at "
           f"{done_at_kill} leaves done; down {back_at - killed_at:.2f}s; after Redis was back "
           f"{after_back_s:.2f}s for the {LEAVES - done_at_kill} leaves left, undisturbed "
           f"{proportional_s:.2f}s (ratio {after_back_s / proportional_s:.2f})")
-    assert after_back_s <= 2 * proportional_s
 
 
 def test_a_run_no_worker_takes_says_so_once_and_ends_when_one_starts(
@@ -203,8 +206,10 @@ def test_a_run_no_worker_takes_says_so_once_and_ends_when_one_starts(
         run = fanout_cli("run", "demo", "--days", "2", "--end-day", END_DAY,
                          "--vendor-url", vendor.url, "--wait", "--json", stderr=err)
     started = time.monotonic()
-    wait_for(lambda: "no worker" in err_path.read_text(), timeout_s=20, what="the notice")
-    assert 4.5 <= time.monotonic() - started < 10
+    wait_for(lambda: "no worker" in err_path.read_text(), what="the notice")
+    # Not before the standstill it reports (the run started after `started`); when exactly
+    # after it is test_outage's, with a moved clock.
+    assert time.monotonic() - started >= NO_WORKER_S
     queue = get_pipeline("demo").stages["accounts"].queue
     assert (f"no worker is taking messages from {queue}: 2 waiting; start one with "
             "`fanout worker`") in err_path.read_text().splitlines()

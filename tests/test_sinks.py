@@ -208,33 +208,35 @@ def test_redact_hides_the_password(url: str, shown: str) -> None:
     assert redact(url) == shown
 
 
-def _open_at_once(path: str, barrier: Any, errors: Any) -> None:
+def _open_at_once(path: str, barrier: Any, outcomes: Any) -> None:
     barrier.wait()
     try:
         open_sink(f"sqlite:///{path}").close()
-    except Exception as exc:  # counted by the parent
-        errors.put(repr(exc))
+    except Exception as exc:  # told to the parent
+        outcomes.put(repr(exc))
+    else:
+        outcomes.put("ok")
 
 
 def test_processes_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path: Path) -> None:
     """Two workers starting together on a new sink file: switching it to WAL answered
     'database is locked' to one of them about 1 time in 10."""
     ctx = multiprocessing.get_context("fork")
-    errors = ctx.Queue()
+    outcomes = ctx.Queue()
     for attempt in range(20):
         path = str(tmp_path / f"race{attempt}.db")
         barrier = ctx.Barrier(4)
-        procs = [ctx.Process(target=_open_at_once, args=(path, barrier, errors))
+        procs = [ctx.Process(target=_open_at_once, args=(path, barrier, outcomes))
                  for _ in range(4)]
         for proc in procs:
             proc.start()
+        # Each process tells its outcome, so exactly four are read (Queue.empty() after a
+        # join may say empty while a message is still on its way).
+        told = sorted(outcomes.get(timeout=60) for _ in procs)
         for proc in procs:
             proc.join(60)
         assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
-    found = []
-    while not errors.empty():
-        found.append(errors.get())
-    assert found == []
+        assert told == ["ok"] * 4, f"attempt {attempt}: {told}"
 
 
 def test_postgres_sink_replaces_connections_the_server_closed(postgres_url: str) -> None:
