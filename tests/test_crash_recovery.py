@@ -63,7 +63,7 @@ def test_a_sigkilled_workers_messages_come_back_in_seconds_at_the_default_timeou
 
 
 SLOW_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent),
-            "FANOUT_PIPELINES": "slow_pipelines", "FANOUT_VISIBILITY_TIMEOUT_S": "3",
+            "FANOUT_PIPELINES": "slow_pipelines", "FANOUT_VISIBILITY_TIMEOUT_S": "5",
             "FANOUT_PREFETCH_MULTIPLIER": "1"}
 
 
@@ -85,11 +85,12 @@ def finish_slow(run_id: str, timeout_s: float = 90) -> dict[str, Any]:
 def test_a_live_workers_task_longer_than_the_visibility_timeout_runs_once(
     start_worker: WorkerFactory, redis_client: redis.Redis, pool: str
 ) -> None:
-    """``long`` sleeps 8 s; the visibility timeout is 3 s, the stall sweep's 6 s. Two
+    """``long`` sleeps 12 s; the visibility timeout is 5 s, the stall sweep's 10 s (5 s, not
+    less: a lease renewed every second has 4 s of slack on a loaded machine). Two
     one-thread workers: the one that is idle would run at once any copy handed out."""
     start_worker(SLOW_ENV, concurrency=1, pool=pool, ready=True)
     start_worker(SLOW_ENV, concurrency=1, pool=pool, ready=True)
-    run_id = start_run("slowtest", {"sleep_s": 8}, roots=[0], root_stage="long")
+    run_id = start_run("slowtest", {"sleep_s": 12}, roots=[0], root_stage="long")
 
     summary = finish_slow(run_id)
 
@@ -102,7 +103,7 @@ def test_a_live_workers_claimed_batch_longer_than_the_visibility_timeout_runs_on
     start_worker: WorkerFactory, redis_client: redis.Redis, pool: str
 ) -> None:
     """One task carries four ``batched`` items (its own and three claimed), 2.5 s each: 10 s,
-    with a visibility timeout of 3 s. A second worker, started once the claim is made, is
+    with a visibility timeout of 5 s. A second worker, started once the claim is made, is
     idle: it would run at once any copy handed out. With the prefork pool the claim is a
     child process's, which beats under its own id."""
     run_id = start_run("slowtest", {"item_sleep_s": 2.5}, roots=[0, 1, 2, 3],
