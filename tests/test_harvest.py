@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,22 @@ def leaves_done(run_id: str) -> int:
 def metric_fetches(vendor: VendorHandle) -> dict[str, int]:
     """Requests the vendor saw per metric-day (path and day)."""
     return {p: n for p, n in vendor.stats()["by_path"].items() if "/metrics?" in p}
+
+
+def settled_fetches(vendor: VendorHandle) -> dict[str, int]:
+    """``metric_fetches`` once the vendor has taken every request a dead worker sent: none in
+    flight, and the same count at two reads (on a loaded machine the vendor may read the
+    last requests off their sockets a little after the worker died)."""
+    before = vendor.stats()
+    for _ in range(60):
+        time.sleep(0.5)
+        now = vendor.stats()
+        if now["in_flight"] == 0 and now["total"] == before["total"]:
+            break
+        before = now
+    else:
+        raise AssertionError("the vendor's requests never settled")
+    return {p: n for p, n in now["by_path"].items() if "/metrics?" in p}
 
 
 def expected_rows(accounts: int, services: int, days: int, seed: int = 7) -> list[tuple[Any, ...]]:
@@ -118,7 +135,7 @@ def test_worker_sigkilled_mid_run_loses_nothing(
     victim.wait()
     done_at_kill = leaves_done(run_id)
     assert done_at_kill < 200, "the run finished before the worker was killed"
-    fetched_at_kill = metric_fetches(vendor)
+    fetched_at_kill = settled_fetches(vendor)
 
     start_worker(short_visibility, concurrency=8)
     summary = finish(run_id)
