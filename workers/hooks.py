@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from workers.context import StageContext
 from workers.looping import Loop
+from workers.options import OptionGroup
 from workers.sinks.base import Record
 
 log = logging.getLogger("fanout.hooks")
@@ -84,8 +85,21 @@ class Defer:
 Decision = Skip | Serve | Defer
 
 
+@dataclass(frozen=True)
+class Retry:
+    """Run the failed item again after ``delay_s``, counted ``retried``."""
+
+    delay_s: float
+
+
 class Hook:
-    """Override what you need; every method defaults to doing nothing."""
+    """Override what you need; every method defaults to doing nothing.
+
+    ``OPTIONS`` declares the stage options this hook reads (``workers.options``): a stage
+    given this hook (or of a pipeline given it) accepts them, checked, and keeps them in
+    ``Stage.options``."""
+
+    OPTIONS: ClassVar[OptionGroup | None] = None
 
     def before(self, ctx: StageContext, item: Any) -> Decision | None:
         """Called before the stage function; a decision replaces the call."""
@@ -93,6 +107,11 @@ class Hook:
 
     def after(self, ctx: StageContext, item: Any, result: StageResult) -> None:
         """Called after the stage function returned (not for a served or skipped item)."""
+
+    def retry(self, ctx: StageContext, item: Any, exc: BaseException) -> Retry | None:
+        """Called when the stage function raised: ``Retry(delay_s)`` asks for another try;
+        None leaves the decision to the next hook."""
+        return None
 
     def on_failure(
         self, ctx: StageContext, item: Any, exc: BaseException, *, final: bool
@@ -111,6 +130,19 @@ class HookCalls:
         for hook in self.hooks:
             decision = hook.before(ctx, item)  # raising: the item's error
             self.entered.append(hook)
+            if decision is not None:
+                return decision
+        return None
+
+    def retry(self, ctx: StageContext, item: Any, exc: BaseException) -> Retry | None:
+        """The first hook's ``Retry``, asking every hook in order (a ``before`` that raised
+        is retried like the stage); None: the failure is final."""
+        for hook in self.hooks:
+            try:
+                decision = hook.retry(ctx, item, exc)
+            except Exception:
+                _log_raised(hook, "retry", ctx)
+                continue
             if decision is not None:
                 return decision
         return None
