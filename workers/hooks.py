@@ -1,16 +1,23 @@
 """Hook points around a stage call, the same for single and claimed-batch deliveries.
 
-A ``Hook`` may act before the call (skip the item, serve it from elsewhere, defer it) and
-after it (record, trip a switch), in the spirit of Dramatiq's middleware. Retries, limits,
-caching and kill switches plug in here; a pipeline lists its hooks (``Pipeline(hooks=...)``)
-and a stage may add its own. What a stage produced is a ``StageResult``: the engine fans it out
+A ``Hook`` may act before the call (skip the item, serve it from elsewhere, defer it), after
+it (record, trip a switch), and on a failure (ask for another try: ``retry`` returns
+``Retry(delay_s)``; ``on_failure`` hears whether the failure is final), in the spirit of
+Dramatiq's middleware. A hook may declare the stage options it reads (``Hook.OPTIONS``, see
+``workers.options``): ``Pipeline.stage`` then accepts and checks them, and keeps them in
+``Stage.options``. A pipeline lists its hooks (``Pipeline(hooks=...)``) and a stage may add
+its own; after those the engine adds the hooks a stage's own options ask for, in this order
+(``engine/stage_hooks.py``): the cache (``cache=``), the limits (``limits=``), the retry
+policy (``retries=``...). What a stage produced is a ``StageResult``: the engine fans it out
 the same way whether the stage ran, a hook served it, or a replay brought it back.
 
 Hooks are isolated as Dramatiq's middleware are (``HookCalls``). ``before`` runs in order
-until one decides; one that raises is the item's error, as if its stage had raised (retried
-by its policy). ``after`` and ``on_failure`` run only on the hooks whose ``before`` returned,
-in reverse order; one that raises is logged with its traceback, the others still run, and the
-item's outcome stands (a raising ``after`` does not fail an item whose call succeeded).
+until one decides; one that raises is the item's error, as if its stage had raised. On an
+error every hook's ``retry`` is asked in order until one asks for a retry (none: the failure
+is final); one that raises is logged and passed over. ``after`` and ``on_failure`` run only on
+the hooks whose ``before`` returned, in reverse order; one that raises is logged with its
+traceback, the others still run, and the item's outcome stands (a raising ``after`` does not
+fail an item whose call succeeded).
 """
 
 from __future__ import annotations
