@@ -5,7 +5,11 @@ them in ``Stage.options``, and the engine builds the built-in hooks in the docum
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -78,6 +82,18 @@ def test_a_bad_value_is_refused_by_the_option_s_owner(
     assert refusal(Pipeline("opts_bad"), **options) == f"stage opts_bad.leaf: {message}"
 
 
+def test_a_pipeline_module_with_a_typo_is_one_line_and_exit_2_from_the_cli() -> None:
+    env = {**os.environ, "FANOUT_PIPELINES": "typo_pipelines",
+           "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    result = subprocess.run([sys.executable, "-m", "producers.cli", "status"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2, result
+    assert result.stderr.strip().splitlines() == [
+        "fanout: error: cannot import pipeline module 'typo_pipelines': stage typo.leaf: "
+        f"unknown option 'retires', did you mean 'retries'? (known: {KNOWN})"
+    ]
+
+
 def test_the_stage_keeps_every_declared_option_with_its_default() -> None:
     assert register(Pipeline("opts_defaults")).options == DEFAULTS
     delay = exponential(0.5, 2, 30)
@@ -86,6 +102,8 @@ def test_the_stage_keeps_every_declared_option_with_its_default() -> None:
     assert stage.options == {**DEFAULTS, "retries": 3, "retry_delay_s": delay,
                              "limits": ["api"], "cache": "inputs"}
     assert stage.claim_batch == 4  # an engine option, not one of a hook's
+    with pytest.raises(TypeError):
+        stage.options["retries"] = 0  # type: ignore[index]  # read-only once registered
 
 
 def test_each_declared_group_accepts_its_own_defaults_and_names_its_owner() -> None:

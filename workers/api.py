@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from workers import keys
@@ -94,7 +95,7 @@ class Stage:
     max_iterations: int = DEFAULT_MAX_ITERATIONS
     claim_batch: int = 1
     hooks: tuple[Hook, ...] = ()
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)  # read-only once registered
 
     @property
     def task_name(self) -> str:
@@ -166,7 +167,7 @@ class Pipeline:
         def register(fn: StageFn) -> StageFn:
             self.stages[name] = Stage(
                 self.name, _valid_name("stage", name), fn, maps_to, max_iterations,
-                max(1, claim_batch), tuple(hooks), valid,
+                max(1, claim_batch), tuple(hooks), MappingProxyType(valid),
             )
             return fn
 
