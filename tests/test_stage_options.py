@@ -27,8 +27,8 @@ from workers.looping import LoopLimitExceeded
 from workers.policy.retry import RetryAfter, RetryPolicy
 from workers.settings import ConfigError
 
-KNOWN = ("cache, cache_key, cache_ttl_s, limits, retries, retry_delay_s, retry_if, "
-         "retry_jitter, retry_on")
+KNOWN = ("cache, cache_key, cache_ttl_s, claim_batch, hooks, limits, maps_to, max_iterations, "
+         "retries, retry_delay_s, retry_if, retry_jitter, retry_on")
 DEFAULTS = {"cache": None, "cache_key": None, "cache_ttl_s": 86_400.0, "limits": (),
             "retries": 0, "retry_delay_s": 1.0, "retry_jitter": 0.0, "retry_on": Exception,
             "retry_if": None}
@@ -57,6 +57,10 @@ def test_an_unknown_option_is_refused_naming_the_stage_the_option_and_the_known_
     )
     assert refusal(flow, colour="red") == (
         f"stage opts_unknown.leaf: unknown option 'colour' (known: {KNOWN})"
+    )
+    assert refusal(flow, max_iteration=5) == (
+        f"stage opts_unknown.leaf: unknown option 'max_iteration', did you mean "
+        f"'max_iterations'? (known: {KNOWN})"
     )
     assert flow.stages == {}  # nothing registered
 
@@ -187,6 +191,9 @@ def test_the_first_hook_that_asks_for_a_retry_decides_and_a_raising_one_is_passe
     # Every hook is asked, not only those whose before() ran (a before may be what raised).
     assert calls.entered == []
     assert HookCalls([AskRetry(None), Hook()]).retry(ctx_at(1), 0, ValueError()) is None
+    # A decision that cannot be applied is refused where it is made.
+    with pytest.raises(ValueError, match="Retry delay_s must be seconds >= 0, got -1"):
+        Retry(-1)
 
 
 def check_tag(options: Mapping[str, Any]) -> None:

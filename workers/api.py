@@ -65,6 +65,9 @@ STAGE_OPTIONS: tuple[OptionGroup, ...] = (
     cache_options.OPTIONS, limit_options.OPTIONS, retry.OPTIONS,
 )
 
+#: ``Pipeline.stage``'s own keyword arguments: the engine's (fan-out, batching, looping).
+_ENGINE_OPTIONS = ("maps_to", "claim_batch", "max_iterations", "hooks")
+
 
 def _declared_by(hooks: Sequence[Hook]) -> list[OptionGroup]:
     """The option groups ``hooks`` declare, each once (one hook may be given twice)."""
@@ -162,7 +165,7 @@ class Pipeline:
         """
         label = f"{self.name}.{name}"
         declared = (*STAGE_OPTIONS, *_declared_by((*self.hooks, *hooks)))
-        valid = validate_options(label, options, declared)
+        valid = validate_options(label, options, declared, engine=_ENGINE_OPTIONS)
 
         def register(fn: StageFn) -> StageFn:
             self.stages[name] = Stage(

@@ -23,6 +23,7 @@ fail an item whose call succeeded).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -97,6 +98,10 @@ class Retry:
     """Run the failed item again after ``delay_s``, counted ``retried``."""
 
     delay_s: float
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.delay_s, int | float) and 0 <= self.delay_s < math.inf):
+            raise ValueError(f"Retry delay_s must be seconds >= 0, got {self.delay_s!r}")
 
 
 class Hook:

@@ -38,17 +38,20 @@ class OptionGroup:
 
 
 def validate(
-    label: str, given: Mapping[str, Any], groups: Iterable[OptionGroup]
+    label: str, given: Mapping[str, Any], groups: Iterable[OptionGroup],
+    engine: Iterable[str] = (),
 ) -> dict[str, Any]:
     """``given`` with every declared default filled in, each group checked by its owner.
-    An unknown option or a bad value is a ConfigError naming the stage ``label``."""
+    An unknown option or a bad value is a ConfigError naming the stage ``label``; the
+    ``engine``'s own option names (given apart) are listed among the known ones."""
     groups = tuple(groups)
-    known = sorted(name for group in groups for name in group.names)
-    for name in {n for n in known if known.count(n) > 1}:
+    declared = [name for group in groups for name in group.names]
+    for name in {n for n in declared if declared.count(n) > 1}:
         owners = ", ".join(g.owner for g in groups if name in g.names)
         raise ConfigError(f"stage {label}: option {name!r} is declared twice ({owners})")
+    known = sorted({*declared, *engine})
     for name in given:
-        if name not in known:
+        if name not in declared:
             raise ConfigError(f"stage {label}: unknown option {name!r}{_did_you_mean(name, known)}"
                               f" (known: {', '.join(known)})")
     options: dict[str, Any] = {}
