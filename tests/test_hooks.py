@@ -1,5 +1,6 @@
 """Hook points around the stage call, end to end: a skipped, a deferred and a served item on
-real workers, and a served (cached) mapped stage that still fans out its children."""
+real workers, a served (cached) mapped stage that still fans out its children, and a user
+hook's retry decision (driven by a stage option it declares) applied by the runner."""
 
 from __future__ import annotations
 
@@ -49,3 +50,22 @@ def test_hooks_skip_defer_and_serve_and_a_served_stage_still_fans_out(
                                          "throttled": 1}
     after = {p: n for p, n in vendor.stats()["by_path"].items() if p.startswith("/fib/")}
     assert after == fib_calls  # no vendor call in the second run
+
+
+def test_a_user_hook_s_retry_decision_is_applied_with_the_stage_option_it_declares(
+    start_worker: WorkerFactory,
+) -> None:
+    start_worker(WORKER_ENV)
+    run_id = start_run("hookretry", {}, roots=[1, 2, 3, 4], root_stage="flaky")
+    ledger = services().ledger
+    assert ledger.view.wait(run_id, 60) is not None, "the run did not finish"
+    snap = ledger.view.snapshot(run_id, ["flaky"])
+    assert snap is not None
+    summary = snap.summary()
+    assert summary["status"] == "partial"
+    # 1 ran once; 2 and 3 after 1 and 2 retries; 4 failed after its 2 retries (3 tries).
+    assert summary["stages"]["flaky"] == {**ZERO, "enqueued": 4, "succeeded": 3, "failed": 1,
+                                          "retried": 5}
+    assert ledger.view.results(run_id) == [1, 2, 3, None]
+    [failure] = ledger.view.failures(run_id).values()
+    assert (failure["item"], failure["error_type"], failure["attempts"]) == (4, "Busy", 3)

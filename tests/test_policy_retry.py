@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from workers.policy.retry import Exponential, RetryPolicy, exponential
+from workers.policy.retry import OPTIONS, Exponential, RetryPolicy, exponential
 
 
 def fixed(*values: float) -> Callable[[], float]:
@@ -156,3 +156,11 @@ def test_bad_exponentials_and_direct_construction_are_rejected_too() -> None:
         RetryPolicy(jitter=2)
     with pytest.raises(ValueError, match="delay_s is an empty list"):
         RetryPolicy(delay_s=())
+
+
+def test_the_declared_stage_options_are_from_options_arguments_with_its_defaults() -> None:
+    # What Pipeline.stage accepts and fills in is exactly what builds the policy.
+    assert RetryPolicy.from_options(**OPTIONS.defaults) == RetryPolicy()
+    assert OPTIONS.of({"retries": 2, "cache": "inputs"}) == {**OPTIONS.defaults, "retries": 2}
+    with pytest.raises(ValueError, match="retry_jitter must be a fraction"):
+        OPTIONS.check({**OPTIONS.defaults, "retry_jitter": 3})

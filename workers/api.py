@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from workers import keys
 from workers.context import StageContext
 from workers.hooks import Hook, StageResult
 from workers.looping import DEFAULT_MAX_ITERATIONS, Loop, LoopLimitExceeded, LoopState
-from workers.policy.retry import Delay, PermanentError, RetryIf, RetryPolicy, exponential
+from workers.options import OptionGroup
+from workers.options import validate as validate_options
+from workers.policy import cache_options, limit_options, retry
+from workers.policy.retry import PermanentError, RetryPolicy, exponential
 from workers.settings import ConfigError
 from workers.sinks.base import Record
 from workers.throttle import Throttled, rate_limit
@@ -29,6 +33,7 @@ __all__ = [
     "Loop",
     "LoopLimitExceeded",
     "LoopState",
+    "OptionGroup",
     "PermanentError",
     "Pipeline",
     "Record",
@@ -54,6 +59,24 @@ ParamsFn = Callable[[dict[str, Any]], dict[str, Any]]
 _NAME = re.compile(r"^[a-z0-9_]+$")
 _PIPELINES: dict[str, Pipeline] = {}
 
+#: The option groups of the built-in stage hooks, in the order the engine runs those hooks
+#: (``engine/stage_hooks.py``): the cache, then the limits, then retries.
+STAGE_OPTIONS: tuple[OptionGroup, ...] = (
+    cache_options.OPTIONS, limit_options.OPTIONS, retry.OPTIONS,
+)
+
+#: ``Pipeline.stage``'s own keyword arguments: the engine's (fan-out, batching, looping).
+_ENGINE_OPTIONS = ("maps_to", "claim_batch", "max_iterations", "hooks")
+
+
+def _declared_by(hooks: Sequence[Hook]) -> list[OptionGroup]:
+    """The option groups ``hooks`` declare, each once (one hook may be given twice)."""
+    groups: list[OptionGroup] = []
+    for hook in hooks:
+        if hook.OPTIONS is not None and hook.OPTIONS not in groups:
+            groups.append(hook.OPTIONS)
+    return groups
+
 
 def _valid_name(kind: str, name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
@@ -63,22 +86,19 @@ def _valid_name(kind: str, name: str) -> str:
 
 @dataclass
 class Stage:
-    """One stage. ``retry`` says when a failed item (one iteration, for a loop) is run again
-    and after how long; ``max_iterations`` bounds a looping item; ``claim_batch=N`` lets each
-    task of the stage also run up to N-1 more of its queued items (for many small leaves)."""
+    """One stage. ``max_iterations`` bounds a looping item; ``claim_batch=N`` lets each task
+    of the stage also run up to N-1 more of its queued items (for many small leaves).
+    ``options`` holds every other option, validated, with defaults filled in (``retries``,
+    ``cache``, ``limits``...): each is owned by the hook that reads it (``workers.options``)."""
 
     pipeline: str
     name: str
     fn: StageFn
     maps_to: str | None = None
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_iterations: int = DEFAULT_MAX_ITERATIONS
     claim_batch: int = 1
     hooks: tuple[Hook, ...] = ()
-    limits: tuple[str, ...] = ()  # global limits (``fanout limits set``) each item goes through
-    cache: str | None = None  # "inputs": serve a repeat of the same inputs from the cache
-    cache_key: Callable[[StageContext, Any], str] | None = None  # or a key of your own
-    cache_ttl_s: float = 86_400.0
+    options: Mapping[str, Any] = field(default_factory=dict)  # read-only once registered
 
     @property
     def task_name(self) -> str:
@@ -125,42 +145,32 @@ class Pipeline:
         name: str,
         *,
         maps_to: str | None = None,
-        retries: int = 0,
-        retry_delay_s: Delay = 1.0,
-        retry_jitter: float = 0.0,
-        retry_on: type[BaseException] | Sequence[type[BaseException]] = Exception,
-        retry_if: RetryIf | None = None,
-        max_iterations: int = DEFAULT_MAX_ITERATIONS,
         claim_batch: int = 1,
+        max_iterations: int = DEFAULT_MAX_ITERATIONS,
         hooks: Sequence[Hook] = (),
-        limits: Sequence[str] = (),
-        cache: str | None = None,
-        cache_key: Callable[[StageContext, Any], str] | None = None,
-        cache_ttl_s: float = 86_400.0,
+        **options: Any,
     ) -> Callable[[StageFn], StageFn]:
-        """Register a stage. Retries (seed 004): ``retries`` more tries after ``retry_delay_s``
-        (seconds, a list by attempt, or ``exponential(base_s, factor, max_s)``), each delay
-        varied by +/- ``retry_jitter`` (a fraction), only for ``retry_on`` exception types and
-        when ``retry_if(exc)`` is true; a ``PermanentError`` (or a vendor 4xx) never retries.
-        Caching (seed 004): ``cache="inputs"`` or ``cache_key=fn(ctx, item)``, kept
-        ``cache_ttl_s``; a run with ``refresh_cache=True`` in its params overwrites it."""
-        if cache not in (None, "inputs"):
-            raise ConfigError(f"stage {self.name}.{name}: cache must be 'inputs', got {cache!r}")
-        if not cache_ttl_s > 0:
-            raise ConfigError(f"stage {self.name}.{name}: cache_ttl_s must be > 0")
-        try:
-            retry = RetryPolicy.from_options(
-                retries=retries, retry_delay_s=retry_delay_s, retry_jitter=retry_jitter,
-                retry_on=retry_on, retry_if=retry_if,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"stage {self.name}.{name}: {exc}") from None
+        """Register a stage. ``maps_to``, ``claim_batch`` and ``max_iterations`` are the
+        engine's own; every other option belongs to a hook and is checked by it (an unknown
+        one is a ConfigError, so a typo cannot pass silently):
+
+        - retries (seed 004): ``retries`` more tries after ``retry_delay_s`` (seconds, a list
+          by attempt, or ``exponential(base_s, factor, max_s)``), each delay varied by +/-
+          ``retry_jitter`` (a fraction), only for ``retry_on`` exception types and when
+          ``retry_if(exc)`` is true; a ``PermanentError`` (or a vendor 4xx) never retries;
+        - ``limits=[NAME, ...]``: global limits each item goes through;
+        - caching (seed 004): ``cache="inputs"`` or ``cache_key=fn(ctx, item)``, kept
+          ``cache_ttl_s``; a run with ``refresh_cache=True`` in its params overwrites it;
+        - the options a pipeline's or the stage's own hooks declare (``Hook.OPTIONS``).
+        """
+        label = f"{self.name}.{name}"
+        declared = (*STAGE_OPTIONS, *_declared_by((*self.hooks, *hooks)))
+        valid = validate_options(label, options, declared, engine=_ENGINE_OPTIONS)
 
         def register(fn: StageFn) -> StageFn:
             self.stages[name] = Stage(
-                self.name, _valid_name("stage", name), fn, maps_to, retry, max_iterations,
-                max(1, claim_batch), tuple(hooks), tuple(limits), cache, cache_key,
-                float(cache_ttl_s),
+                self.name, _valid_name("stage", name), fn, maps_to, max_iterations,
+                max(1, claim_batch), tuple(hooks), MappingProxyType(valid),
             )
             return fn
 

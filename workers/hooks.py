@@ -1,27 +1,36 @@
 """Hook points around a stage call, the same for single and claimed-batch deliveries.
 
-A ``Hook`` may act before the call (skip the item, serve it from elsewhere, defer it) and
-after it (record, trip a switch), in the spirit of Dramatiq's middleware. Retries, limits,
-caching and kill switches plug in here; a pipeline lists its hooks (``Pipeline(hooks=...)``)
-and a stage may add its own. What a stage produced is a ``StageResult``: the engine fans it out
+A ``Hook`` may act before the call (skip the item, serve it from elsewhere, defer it), after
+it (record, trip a switch), and on a failure (ask for another try: ``retry`` returns
+``Retry(delay_s)``; ``on_failure`` hears whether the failure is final), in the spirit of
+Dramatiq's middleware. A hook may declare the stage options it reads (``Hook.OPTIONS``, see
+``workers.options``): ``Pipeline.stage`` then accepts and checks them, and keeps them in
+``Stage.options``. A pipeline lists its hooks (``Pipeline(hooks=...)``) and a stage may add
+its own; after those the engine adds the hooks a stage's own options ask for, in this order
+(``engine/stage_hooks.py``): the cache (``cache=``), the limits (``limits=``), the retry
+policy (``retries=``...). What a stage produced is a ``StageResult``: the engine fans it out
 the same way whether the stage ran, a hook served it, or a replay brought it back.
 
 Hooks are isolated as Dramatiq's middleware are (``HookCalls``). ``before`` runs in order
-until one decides; one that raises is the item's error, as if its stage had raised (retried
-by its policy). ``after`` and ``on_failure`` run only on the hooks whose ``before`` returned,
-in reverse order; one that raises is logged with its traceback, the others still run, and the
-item's outcome stands (a raising ``after`` does not fail an item whose call succeeded).
+until one decides; one that raises is the item's error, as if its stage had raised. On an
+error every hook's ``retry`` is asked in order until one asks for a retry (none: the failure
+is final); one that raises is logged and passed over. ``after`` and ``on_failure`` run only on
+the hooks whose ``before`` returned, in reverse order; one that raises is logged with its
+traceback, the others still run, and the item's outcome stands (a raising ``after`` does not
+fail an item whose call succeeded).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from workers.context import StageContext
 from workers.looping import Loop
+from workers.options import OptionGroup
 from workers.sinks.base import Record
 
 log = logging.getLogger("fanout.hooks")
@@ -84,8 +93,25 @@ class Defer:
 Decision = Skip | Serve | Defer
 
 
+@dataclass(frozen=True)
+class Retry:
+    """Run the failed item again after ``delay_s``, counted ``retried``."""
+
+    delay_s: float
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.delay_s, int | float) and 0 <= self.delay_s < math.inf):
+            raise ValueError(f"Retry delay_s must be seconds >= 0, got {self.delay_s!r}")
+
+
 class Hook:
-    """Override what you need; every method defaults to doing nothing."""
+    """Override what you need; every method defaults to doing nothing.
+
+    ``OPTIONS`` declares the stage options this hook reads (``workers.options``): a stage
+    given this hook (or of a pipeline given it) accepts them, checked, and keeps them in
+    ``Stage.options``."""
+
+    OPTIONS: ClassVar[OptionGroup | None] = None
 
     def before(self, ctx: StageContext, item: Any) -> Decision | None:
         """Called before the stage function; a decision replaces the call."""
@@ -93,6 +119,11 @@ class Hook:
 
     def after(self, ctx: StageContext, item: Any, result: StageResult) -> None:
         """Called after the stage function returned (not for a served or skipped item)."""
+
+    def retry(self, ctx: StageContext, item: Any, exc: BaseException) -> Retry | None:
+        """Called when the stage function raised: ``Retry(delay_s)`` asks for another try;
+        None leaves the decision to the next hook."""
+        return None
 
     def on_failure(
         self, ctx: StageContext, item: Any, exc: BaseException, *, final: bool
@@ -111,6 +142,19 @@ class HookCalls:
         for hook in self.hooks:
             decision = hook.before(ctx, item)  # raising: the item's error
             self.entered.append(hook)
+            if decision is not None:
+                return decision
+        return None
+
+    def retry(self, ctx: StageContext, item: Any, exc: BaseException) -> Retry | None:
+        """The first hook's ``Retry``, asking every hook in order (a ``before`` that raised
+        is retried like the stage); None: the failure is final."""
+        for hook in self.hooks:
+            try:
+                decision = hook.retry(ctx, item, exc)
+            except Exception:
+                _log_raised(hook, "retry", ctx)
+                continue
             if decision is not None:
                 return decision
         return None

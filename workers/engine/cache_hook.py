@@ -19,6 +19,7 @@ from workers import keys
 from workers.context import StageContext
 from workers.hooks import Decision, Hook, Serve, StageResult
 from workers.ids import canonical_json
+from workers.policy.cache_options import OPTIONS
 
 if TYPE_CHECKING:
     from workers.api import Stage
@@ -63,15 +64,12 @@ class CacheHook(Hook):
         self.redis.set(self._key(ctx, item), text, px=self.ttl_ms)
 
 
-#: The stage options this hook owns (``Pipeline.stage(...)``).
-OPTIONS = ("cache", "cache_key", "cache_ttl_s")
-
-
 def for_stage(stage: Stage, client: redis.Redis) -> tuple[Hook, ...]:
-    """The cache a stage's options ask for, if any."""
-    if not (stage.cache or stage.cache_key):
+    """The cache a stage's options ask for (``policy/cache_options.py``), if any."""
+    options = OPTIONS.of(stage.options)
+    if not (options["cache"] or options["cache_key"]):
         return ()
-    return (CacheHook(client, stage.cache_ttl_s, stage.cache_key or inputs_key),)
+    return (CacheHook(client, options["cache_ttl_s"], options["cache_key"] or inputs_key),)
 
 
 def clear(client: redis.Redis, task_name: str | None = None) -> int:

@@ -14,6 +14,7 @@ from workers.context import StageContext
 from workers.hooks import Decision, Defer, Hook, StageResult
 from workers.http import VendorHTTPError
 from workers.limits import Lease
+from workers.policy.limit_options import OPTIONS
 from workers.throttle import Throttle, Throttled, throttle
 
 if TYPE_CHECKING:
@@ -21,13 +22,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fanout.limits")
 
-#: The stage options this hook owns (``Pipeline.stage(...)``).
-OPTIONS = ("limits",)
-
-
 def for_stage(stage: Stage, client: redis.Redis) -> tuple[Hook, ...]:
-    """One hook per limit the stage names (``throttle()`` has its own Redis client)."""
-    return tuple(LimitHook(name, throttle()) for name in stage.limits)
+    """One hook per limit the stage names (``policy/limit_options.py``; ``throttle()`` has
+    its own Redis client)."""
+    return tuple(LimitHook(name, throttle()) for name in OPTIONS.of(stage.options)["limits"])
 
 
 class LimitHook(Hook):

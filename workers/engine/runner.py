@@ -11,13 +11,14 @@ ledger. Order matters for at-least-once delivery with exactly-once accounting:
 A worker killed anywhere before 4 leaves the item pending; its message comes back and steps
 2-3 are repeated, which is harmless: registration and the sink are idempotent.
 
-Each error in its bucket: a stage (or a hook's ``before``) that raises fails its item, retried
-by its policy, logged and recorded with its traceback once final; a raising ``after`` or
-``on_failure`` is logged and changes nothing (``hooks.HookCalls``); records the sink refuses
-(``SinkDataError``) fail the items that gave them, found by writing item by item, while the
-others of the batch are written; a sink that is down (``SinkDown``) holds the batch at the
-process's sink gate (``sinks/gate.py``) until it is back, and only after the gate's longest
-wait do its messages go back, as on a Redis error (``INFRA_ERRORS``).
+Each error in its bucket: a stage (or a hook's ``before``) that raises fails its item, tried
+again when a hook asks (``Hook.retry``; the stage's retry policy is the last hook), logged and
+recorded with its traceback once final; a raising ``after`` or ``on_failure`` is logged and
+changes nothing (``hooks.HookCalls``); records the sink refuses (``SinkDataError``) fail the
+items that gave them, found by writing item by item, while the others of the batch are
+written; a sink that is down (``SinkDown``) holds the batch at the process's sink gate
+(``sinks/gate.py``) until it is back, and only after the gate's longest wait do its messages
+go back, as on a Redis error (``INFRA_ERRORS``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ from workers.ledger import Finish
 from workers.looping import Loop, LoopLimitExceeded, LoopState
 from workers.message import BadMessage, Delivery, decode_redis
 from workers.outcome import Outcome
-from workers.policy.retry import retry_after_s
 from workers.sinks import Record, SinkDown
 from workers.throttle import Throttled
 
@@ -227,7 +227,7 @@ class StageRunner:
 
     def _hooks(self, pipeline: Pipeline, stage: Stage) -> tuple[Hook, ...]:
         """The pipeline's and the stage's hooks, then those its own options ask for (its
-        cache, then its limits: ``stage_hooks.STAGE_HOOKS``)."""
+        cache, its limits, its retries: ``stage_hooks.STAGE_HOOKS``)."""
         found = self._stage_hooks.get(stage.task_name)
         if found is None:
             found = (*pipeline.hooks_of(stage), *hooks_for(stage, self.services.ledger.redis))
@@ -309,21 +309,20 @@ class StageRunner:
         self, delivery: Delivery, stage: Stage, ctx: StageContext, hooks: HookCalls,
         exc: Exception, batch: Batch,
     ) -> Outcome:
-        final = isinstance(exc, LoopLimitExceeded) or not self._should_retry(stage, exc,
-                                                                              delivery)
-        hooks.on_failure(ctx, delivery.payload, exc, final=final)
+        """Apply what the hooks decide (the stage's retry policy is one: ``retry_hook``):
+        another try after a delay, or a final failure."""
+        retry = hooks.retry(ctx, delivery.payload, exc)
+        hooks.on_failure(ctx, delivery.payload, exc, final=retry is None)
         items = self.services.ledger.items
         trace = batch.failed(delivery, exc)
         # Every try counts, the vendor client's own retries too (one per failed attempt).
         tries, first_at = items.record_tries(delivery.run_id, delivery.item_id,
                                              max(1, http.tries()))
-        if not final:
-            # Never sooner than the vendor asked (a 429's or 503's Retry-After).
-            delay_s = max(stage.retry.delay_for(delivery.attempt), retry_after_s(exc) or 0.0)
+        if retry is not None:
             items.note(delivery.run_id, stage.name, "retried")
             log.info("%s %s attempt %d failed (%s), retrying in %.1fs", stage.task_name,
-                     delivery.item_id, delivery.attempt, exc, delay_s)
-            self.services.scheduler.later(delivery.next_attempt(), delay_s)
+                     delivery.item_id, delivery.attempt, exc, retry.delay_s)
+            self.services.scheduler.later(delivery.next_attempt(), retry.delay_s)
             return Outcome.RETRYING
         failure = failure_of(stage.name, delivery, exc, trace, tries=tries, first_at=first_at)
         batch.add(Finish(delivery.run_id, stage.name, delivery.item_id, Outcome.FAILED,
@@ -331,16 +330,6 @@ class StageRunner:
         log.warning("%s %s failed after %d attempts: %s", stage.task_name, delivery.item_id,
                     delivery.attempt, exc, exc_info=exc)
         return Outcome.FAILED
-
-    @staticmethod
-    def _should_retry(stage: Stage, exc: Exception, delivery: Delivery) -> bool:
-        """The stage's policy; a ``retry_if`` that raises is logged and means no retry."""
-        try:
-            return stage.retry.should_retry(exc, delivery.attempt)
-        except Exception:
-            log.error("%s %s: retry_if raised (no retry)", stage.task_name, delivery.item_id,
-                      exc_info=True)
-            return False
 
     # -- the end of a batch: engine/batch_record.py -----------------------------------
 

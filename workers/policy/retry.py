@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeGuard
+from typing import Any, TypeGuard
+
+from workers.options import OptionGroup
 
 RetryIf = Callable[[BaseException], bool]
 
@@ -138,6 +140,19 @@ class RetryPolicy:
         if isinstance(self.delay_s, Exponential):
             return self.delay_s.delay_s(attempt)
         return float(self.delay_s[min(attempt, len(self.delay_s)) - 1])
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    RetryPolicy.from_options(**options)
+
+
+#: The stage options of retries (``engine/retry_hook.py`` reads them).
+OPTIONS = OptionGroup(
+    "retry",
+    {"retries": 0, "retry_delay_s": 1.0, "retry_jitter": 0.0, "retry_on": Exception,
+     "retry_if": None},
+    _check_options,
+)
 
 
 def _is_number(value: object) -> TypeGuard[float]:
