@@ -28,7 +28,7 @@ import redis
 from demo_vendor.config import VendorConfig
 from producers import processes
 from producers.trigger import load_configured_pipelines
-from workers import embedded_redis
+from workers import embedded_redis, keys
 from workers.engine.services import Services, build
 from workers.settings import get_settings
 
@@ -301,3 +301,11 @@ def fresh_transport(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     reset_thread_transport()
     yield
     reset_thread_transport()
+
+
+def claims_released(client: redis.Redis, queue: str, timeout_s: float = 30) -> None:
+    """Wait until no message of ``queue`` is claimed. A batch's claims are released right
+    after its ledger record, which may be what ended the run: a test woken by the run's end
+    can look before the release lands."""
+    wait_for(lambda: client.zcard(keys.claimed(queue)) == 0, timeout_s=timeout_s,
+             what=f"the claims of {queue} released")

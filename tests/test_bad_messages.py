@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
+from conftest import VendorHandle, WorkerFactory, claims_released, sink_rows, wait_for
 from queue_payloads import malformed
 from test_harvest import expected_rows, finish, run_demo
 
 from workers.engine.services import services
-from workers.keys import claimed, queue_name
+from workers.keys import queue_name
 from workers.message import Delivery, encode_redis
 
 LEAF = queue_name("demo", "metric_day")
@@ -99,7 +99,7 @@ def test_bad_messages_are_dead_lettered_and_the_run_ends_exactly(
             kept = [x for x in letters if x.queue == queue and reason in x.reason
                     and (x.raw == raw or queue_json_holds(x.raw, raw))]
             assert len(kept) == copies, (queue, reason, [(x.queue, x.reason) for x in letters])
-    assert redis_client.zcard(claimed(LEAF)) == 0
+    claims_released(redis_client, LEAF)
 
     # No worker died or restarted: each is running and became ready exactly once.
     for worker in (fan_out, *leaf_workers):
@@ -164,7 +164,7 @@ def test_hundreds_of_malformed_messages_on_every_queue_kill_no_worker(
     # None lost: nothing left on a queue, delivered-but-unacked, or claimed.
     for queue in injected:
         assert redis_client.llen(queue) == 0
-        assert redis_client.zcard(claimed(queue)) == 0
+        claims_released(redis_client, queue)
     wait_for(lambda: redis_client.hlen(UNACKED) == 0, what="no unacked message")
 
     for worker in workers:

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
+from conftest import VendorHandle, WorkerFactory, claims_released, sink_rows, wait_for
 
 from demo_vendor.data import fault_hit, metric_value, service_metric
 from producers.trigger import start_run
 from workers.engine.services import services
-from workers.keys import claimed, queue_name
+from workers.keys import queue_name
 from workers.pipelines.demo import metric_days
 from workers.transport import RedisTransport
 
@@ -174,7 +174,7 @@ def test_worker_stopped_mid_run_finishes_its_work_and_refetches_nothing(
     assert stopping.wait(timeout=60) == 0
     done_at_stop = leaves_done(run_id)
     assert done_at_stop < 200, "the run finished before the worker was stopped"
-    assert redis_client.zcard(claimed(queue_name("demo", "metric_day"))) == 0
+    claims_released(redis_client, queue_name("demo", "metric_day"))
 
     start_worker(concurrency=8)
     summary = finish(run_id)

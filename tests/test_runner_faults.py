@@ -20,12 +20,12 @@ from typing import Any
 import fault_pipelines  # noqa: F401  (registers the pipelines in this process)
 import pytest
 import redis
-from conftest import WorkerFactory, rows_at
+from conftest import WorkerFactory, claims_released, rows_at
 from fault_pipelines import calls_key
 
 from producers.trigger import start_run
 from workers.engine.services import services
-from workers.keys import claimed, queue_name
+from workers.keys import queue_name
 
 WORKER_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent),
               "FANOUT_PIPELINES": "fault_pipelines"}
@@ -80,7 +80,7 @@ def test_hooks_that_raise_are_isolated_and_the_batch_is_recorded(
         ("RuntimeError", "before broke on 1")
     assert (failures[3]["error_type"], failures[3]["message"]) == ("ValueError", "leaf 3 broke")
     assert services().ledger.view.results(run_id) == [0, None, 20, None]
-    assert redis_client.zcard(claimed(queue_name("hookfaults", "leaf"))) == 0
+    claims_released(redis_client, queue_name("hookfaults", "leaf"))
 
     log = (tmp_path / "worker0.log").read_text()
     for method, item in (("after", 2), ("on_failure", 3)):

@@ -17,11 +17,17 @@ from urllib.parse import urlsplit
 
 import psycopg
 import redis
-from conftest import VendorHandle, WorkerFactory, terminate_postgres_backends, wait_for
+from conftest import (
+    VendorHandle,
+    WorkerFactory,
+    claims_released,
+    terminate_postgres_backends,
+    wait_for,
+)
 from tcp_proxy import TcpProxy
 from test_harvest import expected_rows, finish, leaves_done, run_demo
 
-from workers.keys import SINK_DOWN, claimed, queue_name
+from workers.keys import SINK_DOWN, queue_name
 
 LEAF = queue_name("demo", "metric_day")
 OUTAGE_S = 20.0
@@ -55,7 +61,7 @@ def test_a_sink_that_drops_its_connections_mid_run_loses_and_fails_nothing(
     assert summary["stages"]["metric_day"]["failed"] == 0
     assert summary["rows_written"] == 200
     assert postgres_rows(postgres_url) == expected_rows(2, 10, 10)
-    assert redis_client.zcard(claimed(LEAF)) == 0
+    claims_released(redis_client, LEAF)
 
 
 def cpu_s(session_id: int) -> float:
@@ -117,7 +123,7 @@ def test_a_sink_unreachable_for_20_s_is_waited_out_asleep_and_told_in_a_few_line
     assert summary["stages"]["metric_day"]["failed"] == 0
     assert summary["rows_written"] == 200
     assert postgres_rows(postgres_url) == expected_rows(2, 10, 10)
-    assert redis_client.zcard(claimed(LEAF)) == 0
+    claims_released(redis_client, LEAF)
     assert redis_client.get(SINK_DOWN) is None  # cleared when the sink came back
 
     assert cpu_used < 0.10 * window_s, f"{cpu_used:.2f} s CPU in {window_s:.1f} s of outage"
