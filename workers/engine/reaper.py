@@ -243,7 +243,6 @@ class Reaper:
         republished = 0
         running = self.services.ledger.runs.running()
         quiet: bool | None = None  # asked once, if a watched run is idle but within its grace
-        held: set[tuple[str, str]] | None = None  # asked once, if a run is due
         for run_id, pipeline, progress_at in running:
             idle_s = now - progress_at
             watched = run_id in self._watched
@@ -252,8 +251,7 @@ class Reaper:
                 quiet = self._quiet() if quiet is None else quiet
                 due = quiet
             if due:
-                held = self._held_items() if held is None else held
-                count, behind_busy = self._sweep_run(run_id, pipeline, now, held)
+                count, behind_busy = self._sweep_run(run_id, pipeline, now)
                 republished += count
                 if watched and not behind_busy:
                     del self._watched[run_id]
@@ -291,12 +289,13 @@ class Reaper:
     def _claim_queues() -> list[str]:
         return [s.queue for p in all_pipelines() for s in p.stages.values() if s.claim_batch > 1]
 
-    def _sweep_run(
-        self, run_id: str, pipeline_name: str, now: float, held: set[tuple[str, str]]
-    ) -> tuple[int, bool]:
+    def _sweep_run(self, run_id: str, pipeline_name: str, now: float) -> tuple[int, bool]:
         """Publish the lost items of one run: pending, on no queue, in no delayed set, and
-        ``held`` by no worker. Returns how many, and whether some of its pending items were
-        left alone because their stage queue was not empty."""
+        held by no worker. Returns how many, and whether some of its pending items were
+        left alone because their stage queue was not empty. Read in the order a message
+        moves (delayed set -> queue -> a worker), so one that moves meanwhile is seen in the
+        later place: read the other way round, a message taken off its queue between the
+        two reads was in neither, and ran twice."""
         ledger, transport = self.services.ledger, self.services.transport
         try:
             pipeline = get_pipeline(pipeline_name)
@@ -306,6 +305,7 @@ class Reaper:
         waiting = self.services.scheduler.waiting_items(run_id, now - self.stall_s)
         loops = ledger.loops.states(run_id)
         busy = {s.name for s in pipeline.stages.values() if transport.queue_depth(s.queue) > 0}
+        held = self._held_items()
         lost: dict[str, list[Delivery]] = defaultdict(list)
         behind_busy = False
         for item, payload in pending.items():
