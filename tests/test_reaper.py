@@ -289,6 +289,30 @@ def test_a_dead_workers_claims_and_unacked_messages_go_back_and_it_is_forgotten(
     assert reaper.reap_dead() == 0  # forgotten: once
 
 
+def test_a_dead_workers_tag_that_a_live_worker_took_again_stays_with_it(
+    svc: Services, client: redis.Redis, lost: LostRun, kombu_workers: KombuWorkers,
+) -> None:
+    """kombu's visibility sweep put back a message a dead worker held, and a live worker took
+    it again: a restored message keeps its delivery tag, so the dead worker's held set still
+    names the live delivery. Reaping the dead worker leaves it with the live one (restored,
+    it ran twice: a metric-day fetched a third time after a SIGKILL)."""
+    accounts = lost.queue("accounts")
+    svc.transport.publish([lost.delivery(lost.a2)])
+    taken = kombu_workers.take(accounts)  # the live delivery, held by this process
+    tag = taken.delivery_tag
+    client.sadd(keys.worker_held("w-dead"), tag)  # what the dead worker held before
+    beat(client, "w-dead", at=float(client.time()[0]) - 60)
+    beat(client, worker_id())
+    reaper = Reaper(svc, vt(svc), workers=kombu_workers.hooks)
+
+    assert reaper.reap_dead() == 1
+
+    assert client.llen(accounts) == 0
+    assert kombu_workers.hooks.unacked() == 1
+    assert client.sismember(keys.worker_held(worker_id()), tag)
+    assert client.zrange(keys.WORKERS, 0, -1) == [worker_id()]
+
+
 def test_a_dead_worker_is_put_back_by_one_reaper_only(
     svc: Services, client: redis.Redis, lost: LostRun, kombu_workers: KombuWorkers
 ) -> None:

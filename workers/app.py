@@ -279,16 +279,14 @@ class RedisBrokerHooks:
 
     def restore_held(self, worker: str) -> int:
         tags = self.liveness.held(worker)
+        live_held = [keys.worker_held(w) for w in self.liveness.alive() if w != worker]
         restored = 0
         with self.app.connection_for_write() as connection:
             channel = connection.default_channel
             qos = channel.qos
             with channel.conn_or_acquire() as client:
                 for tag in tags:
-                    # kombu's restore is a WATCH transaction: a message is restored once,
-                    # whoever else restores or acknowledges it meanwhile.
-                    restored += int(client.hexists(qos.unacked_key, tag))
-                    qos.restore_by_tag(tag, client)
+                    restored += qos.restore_unless_held(tag, client, live_held)
         return restored
 
     def forget(self, worker: str) -> bool:

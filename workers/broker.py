@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Sequence
 from queue import Empty
 from time import time
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps
+from kombu.utils.json import dumps, loads
 
 from workers import keys
 from workers.engine.services import services
@@ -86,6 +87,28 @@ class QoS(kombu_redis.QoS):
         # (a no-op); the heartbeat drops it from its holder's held set.
         return super()._remove_from_indices(delivery_tag, pipe) \
             .srem(keys.worker_held(worker_id()), delivery_tag)
+
+    def restore_unless_held(self, tag: str, client: Any, live_held: Sequence[str]) -> bool:
+        """kombu's ``restore_by_tag`` for a dead worker's tag, unless a live worker holds that
+        tag now (one of the ``live_held`` sets). A restored message keeps its delivery tag: once
+        kombu's visibility sweep has put it back and a live worker took it, the dead worker's
+        held set still names the tag, and restoring it again would run a second copy beside
+        the live one. A WATCH transaction, like kombu's: a delivery recorded meanwhile (its
+        unacked entry and held set in one MULTI) makes it look again. Returns whether the
+        message went back."""
+
+        def restore(pipe: Any) -> bool:
+            raw = pipe.hget(self.unacked_key, tag)
+            held_live = any(pipe.sismember(held, tag) for held in live_held)
+            if raw is None or held_live:
+                return False
+            pipe.multi()
+            pipe.zrem(self.unacked_index_key, tag).hdel(self.unacked_key, tag)
+            message, exchange, routing_key = loads(bytes_to_str(raw))
+            self.channel._do_restore_message(message, exchange, routing_key, pipe)
+            return True
+
+        return bool(client.transaction(restore, self.unacked_key, value_from_callable=True))
 
     def tags(self) -> list[str]:
         """The delivery tags this channel holds (read from another thread: kombu's consumer

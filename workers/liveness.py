@@ -77,6 +77,11 @@ class Liveness:
         found = self._dead(self.redis, {"workers": keys.WORKERS}, [self.heartbeat_ttl_s])
         return [str(w) for w in found]
 
+    def alive(self) -> list[str]:
+        """The workers whose last beat is within the heartbeat TTL."""
+        dead = set(self.dead())
+        return [w for w in map(str, self.redis.zrange(keys.WORKERS, 0, -1)) if w not in dead]
+
     def held(self, worker: str) -> list[str]:
         """The kombu delivery tags ``worker`` holds (or held when it died)."""
         return [str(t) for t in self.redis.smembers(keys.worker_held(worker))]
