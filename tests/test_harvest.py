@@ -153,13 +153,12 @@ def test_worker_sigkilled_mid_run_loses_nothing(
     assert len(fetched) == 200
     assert all(n == 1 for n in fetched_at_kill.values())
     unfinished_at_kill = sum(fetched_at_kill.values()) - done_at_kill
-    # At-least-once: a copy delivered twice to the surviving worker (the dead worker's
-    # messages are put back by the reaper while kombu may still hand out the last ones) may
-    # cost one call more; a handful at most, never a re-run of the harvest.
-    # TODO(#24): find that duplicate and make this exact again.
-    refetched = sum(fetched.values()) - 200
-    assert unfinished_at_kill <= refetched <= unfinished_at_kill + 4
-    assert max(fetched.values()) <= 3
+    # Exact: a message kombu's sweep put back and the survivor took again keeps its delivery
+    # tag, and reaping the dead worker leaves it with the survivor (broker.QoS
+    # restore_unless_held); a services item the dead worker had not finished runs again and
+    # publishes none of its fan-out a second time (runner.publish_children).
+    assert sum(fetched.values()) - 200 == unfinished_at_kill
+    assert max(fetched.values()) <= 2
 
 
 def test_worker_stopped_mid_run_finishes_its_work_and_refetches_nothing(

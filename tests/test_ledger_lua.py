@@ -216,6 +216,33 @@ def test_registering_the_same_children_twice_counts_them_once(
         assert 0 < redis_client.ttl(key) <= TTL_S, name
 
 
+def test_a_fan_out_published_once_is_not_registered_or_published_again(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    """A parent run again after its worker died makes the same fan-out (same digest): once
+    the first was published, register answers None and changes nothing, so the runner
+    publishes no second copy of children that may still wait on their queue."""
+    ledger.runs.create(RUN, "demo", {}, ROOT, roots("a"))
+    assert ledger.items.register(RUN, CHILD, children("x", "y"), fan_out="d1") == 2
+    # Not yet published (the worker died between the two steps): registered again, 0 new.
+    assert ledger.items.register(RUN, CHILD, children("x", "y"), fan_out="d1") == 0
+    ledger.items.published(RUN, "d1")
+
+    before = (redis_client.hgetall(RunKeys.of(RUN).run),
+              redis_client.hgetall(RunKeys.of(RUN).counts))
+    assert ledger.items.register(RUN, CHILD, children("x", "y"), fan_out="d1") is None
+    assert (redis_client.hgetall(RunKeys.of(RUN).run),
+            redis_client.hgetall(RunKeys.of(RUN).counts)) == before
+    # Another fan-out of the same parent (a second ctx.map) is its own.
+    assert ledger.items.register(RUN, CHILD, children("y", "z"), fan_out="d2") == 1
+    snap = ledger.view.snapshot(RUN)
+    assert snap is not None
+    assert (snap.pending, snap.stages[CHILD]) == (4, counters(enqueued=3))
+    fanned = RunKeys.of(RUN).fanned
+    assert redis_client.smembers(fanned) == {"d1"}
+    assert 0 < redis_client.ttl(fanned) <= TTL_S
+
+
 def test_registering_a_child_that_already_ended_does_not_revive_it(
     ledger: Ledger, redis_client: redis.Redis
 ) -> None:
@@ -547,15 +574,17 @@ def test_the_last_item_to_finish_ends_the_run_and_refreshes_every_run_key(
                "attempts": 1}
     assert ledger.items.finish(finish(RUN, "accounts:b", Outcome.FAILED, failure=failure)) == 1
     tried_and_delayed(ledger, scheduler, "services:x")
+    ledger.items.published(RUN, "fan-out")
     assert age_run_keys(redis_client, RUN) == {
         "run", "counts", "items", "failed", "payloads", "results", "loops", "roots", "delayed",
-        "tries"}
+        "tries", "fanned"}
 
     assert ledger.items.finish(finish(RUN, "services:x", iteration=2)) == 2
 
     assert ledger.view.wait(RUN, timeout_s=0.1) == "partial"
     assert set(run_keys_now(redis_client, RUN)) == {
-        "run", "counts", "items", "failed", "done", "results", "roots", "delayed", "tries"}
+        "run", "counts", "items", "failed", "done", "results", "roots", "delayed", "tries",
+        "fanned"}
     assert ttls_not_refreshed(redis_client, RUN) == {}
 
 

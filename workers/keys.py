@@ -28,6 +28,8 @@ Run ledger, for run R (``RunKeys``):
 - ``fanout:run:{R}:bmof``     hash: item id -> the batch map it belongs to
 - ``fanout:run:{R}:bmqueue``  hash: ``MAP:INDEX`` -> item id and payload of an item of a later
                               batch, until its batch is released
+- ``fanout:run:{R}:fanned``   set: digests of the fan-outs already published (a parent run
+                              again after its worker died publishes no second copy of them)
 
 Shared:
 - ``fanout:runs``             sorted set: run id -> created time (``fanout status``, the reaper)
@@ -116,6 +118,7 @@ class RunKeys:
     batchmaps: str
     bmof: str
     bmqueue: str
+    fanned: str  # the fan-outs already published (runner.publish_children), by digest
 
     @classmethod
     def of(cls, run_id: str) -> RunKeys:
@@ -125,7 +128,7 @@ class RunKeys:
             done=f"{base}:done", payloads=f"{base}:payloads", results=f"{base}:results",
             loops=f"{base}:loops", roots=f"{base}:roots", delayed=f"{base}:delayed",
             tries=f"{base}:tries", batchmaps=f"{base}:batchmaps", bmof=f"{base}:bmof",
-            bmqueue=f"{base}:bmqueue",
+            bmqueue=f"{base}:bmqueue", fanned=f"{base}:fanned",
         )
 
 

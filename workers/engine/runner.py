@@ -23,6 +23,7 @@ go back, as on a Redis error (``INFRA_ERRORS``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -56,17 +57,32 @@ INFRA_ERRORS = (redis.RedisError, OperationalError, SinkDown)
 def publish_children(
     services: Services, stage: Stage, run_id: str, parent_id: str, items: Sequence[Any]
 ) -> int:
-    """Register children in the ledger, then publish them in bulk. Returns how many."""
+    """Register children in the ledger, then publish them in bulk. Returns how many. A parent
+    run again after its worker died (at-least-once) publishes nothing when its fan-out was
+    published already: a second copy of a child still on its queue would run beside the
+    first (and call the vendor twice); a child lost since is the reaper's to publish."""
     texts = [RawJSON(canonical_json(item)) for item in items]
     deliveries = [
         Delivery(stage.task_name, run_id, item_id(stage.name, parent_id, i, text), text)
         for i, text in enumerate(texts)
     ]
     if deliveries:
+        items_ledger = services.ledger.items
+        fan_out = fan_out_digest(parent_id, deliveries)
         entries = [(d.item_id, d.payload) for d in deliveries]
-        services.ledger.items.register(run_id, stage.name, entries)
-        services.transport.publish(deliveries)
+        if items_ledger.register(run_id, stage.name, entries, fan_out) is not None:
+            services.transport.publish(deliveries)
+            items_ledger.published(run_id, fan_out)
     return len(deliveries)
+
+
+def fan_out_digest(parent_id: str, deliveries: Sequence[Delivery]) -> str:
+    """Names one fan-out: its parent and the ids of its children (deterministic, so a parent
+    run again makes the same one, and a second ``ctx.map`` of other items another)."""
+    digest = hashlib.blake2b(parent_id.encode(), digest_size=12)
+    for d in deliveries:
+        digest.update(b"\0" + d.item_id.encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,15 +37,30 @@ class Items:
         self._register = scripts.load("register_items")
         self._finish = scripts.load("finish_item")
 
-    def register(self, run_id: str, stage: str, entries: Sequence[tuple[str, Any]]) -> int:
+    def register(self, run_id: str, stage: str, entries: Sequence[tuple[str, Any]],
+                 fan_out: str = "") -> int | None:
         """Register children (id, payload) as pending before they are published.
-        Returns how many were new. ``LedgerError`` NORUN: the run is unknown or expired."""
+        Returns how many were new, or None when the fan-out named ``fan_out`` (a digest) was
+        published already (``published``): then nothing is to be published again.
+        ``LedgerError`` NORUN: the run is unknown or expired."""
         new = 0
         for start in range(0, len(entries), _REGISTER_CHUNK):
             chunk = entries[start : start + _REGISTER_CHUNK]
-            args = [stage, self.ttl_s, time.time(), *flat_pairs(chunk)]
-            new += int(call(self._register, self.redis, run_id, args))
+            digest = fan_out if start == 0 else ""
+            args = [stage, self.ttl_s, time.time(), digest, *flat_pairs(chunk)]
+            registered = int(call(self._register, self.redis, run_id, args))
+            if registered < 0:
+                return None
+            new += registered
         return new
+
+    def published(self, run_id: str, fan_out: str) -> None:
+        """Note that the fan-out named ``fan_out`` is on the broker (see ``register``)."""
+        fanned = RunKeys.of(run_id).fanned
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.sadd(fanned, fan_out)
+        pipe.expire(fanned, self.ttl_s)
+        pipe.execute()
 
     def finish(self, done: Finish) -> int:
         """One terminal transition: 0 duplicate (or a stale loop iteration), 1 counted,

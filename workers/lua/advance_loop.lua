@@ -2,12 +2,12 @@
 -- a lost message for k+1 can be published again. A duplicate of iteration k finds the loop
 -- already past k and is told not to enqueue k+1 a second time.
 -- KEYS: run, counts, items, failed, done, payloads, results, loops, roots, delayed, tries,
---       batchmaps, bmof, bmqueue
+--       batchmaps, bmof, bmqueue, fanned
 -- ARGV: [1] item id, [2] stage, [3] k (the iteration that just ran), [4] loop state JSON for
 --       k+1: {"iteration": k+1, "payload": ...}, [5] now, [6] ttl_s
 -- Returns 1 when advanced, 0 when the item is terminal or the loop is not at k.
 local run, counts, items, failed, done, payloads, results, loops, roots, delayed, tries,
-  batchmaps, bmof, bmqueue = unpack(KEYS)
+  batchmaps, bmof, bmqueue, fanned = unpack(KEYS)
 -- INCLUDE: _end_run
 local item, stage, k, next_state = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local now, ttl_s = ARGV[5], tonumber(ARGV[6])

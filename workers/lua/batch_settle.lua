@@ -2,11 +2,11 @@
 -- release the next batch, or, after the last one, give back the map's pending token (which
 -- may finish the run). Only a map that is deciding is settled, so this happens once.
 -- KEYS: run, counts, items, failed, done, payloads, results, loops, roots, delayed, tries,
---       batchmaps, bmof, bmqueue
+--       batchmaps, bmof, bmqueue, fanned
 -- ARGV: [1] map id, [2] now, [3] ttl_s
 -- Returns the batch to publish: {id, payload, ...} ({} after the last batch).
 local run, counts, items, failed, done, payloads, results, loops, roots, delayed, tries,
-  batchmaps, bmof, bmqueue = unpack(KEYS)
+  batchmaps, bmof, bmqueue, fanned = unpack(KEYS)
 -- INCLUDE: _end_run
 -- INCLUDE: _bmqueue
 local map_id, now, ttl_s = ARGV[1], ARGV[2], tonumber(ARGV[3])

@@ -2,14 +2,14 @@
 -- Idempotent for a run id: a run that exists already is left as it is (two beats firing the
 -- same schedule slot, or a trigger retried, create one run).
 -- KEYS: run, counts, items, failed, done, payloads, results, loops, roots, delayed, tries,
---       batchmaps, bmof, bmqueue
+--       batchmaps, bmof, bmqueue, fanned
 -- ARGV: [1] run id, [2] pipeline, [3] params JSON, [4] now (epoch seconds), [5] ttl_s,
 --       [6] root stage, [7] holds (1 when the roots come next as a batch map, whose
 --       creation takes the hold over; else 0), then pairs: [8] item id, [9] payload JSON, ...
 -- Returns 1 when the run was created, 0 when it existed already. A run with no new root
 -- item finishes at once.
 local run, counts, items, failed, done, payloads, results, loops, roots, delayed, tries,
-  batchmaps, bmof, bmqueue = unpack(KEYS)
+  batchmaps, bmof, bmqueue, fanned = unpack(KEYS)
 -- INCLUDE: _end_run
 local now, ttl_s, root_stage = ARGV[4], tonumber(ARGV[5]), ARGV[6]
 if redis.call('EXISTS', run) == 1 then return 0 end

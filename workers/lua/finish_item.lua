@@ -1,7 +1,7 @@
 -- Move items of one run to a terminal state, each exactly once, and finish the run with the
 -- last. One call per run per claimed batch (a leaf batch is one round trip, not one per item).
 -- KEYS: run, counts, items, failed, done, payloads, results, loops, roots, delayed, tries,
---       batchmaps, bmof, bmqueue
+--       batchmaps, bmof, bmqueue, fanned
 -- ARGV: [1] now (epoch seconds), [2] ttl_s, then 7 per item:
 --       item id, stage, outcome (s succeeded | f failed | c cached | k skipped), sink rows
 --       written, failure JSON or '', result JSON or '', the iteration that ended the item
@@ -13,7 +13,7 @@
 -- engine has something to do: deciding is 1 for the one item that completed its batch (check
 -- the switch, release the next), 0 for any item of a map whose switch is checked per item.
 local run, counts, items, failed, done, payloads, results, loops, roots, delayed, tries,
-  batchmaps, bmof, bmqueue = unpack(KEYS)
+  batchmaps, bmof, bmqueue, fanned = unpack(KEYS)
 -- INCLUDE: _end_run
 local now, ttl_s = ARGV[1], tonumber(ARGV[2])
 local counters = {s = 'succeeded', f = 'failed', c = 'cached', k = 'skipped'}

@@ -3,12 +3,12 @@
 -- items already on a queue or delayed are skipped by the worker that takes them (it sees the
 -- status). The run then ends when its last in-flight item does, keeping this status.
 -- KEYS: run, counts, items, failed, done, payloads, results, loops, roots, delayed, tries,
---       batchmaps, bmof, bmqueue
+--       batchmaps, bmof, bmqueue, fanned
 -- ARGV: [1] status (killed | cancelled), [2] reason, [3] now, [4] ttl_s
 -- Returns the number of items skipped here, or -1 when the run had already finished (or
 -- stopped). Error NORUN: the run is unknown or expired.
 local run, counts, items, failed, done, payloads, results, loops, roots, delayed, tries,
-  batchmaps, bmof, bmqueue = unpack(KEYS)
+  batchmaps, bmof, bmqueue, fanned = unpack(KEYS)
 -- INCLUDE: _end_run
 -- INCLUDE: _bmqueue
 local stop_status, reason, now, ttl_s = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
