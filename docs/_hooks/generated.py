@@ -6,7 +6,8 @@ A page asks for a generated part with a marker on a line of its own, ``<!-- fano
   with its usage, arguments, help texts, defaults and choices;
 - ``settings``: the README's Configuration section (its table lists every ``FANOUT_*``
   variable; ``tests/test_readme_settings.py`` holds the table to the code);
-- ``benchmarks``: the figures of the latest ``benchmarks/results/*.json``.
+- ``benchmarks``: each suite's figures from the latest ``benchmarks/results/*.json``
+  that ran it.
 
 An unknown marker fails the build.
 """
@@ -179,11 +180,18 @@ def settings_reference() -> str:
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def latest_results() -> Path:
-    files = sorted(RESULTS.glob("*.json"))  # named by their UTC start: the last is the latest
+def latest_suites() -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Each suite's latest successful run: its name -> (its results file, the suite). The
+    files are named by their UTC start, so the last one that ran a suite is its latest."""
+    files = sorted(RESULTS.glob("*.json"))
     if not files:
         raise PluginError(f"no benchmark results in {RESULTS}")
-    return files[-1]
+    found: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path in files:
+        for name, suite in json.loads(path.read_text()).get("suites", {}).items():
+            if suite.get("status") == "ok":
+                found[name] = (path, suite)
+    return found
 
 
 def _number(value: Any) -> str:
@@ -261,26 +269,34 @@ def _generic(suite: dict[str, Any]) -> str:
     return _table(["figure", "value"], rows) if rows else "No figures.\n"
 
 
-def benchmarks_reference() -> str:
-    path = latest_results()
+def _about(path: Path) -> str:
+    """When, where and on what a results file was measured."""
     document = json.loads(path.read_text())
     machine, code = document.get("machine", {}), document.get("code", {})
     versions = ", ".join(f"{k} {v}" for k, v in document.get("versions", {}).items())
-    start_load = machine.get("loadavg_at_start") or ["?"]
-    end_load = machine.get("loadavg_at_end") or ["?"]
-    out = [
-        f"From `benchmarks/results/{path.name}`, the latest results file: started "
-        f"{document.get('started_at', '?')}, {document.get('wall_s', 0):,.0f} s, commit "
-        f"`{str(code.get('at_start', {}).get('commit', '?'))[:10]}`"
-        + (" (files changed while it ran)" if code.get("changed_during_run") else "")
-        + f", {machine.get('cpu_count')} cores, load average {_number(start_load[0])} at the "
-        f"start and {_number(end_load[0])} at the end. Versions: {versions}.\n"
-    ]
-    for name, suite in document.get("suites", {}).items():
+    start_load = (machine.get("loadavg_at_start") or ["?"])[0]
+    end_load = (machine.get("loadavg_at_end") or ["?"])[0]
+    changed = " (files changed while it ran)" if code.get("changed_during_run") else ""
+    return (
+        f"- `benchmarks/results/{path.name}`: started {document.get('started_at', '?')}, "
+        f"{document.get('wall_s', 0):,.0f} s, commit "
+        f"`{str(code.get('at_start', {}).get('commit', '?'))[:10]}`{changed}, "
+        f"{machine.get('cpu_count')} cores, load average {_number(start_load)} at the start "
+        f"and {_number(end_load)} at the end; {versions}.\n"
+    )
+
+
+def benchmarks_reference() -> str:
+    suites = latest_suites()
+    files = sorted({path for path, _ in suites.values()})
+    out = ["Each suite's figures come from the latest results file in which it ran:\n",
+           "".join(_about(path) for path in files)]
+    for name, (path, suite) in suites.items():
+        before = (suite.get("loadavg_before") or ["?"])[0]
+        after = (suite.get("loadavg_after") or ["?"])[0]
         out.append(f"## {name}\n")
-        if suite.get("status") != "ok":
-            out.append(f"{suite.get('status')}: {html.escape(suite.get('reason', ''))}\n")
-            continue
+        out.append(f"From `benchmarks/results/{path.name}`; load average {_number(before)} "
+                   f"before the suite, {_number(after)} after.\n")
         out.append(_harvest(suite) if name == "harvest" else _generic(suite))
     return "\n".join(out)
 
