@@ -16,7 +16,7 @@ from workers.settings import ConfigError
 
 REPOS = ["PrefectHQ/prefect", "pydantic/pydantic", "celery/celery"]
 
-stars = Pipeline("acme_stars", vendor="acme")
+stars = Pipeline("acme_stars")
 
 
 @stars.params
