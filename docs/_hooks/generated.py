@@ -110,8 +110,16 @@ def _default(action: argparse.Action) -> str:
     return f"<code>{html.escape(str(default))}</code>"
 
 
+def _formatter(parser: argparse.ArgumentParser, path: str) -> argparse.HelpFormatter:
+    """The parser's own help formatter (a custom one may not take a width)."""
+    try:
+        return parser.formatter_class(prog=path, width=USAGE_WIDTH)
+    except TypeError:
+        return parser.formatter_class(prog=path)
+
+
 def _argument_rows(parser: argparse.ArgumentParser, path: str) -> list[str]:
-    formatter = parser.formatter_class(prog=path, width=USAGE_WIDTH)
+    formatter = _formatter(parser, path)
     rows = []
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
@@ -131,7 +139,7 @@ def _argument_rows(parser: argparse.ArgumentParser, path: str) -> list[str]:
 
 
 def _usage(parser: argparse.ArgumentParser, path: str) -> str:
-    formatter = parser.formatter_class(prog=path, width=USAGE_WIDTH)
+    formatter = _formatter(parser, path)
     formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups,
                         prefix="")
     return formatter.format_help().strip()
