@@ -5,11 +5,12 @@ PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
 	done)
 VENV := .venv
 BIN := $(VENV)/bin
-# The demo needs the package alone; tests, lint and benchmarks need the dev extras too.
+# The demo needs the package alone; tests, lint, docs and benchmarks need the dev and docs
+# extras too.
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: setup dev demo test lint bench clean down
+.PHONY: setup dev demo test lint docs bench clean down
 
 $(VENV)/bin/python:
 	@test -n "$(PYTHON)" || { echo "fanout needs Python 3.11+ on PATH"; exit 2; }
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	@touch $(STAMP)
 
 $(DEV_STAMP): pyproject.toml | $(VENV)/bin/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,docs]'
 	@touch $(STAMP) $(DEV_STAMP)
 
 setup: $(STAMP)
@@ -38,6 +39,11 @@ lint: dev
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The docs site into site/, strict: a broken reference or link fails it (tests/test_docs.py
+# builds it too, in make test). Material's banner about MkDocs 2 is not a warning of ours.
+docs: dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: dev
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks $(ARGS)
@@ -47,4 +53,4 @@ down: setup
 
 clean:
 	-$(BIN)/fanout down
-	rm -rf $(VENV) .fanout .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .fanout .pytest_cache .mypy_cache .ruff_cache site

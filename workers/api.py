@@ -102,10 +102,12 @@ class Stage:
 
     @property
     def task_name(self) -> str:
+        """The Celery task's name, ``PIPELINE.STAGE``."""
         return f"{self.pipeline}.{self.name}"
 
     @property
     def queue(self) -> str:
+        """The stage's queue, ``fanout.PIPELINE.STAGE``."""
         return keys.queue_name(self.pipeline, self.name)
 
 
@@ -177,6 +179,7 @@ class Pipeline:
         return register
 
     def hooks_of(self, stage: Stage) -> tuple[Hook, ...]:
+        """The pipeline's hooks, then the stage's own (before the built-in ones)."""
         return (*self.hooks, *stage.hooks)
 
     def stage_order(self) -> list[str]:
@@ -200,6 +203,7 @@ def load_pipelines(modules: Sequence[str]) -> None:
 
 
 def get_pipeline(name: str) -> Pipeline:
+    """The pipeline registered as ``name``; a ConfigError naming the known ones if none."""
     try:
         return _PIPELINES[name]
     except KeyError:
@@ -215,4 +219,5 @@ def find_stage(task_name: str) -> Stage | None:
 
 
 def all_pipelines() -> list[Pipeline]:
+    """Every pipeline the imported modules registered."""
     return list(_PIPELINES.values())

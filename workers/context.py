@@ -12,6 +12,10 @@ from workers.policy.kill_switch import Switch, to_spec
 
 @dataclass
 class StageContext:
+    """The item's run (``run_id``, ``params``), its id, its stage, its ``attempt`` (from 1),
+    its loop state (``loop.payload``, ``loop.iteration``), and the way to fan out (``map``,
+    ``batch_map``)."""
+
     run_id: str
     item_id: str
     pipeline: str

@@ -30,6 +30,7 @@ class OptionGroup:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The option names this group declares."""
         return tuple(self.defaults)
 
     def of(self, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -80,6 +80,7 @@ class RunView:
         return [str(i) for i in self.redis.zrevrange(keys.RUNS_INDEX, 0, count - 1)]
 
     def latest_run(self) -> str | None:
+        """The id of the newest run, or None."""
         ids = self.redis.zrevrange(keys.RUNS_INDEX, 0, 0)
         return str(ids[0]) if ids else None
 

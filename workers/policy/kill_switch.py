@@ -26,6 +26,7 @@ class Counts:
 
     @property
     def finished(self) -> int:
+        """Items that ended, whatever their outcome."""
         return self.succeeded + self.failed + self.skipped + self.cached
 
 
@@ -38,7 +39,11 @@ class Trip:
 
 @runtime_checkable
 class KillSwitch(Protocol):
-    def check(self, counts: Counts) -> Trip | None: ...
+    """What a switch class provides (a plain function of ``Counts`` works too)."""
+
+    def check(self, counts: Counts) -> Trip | None:
+        """A ``Trip`` when the switch trips at ``counts``, else None."""
+        ...
 
 
 @dataclass(frozen=True)
