@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 import slow_pipelines
-from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
+from conftest import VendorHandle, WorkerFactory, claims_released, sink_rows, wait_for
 from test_harvest import expected_rows, finish, leaves_done, run_demo
 
 from producers.trigger import start_run
@@ -142,4 +142,5 @@ def test_a_killed_prefork_childs_claims_come_back_in_seconds(
 
     assert summary["stages"]["batched"]["succeeded"] == 4
     assert summary["stages"]["batched"]["enqueued"] == 4
+    claims_released(redis_client, batched_queue)  # released right after the record that ended
     assert redis_client.exists(keys.claimed(batched_queue)) == 0

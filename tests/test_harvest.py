@@ -287,5 +287,5 @@ def test_claimed_batch_of_a_dead_worker_goes_back_on_the_queue(
     assert summary["status"] == "succeeded"
     assert summary["stages"]["metric_day"]["succeeded"] == 24
     assert [r[:6] for r in sink_rows(sink_path)] == expected_rows(2, 3, 4)
-    assert redis_client.zcard(f"fanout:claimed:{leaf_queue}") == 0
+    claims_released(redis_client, leaf_queue)
     assert vendor.stats()["by_endpoint"]["metrics"] == 24
