@@ -122,8 +122,10 @@ def demo(args: argparse.Namespace) -> int:
 
 def _demo_run(args: argparse.Namespace, system: LocalSystem, run_id: str,
               console: Console) -> RunSnapshot:
+    # One line, never wrapped: each URL works pasted back (FANOUT_SINK_URL=...).
     console.print(f"demo vendor at {system.vendor_url} · Redis at "
-                  f"{redact(system.redis_url)} · sink {redact(system.sink_url)}")
+                  f"{redact(system.redis_url)} · sink {redact(system.sink_url)}",
+                  soft_wrap=True, markup=False)
     params = {"days": args.days, "vendor_url": system.vendor_url}
     start_run("demo", params, run_id=run_id)
     console.print(f"run {run_id}: {args.accounts} accounts x {args.services} services x "
@@ -335,8 +337,8 @@ def failures(args: argparse.Namespace) -> int:
     console = make_console()
     for item, failure in sorted(failed.items()):
         console.print(f"{failure['stage']} {item} {failure['error_type']}: {failure['message']} "
-                      f"({_attempts(failure)}) {json.dumps(failure['item'])}", markup=False,
-                      soft_wrap=True)
+                      f"({describe_attempts(failure)}) {json.dumps(failure['item'])}",
+                      markup=False, soft_wrap=True)
         where = raised_at(failure.get("traceback", ""))
         if where:
             console.print(f"  raised at {where}", markup=False, soft_wrap=True)
@@ -344,7 +346,7 @@ def failures(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attempts(failure: dict[str, Any]) -> str:
+def describe_attempts(failure: dict[str, Any]) -> str:
     """How often the item was tried. A try is counted per attempt, or per HTTP call when an
     attempt made several (the vendor client's own retries), so more tries than attempts
     means HTTP retries; the same number says nothing of HTTP and is not shown."""
