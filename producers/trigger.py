@@ -107,7 +107,9 @@ def start_run(
         params = pipeline.check_params(params)
     if roots is None:
         if pipeline.list_roots is None or pipeline.root_stage is None:
-            raise ConfigError(no_roots_function(pipeline))
+            raise ConfigError(f"pipeline {pipeline_name!r} has no roots function: give its "
+                              "root items as data (fanout run --items FILE, items or "
+                              "items_file in a schedule, start_run(roots=...))")
         if root_stage is not None:
             raise ConfigError(f"a root stage ({root_stage!r}) is for root items given as "
                               f"data: pipeline {pipeline_name!r} lists its own")
@@ -153,12 +155,6 @@ def stage_order(pipeline: Pipeline, root_stage: str | None = None) -> list[str]:
         order.append(current)
         current = pipeline.stages[current].maps_to
     return order
-
-
-def no_roots_function(pipeline: Pipeline) -> str:
-    return (f"pipeline {pipeline.name!r} has no roots function: give its root items as data "
-            "(fanout run --items FILE, items or items_file in a schedule, "
-            "start_run(roots=...))")
 
 
 def replay_run(run_id: str, *, stage: str | None = None, item: str | None = None) -> int:

@@ -21,6 +21,7 @@ from producers.trigger import (
     load_configured_pipelines,
     root_stage_of,
     stage_order,
+    start_run,
 )
 from workers.api import Pipeline, StageContext
 from workers.settings import ConfigError
@@ -134,6 +135,22 @@ def test_the_root_stage_of_given_items() -> None:
     with pytest.raises(ConfigError, match=r"unknown pipeline 'nosuch' \(known: .*demo.*; "
                                           r"FANOUT_PIPELINES=module,module imports more"):
         find_pipeline("nosuch")
+
+
+def test_start_run_says_where_root_items_come_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one path the CLI, a schedule and Python share."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.setenv("FANOUT_PIPELINES", "github_stars")
+    with pytest.raises(ConfigError, match=r"^pipeline 'github_stars' has no roots function: "
+                                          r"give its root items as data \(fanout run --items "
+                                          r"FILE, items or items_file in a schedule, "
+                                          r"start_run\(roots=...\)\)$"):
+        start_run("github_stars", {})
+    with pytest.raises(ConfigError, match=r"^a root stage \('services'\) is for root items "
+                                          r"given as data: pipeline 'demo' lists its own$"):
+        start_run("demo", {}, root_stage="services")
+    with pytest.raises(ConfigError, match="several stages root items could go to"):
+        start_run("itemstest_two_heads", {}, roots=[1])
 
 
 # --- the command line: bad input is one line and exit 2 ---------------------------------------
