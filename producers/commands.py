@@ -20,7 +20,6 @@ from producers.items import read_items
 from producers.local import LocalSystem, local_system
 from producers.report import RedisGone, done_count, exit_code, summary_table, wait_for_run
 from producers.trigger import (
-    find_pipeline,
     new_run_id,
     replay_run,
     root_stage_of,
@@ -159,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--kill-switch and --per-item need --batch-size")
     if args.per_item and args.kill_switch is None:
         raise UsageError("--per-item needs --kill-switch")
-    pipeline = find_pipeline(args.pipeline)
+    pipeline = get_pipeline(args.pipeline)
     roots, root_stage = None, None
     if args.items is None:
         if args.root_stage is not None:
@@ -398,7 +397,7 @@ def cache(args: argparse.Namespace) -> int:
     tasks: list[str | None] = [None]
     if target is not None:
         name, dot, stage = target.partition(".")
-        pipeline = find_pipeline(name)
+        pipeline = get_pipeline(name)
         if dot and stage not in pipeline.stages:
             raise ConfigError(f"pipeline {name!r} has no stage {stage!r} (give PIPELINE or "
                               f"PIPELINE.STAGE; stages: {', '.join(pipeline.stages)})")

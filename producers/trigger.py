@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from producers.errors import CliError
-from workers.api import Pipeline, all_pipelines, get_pipeline, load_pipelines
+from workers.api import Pipeline, get_pipeline, load_pipelines
 from workers.engine import batch_maps
 from workers.engine.services import services
 from workers.ids import item_id
@@ -47,16 +47,6 @@ def _list_roots(list_roots: Callable[[dict[str, Any]], Sequence[Any]],
 def load_configured_pipelines() -> None:
     """Import the built-in pipelines and FANOUT_PIPELINES (a bad module: ConfigError)."""
     load_pipelines(get_settings().pipeline_modules)
-
-
-def find_pipeline(name: str) -> Pipeline:
-    """A loaded pipeline; an unknown name is a ConfigError naming the known ones."""
-    try:
-        return get_pipeline(name)
-    except ConfigError:
-        known = ", ".join(sorted(p.name for p in all_pipelines())) or "none"
-        raise ConfigError(f"unknown pipeline {name!r} (known: {known}; FANOUT_PIPELINES="
-                          "module,module imports more, see fanout pipelines)") from None
 
 
 def root_stage_of(pipeline: Pipeline, given: str | None = None) -> str:
@@ -102,7 +92,7 @@ def start_run(
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"batch size must be a whole number >= 1, got {batch_size!r}")
     load_configured_pipelines()
-    pipeline = find_pipeline(pipeline_name)
+    pipeline = get_pipeline(pipeline_name)
     if pipeline.check_params:
         params = pipeline.check_params(params)
     if roots is None:

@@ -55,7 +55,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], fragment: st
         (["cache", "clear", "demo.nope"], "pipeline 'demo' has no stage 'nope' (give PIPELINE "
                                           "or PIPELINE.STAGE; stages: accounts, services, "
                                           "metric_day)"),
-        (["cache", "clear", "nosuch"], "unknown pipeline 'nosuch' (known: demo, demo_report;"),
+        (["cache", "clear", "nosuch"], "unknown pipeline 'nosuch' (known: demo, demo_report)"),
         (["results", "no-such-run"], "run no-such-run is unknown or expired"),
     ],
 )
