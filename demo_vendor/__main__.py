@@ -37,60 +37,82 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Bundled demo vendor API.", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     s = commands.add_parser("serve", help="run the HTTP server", allow_abbrev=False)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-    s.add_argument("--ready-file", type=Path, help="write the base URL here once listening")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default: %(default)s)")
+    s.add_argument("--port", type=int, default=8765,
+                   help="the port to listen on; 0 picks a free one (default: %(default)s)")
+    s.add_argument("--ready-file", type=Path,
+                   help="write the base URL here once listening (default: none)")
     s.add_argument(
         "--server",
         choices=SERVERS,
         default=SERVERS[0],
-        help="HTTP layer: the builtin asyncio server (default, less CPU per request) or aiohttp",
+        help="HTTP layer: the builtin asyncio server (less CPU per request) or aiohttp "
+        "(default: %(default)s)",
     )
-    s.add_argument("--accounts", type=int, default=defaults.accounts)
-    s.add_argument("--services", type=int, default=defaults.services)
-    s.add_argument("--page-size", type=int, default=defaults.page_size)
-    s.add_argument("--seed", type=int, default=defaults.seed)
-    s.add_argument("--latency-ms", type=float, default=defaults.latency_ms)
-    s.add_argument("--error-rate", type=float, default=defaults.error_rate)
-    s.add_argument("--error-times", type=int, default=defaults.error_times)
-    s.add_argument("--rate-limit-rps", type=float, default=defaults.rate_limit_rps)
+    s.add_argument("--accounts", type=int, default=defaults.accounts,
+                   help="accounts served (default: %(default)s)")
+    s.add_argument("--services", type=int, default=defaults.services,
+                   help="services per account (default: %(default)s)")
+    s.add_argument("--page-size", type=int, default=defaults.page_size,
+                   help="services per page of an account's list (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=defaults.seed,
+                   help="seed of the data and of which requests fail (default: %(default)s)")
+    s.add_argument("--latency-ms", type=float, default=defaults.latency_ms,
+                   help="added latency per request, in ms (default: %(default)s)")
+    s.add_argument("--error-rate", type=float, default=defaults.error_rate,
+                   help="share of request keys answered 500, 0 to 1 (default: %(default)s)")
+    s.add_argument("--error-times", type=int, default=defaults.error_times,
+                   help="how often each such key fails before it answers; 0: always "
+                        "(default: %(default)s)")
+    s.add_argument("--rate-limit-rps", type=float, default=defaults.rate_limit_rps,
+                   help="requests per second before 429s; 0: no limit (default: "
+                        "%(default)s)")
     s.add_argument(
         "--retry-after-integer",
         action="store_true",
         help="send Retry-After as whole seconds (rounded up) instead of decimals",
     )
-    s.add_argument("--stall-rate", type=float, default=defaults.stall_rate)
-    s.add_argument("--stall-ms", type=float, default=defaults.stall_ms)
+    s.add_argument("--stall-rate", type=float, default=defaults.stall_rate,
+                   help="share of request keys that stall --stall-ms before answering, 0 to "
+                        "1 (default: %(default)s)")
+    s.add_argument("--stall-ms", type=float, default=defaults.stall_ms,
+                   help="how long a stalled request waits, in ms (default: %(default)s)")
     s.add_argument(
         "--stall-path",
         action="append",
         default=[],
         metavar="KEY",
-        help="always stall this request key (path, plus ?day=... for metrics); repeatable",
+        help="always stall this request key (path, plus ?day=... for metrics); repeatable "
+        "(default: none)",
     )
     s.add_argument(
         "--not-found-path",
         action="append",
         default=[],
         metavar="KEY",
-        help="answer this request key with 404 until reconfigured; repeatable",
+        help="answer this request key with 404 until reconfigured; repeatable (default: "
+        "none)",
     )
     s.add_argument(
         "--burst-429",
         type=int,
         default=0,
         metavar="N",
-        help="answer the first N requests with 429 + Retry-After",
+        help="answer the first N requests with 429 + Retry-After (default: %(default)s)",
     )
     s.add_argument(
         "--burst-retry-after",
         type=float,
         default=1.0,
         metavar="SECONDS",
-        help="the Retry-After of --burst-429's responses",
+        help="the Retry-After of --burst-429's responses (default: %(default)s)",
     )
-    s.add_argument("--report-polls", type=int, default=defaults.report_polls)
-    s.add_argument("--metrics", default=",".join(defaults.metrics), help="comma-separated")
+    s.add_argument("--report-polls", type=int, default=defaults.report_polls,
+                   help="polls before an async report is ready (default: %(default)s)")
+    s.add_argument("--metrics", default=",".join(defaults.metrics),
+                   help="the metric names services get, comma-separated (default: "
+                        "%(default)s)")
     return parser
 
 

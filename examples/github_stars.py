@@ -5,6 +5,16 @@ concurrent map, a global rate limit named "github-api" and a one-day input cache
     python examples/github_stars.py              # again: every fetch_stats is cached
     python examples/github_stars.py --base-url https://api.github.com
 
+Its pipeline's roots are data (a list of repos), so from the command line it runs with
+``--items``; producer and workers import it as the module ``github_stars`` (this folder on
+the import path)::
+
+    export PYTHONPATH=examples FANOUT_PIPELINES=github_stars
+    fanout vendor serve &  fanout worker &
+    echo '["PrefectHQ/prefect", "pydantic/pydantic"]' > repos.json
+    fanout run github_stars --items repos.json --wait --json   # -p base_url=... for GitHub
+    fanout results RUN                                          # what each repo returned
+
 Prefect's ``prefect gcl create github-api --limit 60 --slot-decay-per-second 0.016`` is
 ``fanout limits set github-api --rate 60/h --burst 60``; this script sets it when it is missing.
 It starts what it needs: the embedded Redis (or FANOUT_REDIS_URL), the demo vendor unless a
@@ -14,6 +24,7 @@ base URL is given, and a worker that imports this file's pipeline.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +35,17 @@ from workers.http import request_json
 REPOS = ["PrefectHQ/prefect", "pydantic/pydantic", "huggingface/transformers"]
 
 flow = Pipeline("github_stars")
+#: Where ``fanout run`` sends it without ``-p base_url=...``: the demo vendor.
+DEFAULT_BASE_URL = "http://127.0.0.1:8765"
+
+
+@flow.params
+def check_params(params: dict[str, Any]) -> dict[str, Any]:
+    """``base_url``, else ``--vendor-url``, else FANOUT_DEMO_VENDOR_URL, else the demo
+    vendor's default address."""
+    base_url = (params.get("base_url") or params.get("vendor_url")
+                or os.environ.get("FANOUT_DEMO_VENDOR_URL") or DEFAULT_BASE_URL)
+    return {**params, "base_url": str(base_url).rstrip("/")}
 
 
 @flow.stage("fetch_stats", retries=3, cache="inputs", cache_ttl_s=24 * 3600)

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 from kombu.exceptions import OperationalError
 
 from demo_vendor.__main__ import main as vendor_main
-from producers import commands, limits_cli, processes, schedules, scheduling
+from producers import catalog, commands, limits_cli, processes, schedules, scheduling
 from producers.config_file import config_path
 from producers.errors import CliError, UsageError
 from producers.supervisor import supervise_workers
@@ -84,97 +84,170 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="fanout", description="Harvest vendor APIs with Celery and Redis.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    """The whole command line; every option says what it does and its default (the docs'
+    CLI reference is generated from this parser)."""
+    parser = Parser(prog="fanout", description="Harvest vendor APIs with Celery and Redis. "
+                    "`fanout COMMAND --help` tells more of each command.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
+                                metavar="COMMAND", title="commands")
 
-    demo = sub.add_parser("demo", help="run the whole system on this machine, once")
-    demo.add_argument("--accounts", type=_positive_int, default=5)
-    demo.add_argument("--services", type=_positive_int, default=10)
-    demo.add_argument("--days", type=_positive_int, default=7)
-    demo.add_argument("--latency-ms", type=_non_negative_float, default=20.0)
-    demo.add_argument("--error-rate", type=_rate, default=0.0)
-    demo.add_argument("--processes", type=_positive_int, default=None,
+    demo = sub.add_parser("demo", help="run the whole system on this machine, once: Redis, "
+                          "the demo vendor, workers and one run of the demo pipeline")
+    demo.add_argument("--accounts", type=_positive_int, default=5, metavar="N",
+                      help="accounts the demo vendor serves (default: %(default)s)")
+    demo.add_argument("--services", type=_positive_int, default=10, metavar="N",
+                      help="services per account (default: %(default)s)")
+    demo.add_argument("--days", type=_positive_int, default=7, metavar="N",
+                      help="days of metrics per service, ending yesterday (default: "
+                           "%(default)s)")
+    demo.add_argument("--latency-ms", type=_non_negative_float, default=20.0, metavar="MS",
+                      help="the vendor's added latency per request, in ms (default: "
+                           "%(default)s)")
+    demo.add_argument("--error-rate", type=_rate, default=0.0, metavar="SHARE",
+                      help="share of requests the vendor fails with a 5xx, 0 to 1 (default: "
+                           "%(default)s)")
+    demo.add_argument("--processes", type=_positive_int, default=None, metavar="N",
                       help="worker processes (default: one per core)")
-    demo.add_argument("--concurrency", type=_positive_int, default=None,
-                      help="threads per worker process")
-    demo.add_argument("--json", action="store_true", help="print the JSON summary last")
+    demo.add_argument("--concurrency", type=_positive_int, metavar="N",
+                      default=processes.DEFAULT_CONCURRENCY,
+                      help="threads per worker process (default: %(default)s)")
+    demo.add_argument("--json", action="store_true",
+                      help="print the JSON summary as the last line of stdout")
 
-    run = sub.add_parser("run", help="trigger one run of a pipeline")
-    run.add_argument("pipeline")
-    run.add_argument("--days", type=_positive_int, default=None)
-    run.add_argument("--end-day", default=None, help="last day to harvest, YYYY-MM-DD")
-    run.add_argument("--vendor-url", default=None)
+    run = sub.add_parser("run", help="trigger one run of a pipeline: its roots function "
+                         "lists the root items, or --items gives them")
+    run.add_argument("pipeline", metavar="PIPELINE",
+                     help="the pipeline's name (fanout pipelines lists them)")
+    run.add_argument("--items", metavar="FILE", default=None,
+                     help="the run's root items: a JSON array, or one JSON value per line; "
+                          "- reads stdin (default: the pipeline's roots function lists them)")
+    run.add_argument("--root-stage", metavar="STAGE", default=None,
+                     help="with --items: the stage they go to (default: the stage of the "
+                          "pipeline's roots function, else its only stage no other stage "
+                          "maps to)")
+    run.add_argument("--days", type=_positive_int, default=None, metavar="N",
+                     help="the 'days' parameter: days to harvest, ending with --end-day "
+                          "(default: the pipeline's; the demo's is 7)")
+    run.add_argument("--end-day", default=None, metavar="YYYY-MM-DD",
+                     help="the 'end_day' parameter: last day to harvest, YYYY-MM-DD "
+                          "(default: the pipeline's; the demo's is yesterday)")
+    run.add_argument("--vendor-url", default=None, metavar="URL",
+                     help="the 'vendor_url' parameter: the vendor API's base URL (default: "
+                          "the pipeline's; the demo's is FANOUT_DEMO_VENDOR_URL, else "
+                          "http://127.0.0.1:8765)")
     run.add_argument("-p", "--param", type=_key_value, action="append", default=[],
-                     help="a pipeline parameter KEY=VALUE (VALUE parsed as JSON if it can be)")
-    run.add_argument("--batch-size", type=_positive_int, default=None,
-                     help="run the roots as a batch map, N at a time")
-    run.add_argument("--kill-switch", type=_kill_switch, default=None,
+                     metavar="KEY=VALUE",
+                     help="a pipeline parameter, VALUE parsed as JSON if it can be; "
+                          "repeatable (default: none)")
+    run.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                     help="run the root items as a batch map, N at a time (default: all at "
+                          "once)")
+    run.add_argument("--kill-switch", type=_kill_switch, default=None, metavar="SWITCH",
                      help="with --batch-size: stop the run when it trips: any_failed, "
                           "failure_count:MAX, failure_rate:MIN_SAMPLE:MAX_RATE or "
-                          "package.module:function")
+                          "package.module:function (default: none)")
     run.add_argument("--per-item", action="store_true",
                      help="with --kill-switch: check it after every item, not every batch")
-    run.add_argument("--wait", action="store_true", help="wait for the run to finish")
-    run.add_argument("--timeout", type=_non_negative_float, default=None)
-    run.add_argument("--json", action="store_true")
+    _add_wait_options(run, "print the run id and return")
 
-    status = sub.add_parser("status", help="recent runs, or one run (--watch: live)")
-    status.add_argument("run_id", nargs="?")
-    status.add_argument("--json", action="store_true")
+    status = sub.add_parser("status", help="the recent runs, or one run (--watch: live)")
+    status.add_argument("run_id", nargs="?", metavar="RUN",
+                        help=f"a run id (default: a table of the {commands.RECENT_RUNS} most "
+                             "recent runs; with --watch, the latest run)")
+    status.add_argument("--json", action="store_true",
+                        help="print JSON: the run's summary, or a list of the recent runs")
     status.add_argument("--watch", action="store_true",
-                        help="progress per stage, rates and ETA until the run ends (default: "
-                             "the latest run)")
+                        help="show progress per stage, rates and ETA until the run ends")
+
+    results = sub.add_parser("results", help="what each root item of a run returned, in "
+                             "the order given, as JSON lines (fanout run --items - reads them)")
+    results.add_argument("run_id", metavar="RUN", help="a run id")
+    results.add_argument("--json", action="store_true",
+                         help="print one JSON array instead of JSON lines")
+
+    pipelines = sub.add_parser("pipelines", help="list the pipelines fanout can import "
+                               "(built-in and FANOUT_PIPELINES) with each stage's settings")
+    pipelines.add_argument("--json", action="store_true", help="print them as JSON")
 
     failures = sub.add_parser("failures", help="list the failed items of a run")
-    failures.add_argument("run_id")
-    failures.add_argument("--json", action="store_true")
+    failures.add_argument("run_id", metavar="RUN", help="a run id")
+    failures.add_argument("--json", action="store_true",
+                          help="print JSON: item id -> stage, item, error, traceback, "
+                               "attempts, tries")
 
     worker = sub.add_parser("worker", help="start worker processes under a supervisor (celery "
                             "worker with fanout defaults)")
-    worker.add_argument("--processes", type=_positive_int, default=None,
+    worker.add_argument("--processes", type=_positive_int, default=None, metavar="N",
                         help="worker processes (default: one per core)")
-    worker.add_argument("--concurrency", type=_positive_int, default=None,
-                        help="threads (or children) per process")
-    worker.add_argument("--pool", default=None, choices=["threads", "prefork", "solo"])
-    worker.add_argument("--queues", default=None, help="comma-separated stage queues")
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--concurrency", type=_positive_int, metavar="N",
+                        default=processes.DEFAULT_CONCURRENCY,
+                        help="threads (or children) per process (default: %(default)s)")
+    worker.add_argument("--pool", default=processes.DEFAULT_POOL,
+                        choices=["threads", "prefork", "solo"],
+                        help="Celery's execution pool (default: %(default)s)")
+    worker.add_argument("--queues", default=None, metavar="QUEUES",
+                        help="comma-separated stage queues to consume, e.g. "
+                             "fanout.demo.metric_day (default: every stage's)")
+    worker.add_argument("--loglevel", default="INFO", metavar="LEVEL",
+                        help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
 
     flower = sub.add_parser("flower", help="start Flower on the fanout broker")
-    flower.add_argument("--port", type=_positive_int, default=5555)
-    flower.add_argument("--address", default="127.0.0.1",
-                        help="where to listen (beyond loopback only with FLOWER_BASIC_AUTH)")
+    flower.add_argument("--port", type=_positive_int, default=5555, metavar="PORT",
+                        help="the port to listen on (default: %(default)s)")
+    flower.add_argument("--address", default="127.0.0.1", metavar="ADDRESS",
+                        help="where to listen; beyond loopback only with FLOWER_BASIC_AUTH "
+                             "(default: %(default)s)")
 
     vendor = sub.add_parser("vendor", help="the demo vendor API")
-    vendor_sub = vendor.add_subparsers(dest="vendor_command", required=True, parser_class=Parser)
+    vendor_sub = vendor.add_subparsers(dest="vendor_command", required=True, parser_class=Parser,
+                                       metavar="COMMAND", title="commands")
     serve = vendor_sub.add_parser("serve", help="serve the demo vendor API", add_help=False)
-    serve.add_argument("options", nargs=argparse.REMAINDER)
+    serve.add_argument("options", nargs=argparse.REMAINDER,
+                       help="the vendor's own options: fanout vendor serve --help lists them "
+                            "(default: http://127.0.0.1:8765)")
 
     replay = sub.add_parser("replay", help="run a run's failed items again, in the same run")
-    replay.add_argument("run_id")
-    replay.add_argument("--stage", default=None, help="only the failed items of this stage")
-    replay.add_argument("--item", default=None, help="only this failed item (its id)")
-    replay.add_argument("--wait", action="store_true", help="wait for the run to finish")
-    replay.add_argument("--timeout", type=_non_negative_float, default=None)
-    replay.add_argument("--json", action="store_true")
+    replay.add_argument("run_id", metavar="RUN", help="a run id")
+    replay.add_argument("--stage", default=None, metavar="STAGE",
+                        help="only the failed items of this stage (default: every stage's)")
+    replay.add_argument("--item", default=None, metavar="ITEM_ID",
+                        help="only this failed item, by its id (default: every failed item)")
+    _add_wait_options(replay, "print how many items were replayed and return")
 
     cancel = sub.add_parser("cancel", help="stop a run: nothing more of it runs")
-    cancel.add_argument("run_id")
+    cancel.add_argument("run_id", metavar="RUN", help="a run id")
 
     dead = sub.add_parser("dead-letters", help="messages set aside because they could not "
                           "be decoded")
-    dead.add_argument("action", nargs="?", choices=["list", "purge"], default="list")
-    dead.add_argument("--json", action="store_true")
+    dead.add_argument("action", nargs="?", choices=["list", "purge"], default="list",
+                      help="list them, or purge them all (default: %(default)s)")
+    dead.add_argument("--json", action="store_true", help="print the list as JSON")
 
     limits_cli.add_parser(sub, Parser)
 
     cache = sub.add_parser("cache", help="the shared input cache")
-    cache_actions = cache.add_subparsers(dest="cache_command", required=True, parser_class=Parser)
+    cache_actions = cache.add_subparsers(dest="cache_command", required=True, parser_class=Parser,
+                                         metavar="COMMAND", title="commands")
     clear = cache_actions.add_parser("clear", help="forget cached results")
-    clear.add_argument("stage", nargs="?", default=None, help="PIPELINE.STAGE (default: all)")
+    clear.add_argument("target", nargs="?", default=None, metavar="PIPELINE[.STAGE]",
+                       help="a pipeline (all its stages) or one stage, PIPELINE.STAGE "
+                            "(default: every cached result)")
     schedules.add_parsers(sub, Parser)
 
     sub.add_parser("down", help="stop the workers on the embedded Redis, then the server")
     return parser
+
+
+def _add_wait_options(parser: argparse.ArgumentParser, without: str) -> None:
+    parser.add_argument("--wait", action="store_true",
+                        help=f"wait for the run to finish and show its summary (default: "
+                             f"{without})")
+    parser.add_argument("--timeout", type=_non_negative_float, default=None,
+                        metavar="SECONDS",
+                        help="with --wait: stop waiting after this many seconds, exit 1 "
+                             "(default: no limit)")
+    parser.add_argument("--json", action="store_true",
+                        help="with --wait: print the JSON summary as the last line of stdout")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +299,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "flower":
         return _flower(args)
     handler = {"demo": commands.demo, "run": commands.run, "status": commands.status,
+               "results": commands.results, "pipelines": catalog.pipelines_command,
                "failures": commands.failures, "replay": commands.replay, "cancel": commands.cancel,
                "dead-letters": commands.dead_letters, "limits": commands.limits,
                "cache": commands.cache}[command]

@@ -16,9 +16,16 @@ from rich.table import Table
 from producers import limits_cli, processes
 from producers.errors import RunFinished, RunNotFound, UsageError
 from producers.interrupts import Interrupted, stop_signals_raise
+from producers.items import read_items
 from producers.local import LocalSystem, local_system
 from producers.report import RedisGone, done_count, exit_code, summary_table, wait_for_run
-from producers.trigger import new_run_id, replay_run, start_run
+from producers.trigger import (
+    new_run_id,
+    replay_run,
+    root_stage_of,
+    stage_order,
+    start_run,
+)
 from workers.api import get_pipeline
 from workers.connections import (
     check_reachable,
@@ -114,8 +121,10 @@ def demo(args: argparse.Namespace) -> int:
 
 def _demo_run(args: argparse.Namespace, system: LocalSystem, run_id: str,
               console: Console) -> RunSnapshot:
+    # One line, never wrapped: each URL works pasted back (FANOUT_SINK_URL=...).
     console.print(f"demo vendor at {system.vendor_url} · Redis at "
-                  f"{redact(system.redis_url)} · sink {redact(system.sink_url)}")
+                  f"{redact(system.redis_url)} · sink {redact(system.sink_url)}",
+                  soft_wrap=True, markup=False)
     params = {"days": args.days, "vendor_url": system.vendor_url}
     start_run("demo", params, run_id=run_id)
     console.print(f"run {run_id}: {args.accounts} accounts x {args.services} services x "
@@ -149,31 +158,49 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--kill-switch and --per-item need --batch-size")
     if args.per_item and args.kill_switch is None:
         raise UsageError("--per-item needs --kill-switch")
+    pipeline = get_pipeline(args.pipeline)
+    roots, root_stage = None, None
+    if args.items is None:
+        if args.root_stage is not None:
+            raise UsageError("--root-stage needs --items (it names the stage they go to)")
+        if pipeline.list_roots is None:
+            raise UsageError(f"pipeline {pipeline.name!r} has no roots function: give its "
+                             "root items with --items FILE (JSON lines or a JSON array; - "
+                             "reads stdin)")
+    else:
+        # Read and checked before anything connects: bad input costs no run.
+        root_stage = root_stage_of(pipeline, args.root_stage)
+        roots = read_items(args.items)
     _connect(sink=True)
     params: dict[str, Any] = dict(args.param)
     for key in ("days", "end_day", "vendor_url"):
         value = getattr(args, key)
         if value is not None:
             params[key] = value
-    run_id = start_run(args.pipeline, params, batch_size=args.batch_size,
-                       kill_switch=args.kill_switch, per_item=args.per_item)
+    run_id = start_run(args.pipeline, params, roots=roots, root_stage=root_stage,
+                       batch_size=args.batch_size, kill_switch=args.kill_switch,
+                       per_item=args.per_item)
     console = make_console(stderr=True)
     if not args.wait:
         print(run_id)
         return 0
     console.print(f"run {run_id} started")
-    return _wait_and_finish(args, run_id, console, pipeline=args.pipeline)
+    return _wait_and_finish(args, run_id, console, pipeline=args.pipeline,
+                            order=stage_order(pipeline, root_stage))
 
 
 def _wait_and_finish(
-    args: argparse.Namespace, run_id: str, console: Console, pipeline: str | None = None
+    args: argparse.Namespace, run_id: str, console: Console, pipeline: str | None = None,
+    order: list[str] | None = None,
 ) -> int:
-    """Wait for the run and print how it ended. ``pipeline``: known to the caller (``run``),
-    so nothing is read from Redis before the wait, which rides out an outage. SIGINT or
-    SIGTERM stops the wait, not the run: one line says so, exit 130/143."""
+    """Wait for the run and print how it ended. ``pipeline`` (and the ``order`` of its
+    stages): known to the caller (``run``), so nothing is read from Redis before the wait,
+    which rides out an outage. SIGINT or SIGTERM stops the wait, not the run: one line says
+    so, exit 130/143."""
     if pipeline is None:
         pipeline = _snapshot(run_id).pipeline
-    order = get_pipeline(pipeline).stage_order()
+    if order is None:
+        order = get_pipeline(pipeline).stage_order()
     show = None if args.json or not sys.stderr.isatty() else console
     try:
         with stop_signals_raise():
@@ -241,18 +268,21 @@ def status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(snap.summary()))
     else:
-        make_console().print(summary_table(snap))
+        console = make_console()
+        console.print(summary_table(snap))
+        if snap.stop_reason:
+            console.print(f"{snap.status}: {snap.stop_reason}", markup=False)
     return exit_code(snap.status) if snap.finished else 0
 
 
-_RECENT_RUNS = 20
+RECENT_RUNS = 20
 
 
 def _list_runs(*, as_json: bool) -> int:
     """The latest runs: status, progress (terminal items of all registered), age, wall."""
     ledger = _ledger()
     rows: list[dict[str, Any]] = []
-    for run_id in ledger.view.recent_runs(_RECENT_RUNS):
+    for run_id in ledger.view.recent_runs(RECENT_RUNS):
         snap = ledger.view.snapshot(run_id)
         if snap is None:
             continue
@@ -282,6 +312,20 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
+def results(args: argparse.Namespace) -> int:
+    """What each root item of a run returned, in the order the roots were given: JSON lines
+    (which ``fanout run --items -`` reads), or one JSON array with ``--json``."""
+    _connect()
+    snap = _snapshot(args.run_id)
+    values = _ledger().view.results(snap.run_id)
+    if args.json:
+        print(json.dumps(values))
+    else:
+        for value in values:
+            print(json.dumps(value))
+    return 0
+
+
 def failures(args: argparse.Namespace) -> int:
     _connect()
     snap = _snapshot(args.run_id)
@@ -291,15 +335,25 @@ def failures(args: argparse.Namespace) -> int:
         return 0
     console = make_console()
     for item, failure in sorted(failed.items()):
-        tries = failure.get("tries", failure["attempts"])
         console.print(f"{failure['stage']} {item} {failure['error_type']}: {failure['message']} "
-                      f"(attempts {failure['attempts']}, {tries} tries with HTTP retries) "
-                      f"{json.dumps(failure['item'])}", markup=False)
+                      f"({describe_attempts(failure)}) {json.dumps(failure['item'])}",
+                      markup=False, soft_wrap=True)
         where = raised_at(failure.get("traceback", ""))
         if where:
-            console.print(f"  raised at {where}", markup=False)
+            console.print(f"  raised at {where}", markup=False, soft_wrap=True)
     console.print(f"{len(failed)} failed items in run {snap.run_id}")
     return 0
+
+
+def describe_attempts(failure: dict[str, Any]) -> str:
+    """How often the item was tried. A try is counted per attempt, or per HTTP call when an
+    attempt made several (the vendor client's own retries), so more tries than attempts
+    means HTTP retries; the same number says nothing of HTTP and is not shown."""
+    attempts = failure["attempts"]
+    tries = failure.get("tries", attempts)
+    if tries > attempts:
+        return f"attempts {attempts}, {tries} tries counting HTTP retries"
+    return f"attempts {attempts}"
 
 
 def raised_at(traceback_text: str) -> str:
@@ -337,14 +391,21 @@ def limits(args: argparse.Namespace) -> int:
 
 
 def cache(args: argparse.Namespace) -> int:
+    """Forget cached results: all, a pipeline's (``PIPELINE``) or a stage's
+    (``PIPELINE.STAGE``)."""
+    target = args.target
+    tasks: list[str | None] = [None]
+    if target is not None:
+        name, dot, stage = target.partition(".")
+        pipeline = get_pipeline(name)
+        if dot and stage not in pipeline.stages:
+            raise ConfigError(f"pipeline {name!r} has no stage {stage!r} (give PIPELINE or "
+                              f"PIPELINE.STAGE; stages: {', '.join(pipeline.stages)})")
+        tasks = [target] if dot else [s.task_name for s in pipeline.stages.values()]
     _connect()
-    stage = args.stage
-    if stage is not None:
-        pipeline, _, name = stage.partition(".")
-        if name not in get_pipeline(pipeline).stages:
-            raise ConfigError(f"no stage {stage!r} (give PIPELINE.STAGE)")
-    removed = cache_hook.clear(services().ledger.redis, stage)
-    print(f"cleared {removed} cached results" + (f" of {stage}" if stage else ""))
+    client = services().ledger.redis
+    removed = sum(cache_hook.clear(client, task) for task in tasks)
+    print(f"cleared {removed} cached results" + (f" of {target}" if target else ""))
     return 0
 
 

@@ -17,18 +17,26 @@ from workers.settings import ConfigError
 
 
 def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
-    limits = sub.add_parser("limits", help="global rate and concurrency limits")
+    limits = sub.add_parser("limits", help="global rate and concurrency limits, shared by "
+                            "every worker")
     actions = limits.add_subparsers(dest="limits_command", required=True,
-                                    parser_class=parser_class)
-    set_ = actions.add_parser("set", help="create or replace a limit")
-    set_.add_argument("name")
-    set_.add_argument("--rate", default=None, help="e.g. 60/h, 10/s, 100/15m")
-    set_.add_argument("--burst", type=int, default=None, help="calls that may pass at once")
-    set_.add_argument("--concurrency", type=int, default=None, help="calls in flight at most")
+                                    parser_class=parser_class, metavar="COMMAND",
+                                    title="commands")
+    set_ = actions.add_parser("set", help="create or replace a limit (a rate, a concurrency, "
+                              "or both)")
+    set_.add_argument("name", metavar="NAME",
+                      help="the limit's name, as stages give it (limits=[NAME]) or "
+                           "rate_limit(NAME) calls it")
+    set_.add_argument("--rate", default=None, metavar="RATE",
+                      help="calls per period, e.g. 60/h, 10/s, 100/15m (default: no rate)")
+    set_.add_argument("--burst", type=int, default=None, metavar="N",
+                      help="with --rate: calls that may pass at once (default: 1)")
+    set_.add_argument("--concurrency", type=int, default=None, metavar="N",
+                      help="calls in flight at most (default: no bound)")
     list_ = actions.add_parser("list", help="every limit, its use and its current wait")
-    list_.add_argument("--json", action="store_true")
+    list_.add_argument("--json", action="store_true", help="print them as JSON")
     delete = actions.add_parser("delete", help="remove a limit")
-    delete.add_argument("name")
+    delete.add_argument("name", metavar="NAME", help="the limit's name")
     actions.add_parser("apply", help="create or replace the limits of the config file "
                                      "(FANOUT_CONFIG or ./fanout.toml, [limits.NAME] tables)")
 

@@ -24,7 +24,7 @@ from producers.scheduling import (
     lease_s,
     load_schedules,
 )
-from producers.trigger import start_run
+from producers.trigger import stage_order, start_run
 from workers.api import get_pipeline
 from workers.app import create_app
 from workers.connections import check_reachable, resolve_redis_url
@@ -36,21 +36,32 @@ from workers.settings import ConfigError
 def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     """Register ``beat`` and ``schedules``; each sets ``schedule_handler``, which the CLI's
     dispatch calls."""
-    beat = sub.add_parser("beat", help="run Celery beat over the schedules in the config file")
-    beat.add_argument("--loglevel", default="INFO")
+    beat = sub.add_parser("beat", help="run Celery beat over the schedules in the config file "
+                          "(FANOUT_CONFIG or ./fanout.toml)")
+    beat.add_argument("--loglevel", default="INFO", metavar="LEVEL",
+                      help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
     beat.set_defaults(schedule_handler=beat_command)
 
-    schedules = sub.add_parser("schedules", help="list the schedules, or run one now")
-    schedules.add_argument("--json", action="store_true")
+    schedules = sub.add_parser("schedules", help="list the schedules of the config file, or "
+                               "run one now")
+    schedules.add_argument("--json", action="store_true", help="print the list as JSON")
     schedules.set_defaults(schedule_handler=list_command)
-    actions = schedules.add_subparsers(dest="schedules_command", parser_class=parser_class)
+    actions = schedules.add_subparsers(dest="schedules_command", parser_class=parser_class,
+                                       metavar="COMMAND", title="commands (default: list)")
     listing = actions.add_parser("list", help="list the schedules (the default)")
-    listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-    run = actions.add_parser("run", help="trigger a schedule's pipeline now")
-    run.add_argument("name")
-    run.add_argument("--wait", action="store_true", help="wait for the run to finish")
-    run.add_argument("--timeout", type=float, default=None)
-    run.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="print the list as JSON")
+    run = actions.add_parser("run", help="trigger a schedule's pipeline now (its run id ends "
+                             "in -manual)")
+    run.add_argument("name", metavar="NAME", help="the schedule's name ([schedules.NAME])")
+    run.add_argument("--wait", action="store_true",
+                     help="wait for the run to finish and show its summary (default: print "
+                          "the run id and return)")
+    run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                     help="with --wait: stop waiting after this many seconds, exit 1 "
+                          "(default: no limit)")
+    run.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                     help="with --wait: print the JSON summary as the last line of stdout")
     run.set_defaults(schedule_handler=run_command)
 
 
@@ -128,6 +139,8 @@ def _row(store: SlotStore, schedule: Schedule, now: dt.datetime) -> dict[str, An
     return {
         "name": schedule.name, "cron": schedule.cron, "every_s": schedule.every_s,
         "tz": schedule.tz, "pipeline": schedule.pipeline, "params": dict(schedule.params),
+        "items_count": None if schedule.items is None else len(schedule.items),
+        "items_file": schedule.items_file, "root_stage": schedule.root_stage,
         "enabled": schedule.enabled,
         "next_fire_at": at.isoformat() if at else None,
         "next_fire_local": at.astimezone(schedule.zone).isoformat() if at else None,
@@ -155,7 +168,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(run_id)
         return 0
     console.print(f"run {run_id} started")
-    order = get_pipeline(schedule.pipeline).stage_order()
+    order = stage_order(get_pipeline(schedule.pipeline), schedule.root_stage)
     show = None if args.json or not sys.stderr.isatty() else console
     snap: RunSnapshot = wait_for_run(services().ledger, run_id, order, console=show,
                                      timeout_s=args.timeout)

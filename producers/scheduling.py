@@ -10,6 +10,11 @@ given time::
     batch_size = 2               # optional: the roots run as a batch map, 2 at a time...
     kill_switch = "any_failed"   # ...stopped when this trips (policy/kill_switch.py's parse)
 
+A pipeline whose root items are data (no roots function, or other roots than it lists) gets
+them as ``items = [...]`` or ``items_file = "repos.json"`` (relative to the config file; a
+JSON array or JSON lines, read again each time the schedule fires), and ``root_stage`` where
+several stages could take them (``trigger.root_stage_of``).
+
 A slot is one time a schedule fires; its run id is ``sched-NAME-YYYYMMDDTHHMMSSZ`` (the slot
 in UTC), the same on every beat, so a slot triggered twice creates one run. A local time that
 a DST change skips fires at the change; one it repeats fires once (a schedule whose hour field
@@ -19,8 +24,9 @@ starts with ``*`` keeps both, as cron does).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +35,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 
 from producers.config_file import check_sections, config_path, read_config, section
-from producers.trigger import load_configured_pipelines
-from workers.api import get_pipeline
+from producers.items import read_items
+from producers.trigger import load_configured_pipelines, root_stage_of
+from workers.api import Pipeline, get_pipeline
 from workers.policy import kill_switch
 from workers.settings import ConfigError, env_int
 
@@ -40,7 +47,8 @@ UTC = dt.UTC
 DEFAULT_GRACE_S = 3600
 DEFAULT_LEASE_S = 30
 NAME_RE = re.compile(r"[a-z0-9_-]+")
-KEYS = ("cron", "every_s", "tz", "pipeline", "params", "enabled", "batch_size", "kill_switch")
+KEYS = ("cron", "every_s", "tz", "pipeline", "params", "enabled", "batch_size", "kill_switch",
+        "items", "items_file", "root_stage")
 _STAMP = "%Y%m%dT%H%M%SZ"
 _MAX_SLOTS = 10_000  # slots_between never walks further (a stalled beat replays at most this)
 
@@ -56,13 +64,25 @@ class Schedule:
     enabled: bool = True
     batch_size: int | None = None  # the roots as a batch map of this size
     kill_switch: str | None = None  # its switch, in text form (kill_switch.parse)
+    items: tuple[Any, ...] | None = None  # the root items, given in the config file...
+    items_file: str | None = None  # ...or in this file (absolute), read at each fire
+    root_stage: str | None = None  # where they go (default: trigger.root_stage_of)
 
     def run_options(self) -> dict[str, Any]:
-        """``start_run``'s batch map options for this schedule's runs."""
-        if self.batch_size is None:
-            return {}
-        switch = None if self.kill_switch is None else kill_switch.parse(self.kill_switch)
-        return {"batch_size": self.batch_size, "kill_switch": switch}
+        """``start_run``'s other options for this schedule's runs: its root items, if it
+        gives them (an ``items_file`` is read now), and its batch map."""
+        options: dict[str, Any] = {}
+        if self.items is not None:
+            options["roots"] = list(self.items)
+        elif self.items_file is not None:
+            options["roots"] = read_items(self.items_file,
+                                          label=f"schedule {self.name!r}: items_file")
+        if self.root_stage is not None:
+            options["root_stage"] = self.root_stage
+        if self.batch_size is not None:
+            switch = None if self.kill_switch is None else kill_switch.parse(self.kill_switch)
+            options.update(batch_size=self.batch_size, kill_switch=switch)
+        return options
 
     @property
     def zone(self) -> dt.tzinfo:
@@ -141,17 +161,21 @@ def lease_s() -> int:
 def load_schedules(path: Path | None = None) -> list[Schedule]:
     """The schedules of the config file (none without one); a bad one is a ConfigError."""
     data, source = read_config(path)
-    return parse_config(data, source or "config")
+    base = Path(source).parent if source else Path()
+    return parse_config(data, source or "config", base)
 
 
-def parse_config(data: Mapping[str, Any], source: str = "config") -> list[Schedule]:
-    """The schedules of a config file's tables (``config_file.read_config``)."""
+def parse_config(data: Mapping[str, Any], source: str = "config",
+                 base: Path | None = None) -> list[Schedule]:
+    """The schedules of a config file's tables (``config_file.read_config``); ``base``: the
+    directory an ``items_file`` is relative to (the config file's)."""
     check_sections(data, source)
     tables = section(data, "schedules", source)
-    return [parse_schedule(name, table, source) for name, table in tables.items()]
+    return [parse_schedule(name, table, source, base) for name, table in tables.items()]
 
 
-def parse_schedule(name: str, table: Any, source: str = "config") -> Schedule:
+def parse_schedule(name: str, table: Any, source: str = "config",
+                   base: Path | None = None) -> Schedule:
     def bad(message: str) -> ConfigError:
         return ConfigError(f"{source}: schedule {name!r}: {message}")
 
@@ -191,6 +215,7 @@ def parse_schedule(name: str, table: Any, source: str = "config") -> Schedule:
             flow.check_params(dict(params))
     except ConfigError as exc:
         raise bad(str(exc)) from None
+    items, items_file, root_stage = _roots(table, flow, base or Path(), bad)
     enabled = table.get("enabled", True)
     if not isinstance(enabled, bool):
         raise bad(f"enabled must be true or false, got {enabled!r}")
@@ -209,7 +234,46 @@ def parse_schedule(name: str, table: Any, source: str = "config") -> Schedule:
         except ValueError as exc:
             raise bad(str(exc)) from None
     return Schedule(name=name, pipeline=pipeline, cron=cron, every_s=every_s, tz=tz,
-                    params=params, enabled=enabled, batch_size=batch_size, kill_switch=switch)
+                    params=params, enabled=enabled, batch_size=batch_size, kill_switch=switch,
+                    items=items, items_file=items_file, root_stage=root_stage)
+
+
+def _roots(
+    table: dict[str, Any], flow: Pipeline, base: Path, bad: Callable[[str], ConfigError]
+) -> tuple[tuple[Any, ...] | None, str | None, str | None]:
+    """A schedule's root items (``items``, or ``items_file`` relative to ``base``, read once
+    here to check it) and ``root_stage``, checked against its pipeline."""
+    items, items_file, root_stage = (table.get(k) for k in ("items", "items_file", "root_stage"))
+    if items is not None and items_file is not None:
+        raise bad("give items or items_file, not both")
+    if items is not None and (not isinstance(items, list) or not items):
+        raise bad(f"items must be a non-empty list of root items, got {items!r}")
+    try:
+        json.dumps(items)
+    except (TypeError, ValueError) as exc:  # a TOML date or time is no JSON value
+        raise bad(f"items must be JSON values: {exc}") from None
+    if items_file is not None:
+        if not isinstance(items_file, str) or not items_file:
+            raise bad(f"items_file must be a path, got {items_file!r}")
+        items_file = str((base / items_file).absolute())
+        try:
+            read_items(items_file, label="items_file")
+        except ConfigError as exc:
+            raise bad(str(exc)) from None
+    given = items is not None or items_file is not None
+    if root_stage is not None and not isinstance(root_stage, str):
+        raise bad(f"root_stage must be a stage name, got {root_stage!r}")
+    if root_stage is not None and not given:
+        raise bad("root_stage is where items or items_file go: give one of them")
+    if not given and flow.list_roots is None:
+        raise bad(f"pipeline {flow.name!r} has no roots function: give its root items "
+                  "(items = [...] or items_file = \"PATH\")")
+    if given:
+        try:
+            root_stage_of(flow, root_stage)
+        except ConfigError as exc:
+            raise bad(str(exc)) from None
+    return (tuple(items) if items is not None else None), items_file, root_stage
 
 
 def _check_cron(cron: Any, bad: Any) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from producers.errors import CliError
-from workers.api import get_pipeline, load_pipelines
+from workers.api import Pipeline, get_pipeline, load_pipelines
 from workers.engine import batch_maps
 from workers.engine.services import services
 from workers.ids import item_id
@@ -49,6 +49,29 @@ def load_configured_pipelines() -> None:
     load_pipelines(get_settings().pipeline_modules)
 
 
+def root_stage_of(pipeline: Pipeline, given: str | None = None) -> str:
+    """The stage that root items given as data go to: ``given``; else the stage the
+    pipeline's roots function feeds; else its only stage that no other stage maps to.
+    Where several could be, none is guessed: the ConfigError names them."""
+    if given is not None:
+        if given not in pipeline.stages:
+            raise ConfigError(f"pipeline {pipeline.name!r} has no stage {given!r} (stages: "
+                              f"{', '.join(pipeline.stages) or 'none'})")
+        return given
+    if pipeline.root_stage is not None:
+        return pipeline.root_stage
+    if not pipeline.stages:
+        raise ConfigError(f"pipeline {pipeline.name!r} has no stages")
+    children = {stage.maps_to for stage in pipeline.stages.values()}
+    heads = [name for name in pipeline.stages if name not in children]
+    if len(heads) == 1:
+        return heads[0]
+    could = ", ".join(heads or pipeline.stages)
+    raise ConfigError(f"pipeline {pipeline.name!r} has several stages root items could go to "
+                      f"({could}): name one (fanout run --root-stage, root_stage in a "
+                      "schedule, start_run(root_stage=...))")
+
+
 def start_run(
     pipeline_name: str,
     params: dict[str, Any],
@@ -61,11 +84,11 @@ def start_run(
     per_item: bool = False,
 ) -> str:
     """Start a run and return its id. Root items come from the pipeline's roots function,
-    or are given (``roots`` for ``root_stage``: Prefect's ``task.map(items)``). They are
-    published only after the run exists. With a ``run_id`` that exists already (a schedule
-    slot fired twice), nothing more happens. ``batch_size``: the roots are a batch map
-    (prefecto's ``BatchTask``) with an optional ``kill_switch``, checked after every batch
-    and, with ``per_item``, after every item."""
+    or are given (``roots``, Prefect's ``task.map(items)``) for ``root_stage`` (by default
+    ``root_stage_of``'s choice). They are published only after the run exists. With a
+    ``run_id`` that exists already (a schedule slot fired twice), nothing more happens.
+    ``batch_size``: the roots are a batch map (prefecto's ``BatchTask``) with an optional
+    ``kill_switch``, checked after every batch and, with ``per_item``, after every item."""
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"batch size must be a whole number >= 1, got {batch_size!r}")
     load_configured_pipelines()
@@ -74,7 +97,12 @@ def start_run(
         params = pipeline.check_params(params)
     if roots is None:
         if pipeline.list_roots is None or pipeline.root_stage is None:
-            raise ConfigError(f"pipeline {pipeline_name!r} has no roots function")
+            raise ConfigError(f"pipeline {pipeline_name!r} has no roots function: give its "
+                              "root items as data (fanout run --items FILE, items or "
+                              "items_file in a schedule, start_run(roots=...))")
+        if root_stage is not None:
+            raise ConfigError(f"a root stage ({root_stage!r}) is for root items given as "
+                              f"data: pipeline {pipeline_name!r} lists its own")
         root_stage = pipeline.root_stage
         try:
             roots = _list_roots(pipeline.list_roots, params)
@@ -82,9 +110,8 @@ def start_run(
             raise
         except Exception as exc:
             raise TriggerError(f"cannot list the root items of {pipeline_name!r}: {exc}") from exc
-    root_stage = root_stage or pipeline.root_stage
-    if root_stage not in pipeline.stages:
-        raise ConfigError(f"pipeline {pipeline_name!r} has no stage {root_stage!r}")
+    else:
+        root_stage = root_stage_of(pipeline, root_stage)
     run_id = run_id or new_run_id()
     stage = pipeline.stages[root_stage]
     deliveries = [
@@ -103,6 +130,21 @@ def start_run(
         # Should this process die here, the reaper publishes the roots from the ledger.
         svc.transport.publish(deliveries)
     return run_id
+
+
+def stage_order(pipeline: Pipeline, root_stage: str | None = None) -> list[str]:
+    """The stages a run shows, in order: the pipeline's own order, or for a run whose given
+    items went to another stage, that stage down its ``maps_to`` chain (stages it reaches
+    otherwise show up once they count something)."""
+    order = pipeline.stage_order()
+    if root_stage is None or order[:1] == [root_stage]:
+        return order
+    order = []
+    current: str | None = root_stage
+    while current and current in pipeline.stages and current not in order:
+        order.append(current)
+        current = pipeline.stages[current].maps_to
+    return order
 
 
 def replay_run(run_id: str, *, stage: str | None = None, item: str | None = None) -> int:

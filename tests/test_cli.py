@@ -17,7 +17,9 @@ import pytest
 import redis
 from conftest import VendorHandle, WorkerFactory, wait_for
 
+from producers.commands import describe_attempts
 from workers.embedded_redis import free_port
+from workers.redact import redact
 
 SUMMARY_KEYS = {"run_id", "pipeline", "status", "stages", "rows_written", "wall_s"}
 COUNTER_KEYS = {"enqueued", "succeeded", "failed", "cached", "retried", "throttled", "skipped"}
@@ -50,6 +52,11 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], fragment: st
         (["frobnicate"], "invalid choice"),
         (["flower", "--address", "0.0.0.0"], "refusing to serve Flower on '0.0.0.0' without "
                                              "FLOWER_BASIC_AUTH"),
+        (["cache", "clear", "demo.nope"], "pipeline 'demo' has no stage 'nope' (give PIPELINE "
+                                          "or PIPELINE.STAGE; stages: accounts, services, "
+                                          "metric_day)"),
+        (["cache", "clear", "nosuch"], "unknown pipeline 'nosuch' (known: demo, demo_report)"),
+        (["results", "no-such-run"], "run no-such-run is unknown or expired"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], fragment: str) -> None:
@@ -193,6 +200,8 @@ def test_demo_twice_on_the_embedded_redis(tmp_path: Path) -> None:
     try:
         first = fanout(*args, env=env)
         assert first.returncode == 0, first.stderr
+        # The banner's sink URL works pasted back into FANOUT_SINK_URL (four slashes).
+        assert f" · sink sqlite:///{home / 'demo.db'}\n" in first.stderr
         url_file = home / "redis.url"
         embedded_url = url_file.read_text().strip()
         second = fanout(*args, env=env)
@@ -311,3 +320,17 @@ def test_status_lists_recent_runs_and_watches_a_live_one(
     assert (newest["run_id"], newest["pipeline"], newest["status"]) == \
         (run_id, "demo", "succeeded")
     assert newest["done"] == newest["enqueued"] == 2 + 6 + 24
+
+
+def test_failures_tell_http_retries_only_where_there_were_some() -> None:
+    # A try is counted per attempt, or per HTTP call when an attempt made several.
+    assert describe_attempts({"attempts": 4, "tries": 4}) == "attempts 4"
+    assert describe_attempts({"attempts": 1}) == "attempts 1"  # recorded before tries were
+    assert describe_attempts({"attempts": 2, "tries": 6}) == \
+        "attempts 2, 6 tries counting HTTP retries"
+
+
+@pytest.mark.parametrize("url", ["sqlite:////tmp/x/fanout.db", "sqlite:///fanout.db",
+                                 "postgresql:///db?host=/run/pg"])
+def test_a_url_without_a_password_is_shown_as_given(url: str) -> None:
+    assert redact(url) == url
