@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from producers.beat import FanoutScheduler, SlotStore, store_from_settings
+from producers.config_file import run_defaults
 from producers.errors import CliError
 from producers.report import exit_code, summary_table, wait_for_run
 from producers.scheduling import (
@@ -147,8 +148,8 @@ def run_command(args: argparse.Namespace) -> int:
                        f"{', '.join(sorted(schedules))})")
     _connect()
     now = dt.datetime.now(UTC)
-    run_id = start_run(schedule.pipeline, dict(schedule.params),
-                       run_id=schedule.manual_run_id(now), **schedule.run_options())
+    run_id = start_run(schedule.pipeline, dict(schedule.params), run_id=schedule.manual_run_id(now),
+                       **run_defaults(schedule.pipeline).fill(**schedule.run_options()))
     store_from_settings().record_run(schedule.name, run_id, now)
     console = Console(stderr=True)
     if not args.wait:

@@ -109,8 +109,8 @@ def test_a_bad_schedule_names_itself_and_the_value(table: dict[str, Any], fragme
 def test_bad_names_and_unknown_sections() -> None:
     with pytest.raises(ConfigError, match=r"schedule 'Daily': a name is \[a-z0-9_-\]\+"):
         parse_config({"schedules": {"Daily": {"every_s": 2, "pipeline": "demo"}}})
-    with pytest.raises(ConfigError,
-                       match="unknown key 'schedule' \\(known: schedules, limits\\)"):
+    with pytest.raises(ConfigError, match="unknown key 'schedule', did you mean 'schedules'\\? "
+                                          "\\(known: schedules, limits, stages, pipelines\\)"):
         parse_config({"schedule": {}})
     with pytest.raises(ConfigError, match="schedule 'x': must be a table"):
         parse_config({"schedules": {"x": 1}})
