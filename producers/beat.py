@@ -13,6 +13,12 @@ is idempotent, so even two beats that both trigger one slot create one run.
   the latest such slot of each schedule, never a replay of everything missed.
 - A failed trigger (the vendor would not list the roots) is tried again, 1 s, 2 s, 4 s ... up
   to a minute apart, by any beat, until the slot is older than the grace period.
+
+The config file is read at start, again at once on SIGHUP, and within ``FILE_CHECK_S`` of an
+edit; each reload logs one line saying what changed (``describe_changes``). A file that does
+not parse is logged, and what was loaded before goes on. The beat applies ``[stages]`` to its
+own pipelines and uses ``[pipelines]`` for its runs, but never writes ``[limits]`` to Redis:
+``fanout limits apply`` does (``producers/config_file.py`` says why).
 """
 
 from __future__ import annotations
@@ -22,9 +28,14 @@ import datetime as dt
 import json
 import os
 import secrets
+import select
+import signal
 import socket
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import redis
@@ -32,13 +43,21 @@ from celery import Celery
 from celery.beat import Scheduler
 from celery.utils.log import get_logger
 
-from producers.config_file import config_stamp
-from producers.scheduling import UTC, Schedule, grace_s, lease_s, load_schedules
+from producers.config_file import (
+    RunDefaults,
+    config_stamp,
+    parse_limits,
+    parse_run_defaults,
+    read_config,
+)
+from producers.scheduling import UTC, Schedule, grace_s, lease_s, load_schedules, parse_config
 from producers.trigger import start_run
 from workers import keys
 from workers.connections import get_redis
 from workers.keys import RunKeys
+from workers.limits import LimitConfig
 from workers.settings import ConfigError, get_settings
+from workers.stage_config import apply_stage_settings, stage_tables
 
 logger = get_logger("fanout.beat")
 
@@ -51,6 +70,8 @@ STALL_S = 60.0
 #: How soon to look again at a slot another beat holds.
 RECHECK_S = 1.0
 MAX_BACKOFF_S = 60.0
+#: How soon a waiting beat sees that its config file changed (one stat call each time).
+FILE_CHECK_S = 1.0
 FIRED = "fired"
 RUNS_KEPT = 100
 
@@ -166,8 +187,11 @@ class Beat:
         trigger: Trigger = start_run,
         clock: Clock = _now,
         token: str | None = None,
+        run_defaults: Mapping[str, RunDefaults] | None = None,
     ) -> None:
         self.schedules = [s for s in schedules if s.enabled]
+        #: Each pipeline's ``[pipelines.NAME]``, under a schedule's own batch options.
+        self.run_defaults = dict(run_defaults or {})
         self.store = store
         self.grace = dt.timedelta(seconds=grace_s)
         self.trigger = trigger
@@ -239,8 +263,9 @@ class Beat:
         schedule = pending.schedule
         self._holding = run_id
         try:
+            defaults = self.run_defaults.get(schedule.pipeline, RunDefaults())
             self.trigger(schedule.pipeline, dict(schedule.params), run_id=run_id,
-                         **schedule.run_options())
+                         **defaults.fill(**schedule.run_options()))
         except Exception as exc:
             self.store.release(run_id, self.token)
             pending.failures += 1
@@ -278,11 +303,113 @@ class Beat:
             self._holding = None
 
 
-def _log_schedules(schedules: list[Schedule]) -> None:
+def _log_schedules(schedules: Iterable[Schedule]) -> None:
     for schedule in schedules:
         state = "enabled" if schedule.enabled else "disabled"
         logger.info("beat: schedule %s (%s, %s) -> pipeline %s, %s", schedule.name,
                     schedule.when, schedule.tz, schedule.pipeline, state)
+
+
+@dataclass(frozen=True)
+class BeatConfig:
+    """What a beat took from the config file: the schedules it runs and the run defaults of
+    their pipelines; the limits and stage settings, to say when they change."""
+
+    source: str = ""
+    schedules: tuple[Schedule, ...] = ()
+    run_defaults: Mapping[str, RunDefaults] = field(default_factory=dict)
+    limits: Mapping[str, LimitConfig] = field(default_factory=dict)
+    stages: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+def load_beat_config() -> BeatConfig:
+    """The config file, every section checked, its stage settings applied to this process's
+    pipelines last (a bad file: ConfigError, and nothing applied)."""
+    data, source = read_config()
+    source = source or "config"
+    config = BeatConfig(source, tuple(parse_config(data, source)),
+                        parse_run_defaults(data, source),
+                        {limit.name: limit for limit in parse_limits(data, source)},
+                        stage_tables(data, source))
+    apply_stage_settings(data, source)
+    return config
+
+
+def describe_changes(old: BeatConfig, new: BeatConfig) -> str:
+    """What a reload changed, in one line: schedules by name, then the names of the limits,
+    stage settings and run defaults that differ."""
+    before = {s.name: s for s in old.schedules}
+    after = {s.name: s for s in new.schedules}
+    schedules = [
+        f"{what}: {', '.join(sorted(names))}"
+        for what, names in (
+            ("added", after.keys() - before.keys()),
+            ("removed", before.keys() - after.keys()),
+            ("changed", {n for n in before.keys() & after.keys() if before[n] != after[n]}),
+        ) if names
+    ]
+    parts = [f"schedules {', '.join(schedules)}"] if schedules else []
+    for what, names, note in (
+        ("limits", _changed(old.limits, new.limits),
+         " (the beat does not apply them: fanout limits apply)"),
+        ("stage settings", _changed(old.stages, new.stages),
+         " (workers take them when restarted)"),
+        ("run defaults", _changed(old.run_defaults, new.run_defaults), ""),
+    ):
+        if names:
+            parts.append(f"{what} changed: {', '.join(names)}{note}")
+    return "; ".join(parts) or "nothing changed"
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    return sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+
+
+class ReloadSignal:
+    """SIGHUP asks the beat to read its config file again at once. A signal handler may run
+    between any two steps of the main thread, so it only notes the request and writes to a
+    pipe, which wakes the beat's wait (``wait``)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._pipe: tuple[int, int] | None = None
+
+    def install(self) -> None:
+        """Handle SIGHUP from now on (the main thread only may install a handler)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if self._pipe is None:
+            self._pipe = os.pipe()
+            for fd in self._pipe:
+                os.set_blocking(fd, False)
+        signal.signal(signal.SIGHUP, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.pending = True
+        if self._pipe is not None:
+            with contextlib.suppress(OSError):  # full: a wake-up is there already
+                os.write(self._pipe[1], b"\0")
+
+    def take(self) -> bool:
+        """Whether a reload was asked for since the last call."""
+        pending, self.pending = self.pending, False
+        return pending
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep up to ``timeout_s``; a SIGHUP ends it at once."""
+        if self.pending:
+            return
+        if self._pipe is None:
+            time.sleep(timeout_s)
+            return
+        ready, _, _ = select.select([self._pipe[0]], [], [], timeout_s)
+        if ready:
+            with contextlib.suppress(OSError):
+                os.read(self._pipe[0], 64)
+
+
+#: The process's one SIGHUP handler (installed by the scheduler that runs).
+RELOAD = ReloadSignal()
 
 
 class FanoutScheduler(Scheduler):
@@ -295,38 +422,70 @@ class FanoutScheduler(Scheduler):
 
     def __init__(self, app: Celery, *args: Any, **kwargs: Any) -> None:
         self.beat: Beat | None = None
-        self._stamp: tuple[str, int, int] | None = None
+        self.config = BeatConfig()
+        self._stamp: tuple[str, int, int] | None = None  # of the file last read
+        self._looked: tuple[str, int, int] | None = None  # at the last look
         super().__init__(app, *args, **kwargs)  # calls setup_schedule unless lazy
 
     def setup_schedule(self) -> None:
-        self._stamp = config_stamp()
-        schedules = load_schedules()
-        self.beat = Beat(schedules, store_from_settings(), grace_s=grace_s())
-        _log_schedules(schedules)
+        RELOAD.install()
+        self._stamp = self._looked = config_stamp()
+        self.config = load_beat_config()
+        self.beat = Beat(self.config.schedules, store_from_settings(), grace_s=grace_s(),
+                         run_defaults=self.config.run_defaults)
+        _log_schedules(self.config.schedules)
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
+        """Trigger what is due, then wait here until something may be due, SIGHUP asks for a
+        reload or the file changes; 0: Celery's loop calls again at once (its own sleep
+        could not be woken)."""
         if self.beat is None:
             return float(self.max_interval)
+        self.wait(self.step())
+        return 0.0
+
+    def step(self) -> float:
+        """Reload the config if asked to or if it changed, trigger what is due; seconds until
+        something may be due again."""
         self.reload_if_changed()
+        assert self.beat is not None
         return min(self.beat.tick(), float(self.max_interval))
 
-    def reload_if_changed(self) -> bool:
-        """Read the config file again if it changed since it was read (a tick comes at least
-        every ``max_interval`` seconds). A bad new file is logged, and the schedules already
-        loaded go on. Returns whether schedules were replaced."""
+    def wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (left_s := deadline - time.monotonic()) > 0:
+            if RELOAD.pending or self._file_changed():
+                return
+            RELOAD.wait(min(left_s, FILE_CHECK_S))
+
+    def _file_changed(self) -> bool:
+        """The file differs from the one read, and did not change since the last look: an
+        edit seen while it is being written (an empty file, half a table) waits one look."""
         stamp = config_stamp()
-        if stamp == self._stamp or self.beat is None:
+        settled = stamp == self._looked
+        self._looked = stamp
+        return settled and stamp != self._stamp
+
+    def reload_if_changed(self) -> bool:
+        """Read the config file again on SIGHUP, or if it changed since it was read, and log
+        one line saying what changed. A bad file is logged, and what was loaded before goes
+        on. Returns whether the new config was taken."""
+        asked = RELOAD.take()
+        if self.beat is None or not (asked or self._file_changed()):
             return False
-        self._stamp = stamp
+        self._stamp = self._looked = config_stamp()
+        why = "SIGHUP" if asked else "the file changed"
         try:
-            schedules = load_schedules()
+            config = load_beat_config()
         except ConfigError as exc:
-            logger.error("beat: the config file changed but cannot be used, keeping the "
-                         "schedules loaded before: %s", exc)
+            logger.error("beat: config not reloaded (%s), keeping what was loaded before: %s",
+                         why, exc)
             return False
-        logger.info("beat: the config file changed: %d schedules", len(schedules))
-        self.beat.replace_schedules(schedules)
-        _log_schedules(schedules)
+        logger.info("beat: config reloaded (%s) from %s: %s", why, config.source,
+                    describe_changes(self.config, config))
+        self.config = config
+        self.beat.replace_schedules(config.schedules)
+        self.beat.run_defaults = dict(config.run_defaults)
         return True
 
     def close(self) -> None:
@@ -339,4 +498,5 @@ class FanoutScheduler(Scheduler):
         schedules = load_schedules()
         enabled = sum(1 for s in schedules if s.enabled)
         return (f"    . schedules -> {len(schedules)} ({enabled} enabled), "
-                f"grace {grace_s()}s, lease {lease_s()}s")
+                f"grace {grace_s()}s, lease {lease_s()}s; the config is read again on "
+                "SIGHUP or an edit")

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from producers.beat import FanoutScheduler, SlotStore, store_from_settings
+from producers.beat import FanoutScheduler, SlotStore, load_beat_config, store_from_settings
 from producers.config_file import run_defaults
 from producers.errors import CliError
 from producers.report import exit_code, summary_table, wait_for_run
@@ -72,6 +72,7 @@ def _connect() -> None:
 def beat_command(args: argparse.Namespace) -> int:
     """Celery beat in this process: it starts the runs itself (it is a producer)."""
     _schedules()  # a bad config file: one line, before anything starts
+    load_beat_config()  # ...whichever section it is in
     grace_s(), lease_s()
     _connect()
     app = create_app()
