@@ -13,7 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from producers.beat import FanoutScheduler, SlotStore, load_beat_config, store_from_settings
+from producers.beat import FanoutScheduler, SlotStore, store_from_settings
+from producers.beat_reload import load_beat_config
 from producers.config_file import run_defaults
 from producers.errors import CliError
 from producers.report import exit_code, summary_table, wait_for_run

@@ -19,7 +19,8 @@ import pytest
 import redis
 from conftest import VendorHandle, wait_for
 
-from producers.beat import Beat, BeatConfig, SlotStore, describe_changes
+from producers.beat import Beat, SlotStore
+from producers.beat_reload import BeatConfig, describe_changes
 from producers.config_file import RunDefaults
 from producers.scheduling import Schedule, parse_schedule
 from workers.limits import Limits, make_config
