@@ -104,6 +104,19 @@ class RunDefaults:
         return options
 
 
+def check_batch_options(batch_size: Any, switch: Any) -> None:
+    """A ``batch_size`` and a ``kill_switch`` (text) as a table gives them, each optional;
+    ValueError naming the bad one."""
+    if batch_size is not None and not (
+        isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1
+    ):
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if switch is not None:
+        if not isinstance(switch, str):
+            raise ValueError(f"kill_switch must be text like 'any_failed', got {switch!r}")
+        kill_switch.parse(switch)
+
+
 def kill_switch_from_text(text: str) -> Switch:
     try:
         return kill_switch.parse(text)
@@ -145,16 +158,10 @@ def _run_defaults(name: str, table: Any, source: str) -> RunDefaults:
             raise bad(f"unknown key {key!r} (known: {', '.join(RUN_KEYS)})")
     size, switch, per_item = (table.get("batch_size"), table.get("kill_switch"),
                               table.get("per_item", False))
-    if size is not None and not (isinstance(size, int) and not isinstance(size, bool)
-                                 and size >= 1):
-        raise bad(f"batch_size must be a whole number >= 1, got {size!r}")
-    if switch is not None:
-        if not isinstance(switch, str):
-            raise bad(f"kill_switch must be text like 'any_failed', got {switch!r}")
-        try:
-            kill_switch.parse(switch)
-        except ValueError as exc:
-            raise bad(str(exc)) from None
+    try:
+        check_batch_options(size, switch)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
     if not isinstance(per_item, bool):
         raise bad(f"per_item must be true or false, got {per_item!r}")
     if per_item and switch is None:

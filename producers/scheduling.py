@@ -28,7 +28,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-from producers.config_file import check_sections, config_path, read_config, section
+from producers.config_file import (
+    check_batch_options,
+    check_sections,
+    config_path,
+    read_config,
+    section,
+)
 from producers.trigger import load_configured_pipelines
 from workers.api import get_pipeline
 from workers.policy import kill_switch
@@ -195,19 +201,12 @@ def parse_schedule(name: str, table: Any, source: str = "config") -> Schedule:
     if not isinstance(enabled, bool):
         raise bad(f"enabled must be true or false, got {enabled!r}")
     batch_size, switch = table.get("batch_size"), table.get("kill_switch")
-    if batch_size is not None and (
-        not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
-    ):
-        raise bad(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-    if switch is not None:
-        if batch_size is None:
-            raise bad("kill_switch needs a batch_size")
-        if not isinstance(switch, str):
-            raise bad(f"kill_switch must be text like 'any_failed', got {switch!r}")
-        try:
-            kill_switch.parse(switch)
-        except ValueError as exc:
-            raise bad(str(exc)) from None
+    if switch is not None and batch_size is None:
+        raise bad("kill_switch needs a batch_size")
+    try:
+        check_batch_options(batch_size, switch)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
     return Schedule(name=name, pipeline=pipeline, cron=cron, every_s=every_s, tz=tz,
                     params=params, enabled=enabled, batch_size=batch_size, kill_switch=switch)
 
