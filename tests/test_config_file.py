@@ -22,9 +22,10 @@ import redis
 from config_pipelines import cfgtest
 from conftest import VendorHandle, WorkerFactory
 
-from producers.config_file import RunDefaults, parse_run_defaults
-from producers.trigger import start_run
-from workers.api import find_stage
+from producers.config_file import RunDefaults, parse_limits, parse_run_defaults
+from producers.trigger import load_configured_pipelines, start_run
+from workers.api import find_stage, get_pipeline
+from workers.config_file import read_config
 from workers.engine.services import services
 from workers.limits import Limits
 from workers.policy.kill_switch import AnyFailed, FailureCount, FailureRate
@@ -169,6 +170,24 @@ def test_an_unknown_pipeline_or_section_is_refused_with_a_suggestion(tmp_path: P
         apply_config_file(config)
     assert str(refused.value) == (f"{config}: unknown key 'stage', did you mean 'stages'? "
                                   "(known: schedules, limits, stages, pipelines)")
+
+
+def test_the_readme_example_is_what_it_says(tmp_path: Path) -> None:
+    readme = (TESTS.parent / "README.md").read_text()
+    section = readme.split("\n## Config file\n", 1)[1].split("\n## ", 1)[0]
+    [block] = re.findall(r"```toml\n(.*?)```", section, re.DOTALL)
+    config = tmp_path / "fanout.toml"
+    config.write_text(block)
+    load_configured_pipelines()
+    data, source = read_config(config)
+    assert apply_stage_settings(data, source) == ["demo.metric_day"]
+    stage = get_pipeline("demo").stages["metric_day"]
+    assert (stage.options["retries"], stage.options["retry_delay_s"], stage.options["limits"],
+            stage.claim_batch) == (5, exponential(0.5, 2, 30), ["demo-vendor"], 64)
+    assert stage.options["retry_on"] == (httpx.HTTPError, ValueError)
+    assert parse_run_defaults(data, source) == {"demo": RunDefaults(100, "failure_rate:20:0.5")}
+    assert [(c.name, str(c.rate), c.concurrency) for c in parse_limits(data, source)] == [
+        ("demo-vendor", "50/s", 8)]
 
 
 # --- [pipelines] run defaults -----------------------------------------------------------------
