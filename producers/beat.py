@@ -13,6 +13,13 @@ is idempotent, so even two beats that both trigger one slot create one run.
   the latest such slot of each schedule, never a replay of everything missed.
 - A failed trigger (the vendor would not list the roots) is tried again, 1 s, 2 s, 4 s ... up
   to a minute apart, by any beat, until the slot is older than the grace period.
+
+The config file is read at start, again at once on SIGHUP, and within one or two
+``FILE_CHECK_S`` of an edit (a change is read once two looks agree, so a file caught half
+written waits); each reload logs one line saying what changed (``beat_reload.py``). A file
+that does not parse is logged, and what was loaded before goes on. The beat applies
+``[stages]`` to its own pipelines and uses ``[pipelines]`` for its runs, but never writes
+``[limits]`` to Redis: ``fanout limits apply`` does (``producers/config_file.py`` says why).
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import json
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +40,8 @@ from celery import Celery
 from celery.beat import Scheduler
 from celery.utils.log import get_logger
 
-from producers.config_file import config_stamp
+from producers.beat_reload import RELOAD, BeatConfig, describe_changes, load_beat_config
+from producers.config_file import RunDefaults, config_stamp
 from producers.scheduling import UTC, Schedule, grace_s, lease_s, load_schedules
 from producers.trigger import start_run
 from workers import keys
@@ -51,6 +60,8 @@ STALL_S = 60.0
 #: How soon to look again at a slot another beat holds.
 RECHECK_S = 1.0
 MAX_BACKOFF_S = 60.0
+#: How soon a waiting beat sees that its config file changed (one stat call each time).
+FILE_CHECK_S = 1.0
 FIRED = "fired"
 RUNS_KEPT = 100
 
@@ -166,8 +177,11 @@ class Beat:
         trigger: Trigger = start_run,
         clock: Clock = _now,
         token: str | None = None,
+        run_defaults: Mapping[str, RunDefaults] | None = None,
     ) -> None:
         self.schedules = [s for s in schedules if s.enabled]
+        #: Each pipeline's ``[pipelines.NAME]``, under a schedule's own batch options.
+        self.run_defaults = dict(run_defaults or {})
         self.store = store
         self.grace = dt.timedelta(seconds=grace_s)
         self.trigger = trigger
@@ -239,8 +253,9 @@ class Beat:
         schedule = pending.schedule
         self._holding = run_id
         try:
+            defaults = self.run_defaults.get(schedule.pipeline, RunDefaults())
             self.trigger(schedule.pipeline, dict(schedule.params), run_id=run_id,
-                         **schedule.run_options())
+                         **schedule.run_options(defaults))
         except Exception as exc:
             self.store.release(run_id, self.token)
             pending.failures += 1
@@ -278,7 +293,7 @@ class Beat:
             self._holding = None
 
 
-def _log_schedules(schedules: list[Schedule]) -> None:
+def _log_schedules(schedules: Iterable[Schedule]) -> None:
     for schedule in schedules:
         state = "enabled" if schedule.enabled else "disabled"
         logger.info("beat: schedule %s (%s, %s) -> pipeline %s, %s", schedule.name,
@@ -295,38 +310,70 @@ class FanoutScheduler(Scheduler):
 
     def __init__(self, app: Celery, *args: Any, **kwargs: Any) -> None:
         self.beat: Beat | None = None
-        self._stamp: tuple[str, int, int] | None = None
+        self.config = BeatConfig()
+        self._stamp: tuple[str, int, int] | None = None  # of the file last read
+        self._looked: tuple[str, int, int] | None = None  # at the last look
         super().__init__(app, *args, **kwargs)  # calls setup_schedule unless lazy
 
     def setup_schedule(self) -> None:
-        self._stamp = config_stamp()
-        schedules = load_schedules()
-        self.beat = Beat(schedules, store_from_settings(), grace_s=grace_s())
-        _log_schedules(schedules)
+        RELOAD.install()
+        self._stamp = self._looked = config_stamp()
+        self.config = load_beat_config()
+        self.beat = Beat(self.config.schedules, store_from_settings(), grace_s=grace_s(),
+                         run_defaults=self.config.run_defaults)
+        _log_schedules(self.config.schedules)
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
+        """Trigger what is due, then wait here until something may be due, SIGHUP asks for a
+        reload or the file changes; 0: Celery's loop calls again at once (its own sleep
+        could not be woken)."""
         if self.beat is None:
             return float(self.max_interval)
+        self.wait(self.step())
+        return 0.0
+
+    def step(self) -> float:
+        """Reload the config if asked to or if it changed, trigger what is due; seconds until
+        something may be due again."""
         self.reload_if_changed()
+        assert self.beat is not None
         return min(self.beat.tick(), float(self.max_interval))
 
-    def reload_if_changed(self) -> bool:
-        """Read the config file again if it changed since it was read (a tick comes at least
-        every ``max_interval`` seconds). A bad new file is logged, and the schedules already
-        loaded go on. Returns whether schedules were replaced."""
+    def wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (left_s := deadline - time.monotonic()) > 0:
+            if RELOAD.pending or self._file_changed():
+                return
+            RELOAD.wait(min(left_s, FILE_CHECK_S))
+
+    def _file_changed(self) -> bool:
+        """The file differs from the one read, and did not change since the last look: an
+        edit seen while it is being written (an empty file, half a table) waits one look."""
         stamp = config_stamp()
-        if stamp == self._stamp or self.beat is None:
+        settled = stamp == self._looked
+        self._looked = stamp
+        return settled and stamp != self._stamp
+
+    def reload_if_changed(self) -> bool:
+        """Read the config file again on SIGHUP, or if it changed since it was read, and log
+        one line saying what changed. A bad file is logged, and what was loaded before goes
+        on. Returns whether the new config was taken."""
+        asked = RELOAD.take()
+        if self.beat is None or not (asked or self._file_changed()):
             return False
-        self._stamp = stamp
+        self._stamp = self._looked = config_stamp()
+        why = "SIGHUP" if asked else "the file changed"
         try:
-            schedules = load_schedules()
+            config = load_beat_config()
         except ConfigError as exc:
-            logger.error("beat: the config file changed but cannot be used, keeping the "
-                         "schedules loaded before: %s", exc)
+            logger.error("beat: config not reloaded (%s), keeping what was loaded before: %s",
+                         why, exc)
             return False
-        logger.info("beat: the config file changed: %d schedules", len(schedules))
-        self.beat.replace_schedules(schedules)
-        _log_schedules(schedules)
+        logger.info("beat: config reloaded (%s) from %s: %s", why, config.source,
+                    describe_changes(self.config, config))
+        self.config = config
+        self.beat.replace_schedules(config.schedules)
+        self.beat.run_defaults = dict(config.run_defaults)
         return True
 
     def close(self) -> None:
@@ -339,4 +386,5 @@ class FanoutScheduler(Scheduler):
         schedules = load_schedules()
         enabled = sum(1 for s in schedules if s.enabled)
         return (f"    . schedules -> {len(schedules)} ({enabled} enabled), "
-                f"grace {grace_s()}s, lease {lease_s()}s")
+                f"grace {grace_s()}s, lease {lease_s()}s; the config is read again on "
+                "SIGHUP or an edit")

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from producers import limits_cli, processes
+from producers.config_file import run_defaults
 from producers.errors import RunFinished, RunNotFound, UsageError
 from producers.interrupts import Interrupted, stop_signals_raise
 from producers.items import read_items
@@ -154,9 +155,12 @@ def replay(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size is None and (args.kill_switch is not None or args.per_item):
-        raise UsageError("--kill-switch and --per-item need --batch-size")
-    if args.per_item and args.kill_switch is None:
+    # The pipeline's batch map defaults ([pipelines.NAME] in the config file) under the flags.
+    batch = run_defaults(args.pipeline).fill(args.batch_size, args.kill_switch, args.per_item)
+    if not batch and (args.kill_switch is not None or args.per_item):
+        raise UsageError("--kill-switch and --per-item need --batch-size (or batch_size in "
+                         f"[pipelines.{args.pipeline}])")
+    if batch.get("per_item") and batch["kill_switch"] is None:
         raise UsageError("--per-item needs --kill-switch")
     pipeline = get_pipeline(args.pipeline)
     roots, root_stage = None, None
@@ -177,9 +181,7 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             params[key] = value
-    run_id = start_run(args.pipeline, params, roots=roots, root_stage=root_stage,
-                       batch_size=args.batch_size, kill_switch=args.kill_switch,
-                       per_item=args.per_item)
+    run_id = start_run(args.pipeline, params, roots=roots, root_stage=root_stage, **batch)
     console = make_console(stderr=True)
     if not args.wait:
         print(run_id)

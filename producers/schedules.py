@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from producers.beat import FanoutScheduler, SlotStore, store_from_settings
+from producers.beat_reload import load_beat_config
+from producers.config_file import run_defaults
 from producers.errors import CliError
 from producers.report import exit_code, summary_table, wait_for_run
 from producers.scheduling import (
@@ -82,6 +84,7 @@ def _connect() -> None:
 def beat_command(args: argparse.Namespace) -> int:
     """Celery beat in this process: it starts the runs itself (it is a producer)."""
     _schedules()  # a bad config file: one line, before anything starts
+    load_beat_config()  # ...whichever section it is in
     grace_s(), lease_s()
     _connect()
     app = create_app()
@@ -160,8 +163,8 @@ def run_command(args: argparse.Namespace) -> int:
                        f"{', '.join(sorted(schedules))})")
     _connect()
     now = dt.datetime.now(UTC)
-    run_id = start_run(schedule.pipeline, dict(schedule.params),
-                       run_id=schedule.manual_run_id(now), **schedule.run_options())
+    run_id = start_run(schedule.pipeline, dict(schedule.params), run_id=schedule.manual_run_id(now),
+                       **schedule.run_options(run_defaults(schedule.pipeline)))
     store_from_settings().record_run(schedule.name, run_id, now)
     console = Console(stderr=True)
     if not args.wait:

@@ -34,7 +34,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-from producers.config_file import check_sections, config_path, read_config, section
+from producers.config_file import (
+    RunDefaults,
+    check_batch_options,
+    check_sections,
+    config_path,
+    read_config,
+    section,
+)
 from producers.items import read_items
 from producers.trigger import load_configured_pipelines, root_stage_of
 from workers.api import Pipeline, get_pipeline
@@ -68,9 +75,10 @@ class Schedule:
     items_file: str | None = None  # ...or in this file (absolute), read at each fire
     root_stage: str | None = None  # where they go (default: trigger.root_stage_of)
 
-    def run_options(self) -> dict[str, Any]:
+    def run_options(self, defaults: RunDefaults | None = None) -> dict[str, Any]:
         """``start_run``'s other options for this schedule's runs: its root items, if it
-        gives them (an ``items_file`` is read now), and its batch map."""
+        gives them (an ``items_file`` is read now), and its batch map, each key of it the
+        schedule's own or else the pipeline's run ``defaults`` (``[pipelines.NAME]``)."""
         options: dict[str, Any] = {}
         if self.items is not None:
             options["roots"] = list(self.items)
@@ -79,9 +87,8 @@ class Schedule:
                                           label=f"schedule {self.name!r}: items_file")
         if self.root_stage is not None:
             options["root_stage"] = self.root_stage
-        if self.batch_size is not None:
-            switch = None if self.kill_switch is None else kill_switch.parse(self.kill_switch)
-            options.update(batch_size=self.batch_size, kill_switch=switch)
+        switch = None if self.kill_switch is None else kill_switch.parse(self.kill_switch)
+        options.update((defaults or RunDefaults()).fill(self.batch_size, switch))
         return options
 
     @property
@@ -220,19 +227,12 @@ def parse_schedule(name: str, table: Any, source: str = "config",
     if not isinstance(enabled, bool):
         raise bad(f"enabled must be true or false, got {enabled!r}")
     batch_size, switch = table.get("batch_size"), table.get("kill_switch")
-    if batch_size is not None and (
-        not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
-    ):
-        raise bad(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-    if switch is not None:
-        if batch_size is None:
-            raise bad("kill_switch needs a batch_size")
-        if not isinstance(switch, str):
-            raise bad(f"kill_switch must be text like 'any_failed', got {switch!r}")
-        try:
-            kill_switch.parse(switch)
-        except ValueError as exc:
-            raise bad(str(exc)) from None
+    if switch is not None and batch_size is None:
+        raise bad("kill_switch needs a batch_size")
+    try:
+        check_batch_options(batch_size, switch)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
     return Schedule(name=name, pipeline=pipeline, cron=cron, every_s=every_s, tz=tz,
                     params=params, enabled=enabled, batch_size=batch_size, kill_switch=switch,
                     items=items, items_file=items_file, root_stage=root_stage)

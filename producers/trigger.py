@@ -16,6 +16,7 @@ from workers.ledger import LedgerError
 from workers.message import Delivery
 from workers.policy.kill_switch import Switch, to_spec
 from workers.settings import ConfigError, get_settings
+from workers.stage_config import apply_config_file_once
 from workers.throttle import Throttled
 
 
@@ -45,8 +46,10 @@ def _list_roots(list_roots: Callable[[dict[str, Any]], Sequence[Any]],
 
 
 def load_configured_pipelines() -> None:
-    """Import the built-in pipelines and FANOUT_PIPELINES (a bad module: ConfigError)."""
+    """Import the built-in pipelines and FANOUT_PIPELINES (a bad module: ConfigError), with
+    the config file's stage settings over their own, read once (a bad one: ConfigError)."""
     load_pipelines(get_settings().pipeline_modules)
+    apply_config_file_once()
 
 
 def root_stage_of(pipeline: Pipeline, given: str | None = None) -> str:

@@ -109,8 +109,8 @@ def test_a_bad_schedule_names_itself_and_the_value(table: dict[str, Any], fragme
 def test_bad_names_and_unknown_sections() -> None:
     with pytest.raises(ConfigError, match=r"schedule 'Daily': a name is \[a-z0-9_-\]\+"):
         parse_config({"schedules": {"Daily": {"every_s": 2, "pipeline": "demo"}}})
-    with pytest.raises(ConfigError,
-                       match="unknown key 'schedule' \\(known: schedules, limits\\)"):
+    with pytest.raises(ConfigError, match="unknown key 'schedule', did you mean 'schedules'\\? "
+                                          "\\(known: schedules, limits, stages, pipelines\\)"):
         parse_config({"schedule": {}})
     with pytest.raises(ConfigError, match="schedule 'x': must be a table"):
         parse_config({"schedules": {"x": 1}})
@@ -471,12 +471,13 @@ def test_fanout_beat_rereads_an_edited_config_and_keeps_the_old_one_if_bad(
     assert scheduler.beat is not None
     assert [s.name for s in scheduler.beat.schedules] == ["daily"]
     # The next slot is hours away, yet the beat wakes every max_interval to look.
-    assert 0 < scheduler.tick() <= FanoutScheduler.max_interval
+    assert 0 < scheduler.step() <= FanoutScheduler.max_interval
     assert scheduler.reload_if_changed() is False  # nothing changed
 
     config.write_text('[schedules.daily]\ncron = "0 3 * * *"\npipeline = "demo"\n\n'
                       '[schedules.hourly]\ncron = "5 * * * *"\npipeline = "demo"\n')
-    assert scheduler.reload_if_changed() is True
+    assert scheduler.reload_if_changed() is False  # seen once: it may be half written yet
+    assert scheduler.reload_if_changed() is True  # the same at the next look: read
     assert [s.name for s in scheduler.beat.schedules] == ["daily", "hourly"]
 
     config.write_text('[schedules.hourly]\ncron = "61 * * * *"\npipeline = "demo"\n')

@@ -56,6 +56,7 @@ from workers.outage import DOWN_ERRORS, OncePerOutage
 from workers.outcome import Outcome
 from workers.settings import ConfigError, Settings, get_settings, validate_environment
 from workers.sinks import SinkDown, open_sink
+from workers.stage_config import apply_config_file
 
 #: How soon Celery's consumer tries the broker again after losing it. kombu's defaults wait
 #: 2 s, then 2 s more at each try, up to 30 s: a worker came back up to 30 s after Redis did.
@@ -362,13 +363,16 @@ def _install_outage_filter(log_filter: OncePerOutage, logger: logging.Logger) ->
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    """The worker's Celery app, with every configured pipeline loaded and registered. Without
-    ``settings``, the environment's, checked (a bad one: ConfigError, before Celery starts)."""
+    """The worker's Celery app, with every configured pipeline loaded, the config file's
+    stage settings over their own (``workers/stage_config.py``), and registered. Without
+    ``settings``, the environment's, checked (a bad one, or a bad config file: ConfigError,
+    before Celery starts)."""
     settings = settings or validate_environment()
     broker.install()  # fanout's Redis transport for redis:// broker URLs
     app = Celery("fanout", amqp=BrokerAMQP)
     configure(app, settings)
     load_pipelines(settings.pipeline_modules)
+    apply_config_file()
     register_stages(app, [s for p in all_pipelines() for s in p.stages.values()])
 
     def start_threads(**_: object) -> None:

@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from workers.options import OptionGroup
+from workers.options import OptionGroup, import_ref
 
 DEFAULT_TTL_S = 86_400.0
 
@@ -24,5 +24,7 @@ def check(options: Mapping[str, Any]) -> None:
 
 
 OPTIONS = OptionGroup(
-    "cache", {"cache": None, "cache_key": None, "cache_ttl_s": DEFAULT_TTL_S}, check
+    "cache", {"cache": None, "cache_key": None, "cache_ttl_s": DEFAULT_TTL_S}, check,
+    # In the config file a key function is named by its import path, package.module:name.
+    from_config={"cache_key": lambda ref: import_ref(ref, "cache_key")},
 )

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from workers.options import OptionGroup
+from workers.options import OptionGroup, import_ref
 
 RetryIf = Callable[[BaseException], bool]
 
@@ -146,12 +146,38 @@ def _check_options(options: Mapping[str, Any]) -> None:
     RetryPolicy.from_options(**options)
 
 
+_EXPONENTIAL_KEYS = ("base_s", "factor", "max_s")
+
+
+def _delay_from_config(value: Any) -> Any:
+    """``retry_delay_s`` in the config file: seconds, a list, or a table that is
+    ``exponential(base_s, factor, max_s)``."""
+    if not isinstance(value, dict):
+        return value
+    for key in value:
+        if key not in _EXPONENTIAL_KEYS:
+            raise ValueError(f"retry_delay_s: unknown key {key!r} of an exponential delay "
+                             f"(known: {', '.join(_EXPONENTIAL_KEYS)})")
+    if "base_s" not in value:
+        raise ValueError(f"retry_delay_s: an exponential delay needs base_s, got {value!r}")
+    return exponential(**value)
+
+
+def _types_from_config(value: Any) -> tuple[Any, ...]:
+    """``retry_on`` in the config file: exception types by name (``ValueError``) or import
+    path (``httpx:TransportError``), one or a list."""
+    names = value if isinstance(value, list) else [value]
+    return tuple(import_ref(name, "retry_on", builtin=True) for name in names)
+
+
 #: The stage options of retries (``engine/retry_hook.py`` reads them).
 OPTIONS = OptionGroup(
     "retry",
     {"retries": 0, "retry_delay_s": 1.0, "retry_jitter": 0.0, "retry_on": Exception,
      "retry_if": None},
     _check_options,
+    from_config={"retry_delay_s": _delay_from_config, "retry_on": _types_from_config,
+                 "retry_if": lambda ref: import_ref(ref, "retry_if")},
 )
 
 
