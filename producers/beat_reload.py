@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -36,9 +37,10 @@ class BeatConfig:
 def load_beat_config() -> BeatConfig:
     """The config file, every section checked, its stage settings applied to this process's
     pipelines last (a bad file: ConfigError, and nothing applied)."""
-    data, source = read_config()
-    source = source or "config"
-    config = BeatConfig(source, tuple(parse_config(data, source)),
+    data, path = read_config()
+    source = path or "config"
+    base = Path(path).parent if path else Path()  # where a schedule's items_file is
+    config = BeatConfig(source, tuple(parse_config(data, source, base)),
                         parse_run_defaults(data, source),
                         {limit.name: limit for limit in parse_limits(data, source)},
                         stage_tables(data, source))
