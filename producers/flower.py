@@ -12,11 +12,11 @@ Who may read it:
   ``FLOWER_UNAUTHENTICATED_API=1``, which also lets any web page a browser on this host loads
   call it: Flower then answers cross-origin requests).
 
-Memory: Flower keeps every task it has heard of in memory, up to ``--max_tasks`` (Flower's
-default 100,000, about 600 MB with fanout's tasks), and every worker it has seen. fanout keeps
-the latest ``DEFAULT_MAX_TASKS`` and drops a worker offline for ``DEFAULT_PURGE_OFFLINE_S``
-(``fanout worker`` names its processes after its pid: each restart brings new names).
-``benchmarks/flower_memory.py`` measures Flower's RSS with either bound.
+Memory: Flower keeps every task it has heard of in memory, up to ``--max_tasks`` (Flower's own
+default is 100,000), and every worker it has seen. fanout keeps the latest
+``DEFAULT_MAX_TASKS`` and drops a worker offline for ``DEFAULT_PURGE_OFFLINE_S`` (``fanout
+worker`` names its processes after its pid: each restart brings new names). Flower's RSS after
+200,000 items with either bound: ``python -m benchmarks --only flower`` (benchmarks/README.md).
 
 The command line runs in two processes: ``fanout flower`` checks its options and resolves
 the broker, then replaces itself (exec) with ``python -m producers.flower``, the Flower
@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int: Callable[[str],
     """The options beside ``--port`` and ``--address`` (``positive_int``: the CLI's type)."""
     parser.add_argument("--max-tasks", type=positive_int, default=DEFAULT_MAX_TASKS,
                         help="tasks Flower keeps in memory, the latest ones (default: "
-                             f"{DEFAULT_MAX_TASKS:,}; Flower's own default, 100,000, held "
-                             "about 600 MB)")
+                             f"{DEFAULT_MAX_TASKS:,}; Flower's own is 100,000, which takes "
+                             "it past 700 MB)")
     parser.add_argument("--purge-offline-workers", type=positive_int,
                         default=DEFAULT_PURGE_OFFLINE_S, metavar="SECONDS",
                         help="drop a worker offline this long from the dashboard and /metrics "
