@@ -11,6 +11,7 @@ Who may read it:
   runs on this host, and its ``/api`` answers 401 (Flower opens it with
   ``FLOWER_UNAUTHENTICATED_API=1``, which also lets any web page a browser on this host loads
   call it: Flower then answers cross-origin requests).
+``/healthcheck`` answers "OK" to anyone, whatever the login.
 
 Memory: Flower keeps every task it has heard of in memory, up to ``--max_tasks`` (Flower's own
 default is 100,000), and every worker it has seen. fanout keeps the latest

@@ -72,7 +72,8 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH|_KEY$")
 FROM_ENVIRONMENT = re.compile(r"^\$\{\w+(:\?[^}]*|:-|)\}$")
 #: Credentials written into a URL: scheme://user:password@host.
 URL_PASSWORD = re.compile(r"://[^/:@\s]+:([^@\s]+)@")
-#: Where each published service takes its login from, and why that login is required.
+#: Where each published service takes its login from (required: `fanout flower` refuses to
+#: start beyond loopback without it, see the test below).
 LOGIN = {"flower": "FLOWER_BASIC_AUTH"}
 
 
@@ -101,7 +102,8 @@ def open_doors(compose: dict[str, Any]) -> list[str]:
 
 def test_compose_is_closed_by_default() -> None:
     assert open_doors(COMPOSE) == []
-    # What the file had until it was closed (0bb300f), each door found.
+    # The doors the file had until it was closed (Flower's, the vendor's, PostgreSQL's) and
+    # two other kinds, each found.
     was = copy.deepcopy(COMPOSE)
     was["services"]["flower"]["ports"] = ["5555:5555"]
     was["services"]["flower"]["environment"]["FLOWER_BASIC_AUTH"] = \
