@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import sys
@@ -13,6 +12,7 @@ from kombu.exceptions import OperationalError
 
 from demo_vendor.__main__ import main as vendor_main
 from producers import catalog, commands, limits_cli, processes, schedules, scheduling
+from producers import flower as flower_cli
 from producers.config_file import config_path
 from producers.errors import CliError, UsageError
 from producers.supervisor import supervise_workers
@@ -197,6 +197,7 @@ def build_parser() -> Parser:
     flower.add_argument("--address", default="127.0.0.1", metavar="ADDRESS",
                         help="where to listen; beyond loopback only with FLOWER_BASIC_AUTH "
                              "(default: %(default)s)")
+    flower_cli.add_arguments(flower, _positive_int)
 
     vendor = sub.add_parser("vendor", help="the demo vendor API")
     vendor_sub = vendor.add_subparsers(dest="vendor_command", required=True, parser_class=Parser,
@@ -297,7 +298,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "worker":
         return _worker(args)
     if command == "flower":
-        return _flower(args)
+        flower_cli.serve(args, _broker_env)
     handler = {"demo": commands.demo, "run": commands.run, "status": commands.status,
                "results": commands.results, "pipelines": catalog.pipelines_command,
                "failures": commands.failures, "replay": commands.replay, "cancel": commands.cancel,
@@ -320,13 +321,6 @@ def _down() -> int:
     return EXIT_OK
 
 
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return address == "localhost"
-
-
 def _broker_env() -> dict[str, str]:
     """Resolve Redis once here so the child process does not have to."""
     url = resolve_redis_url()
@@ -345,17 +339,6 @@ def _worker(args: argparse.Namespace) -> int:
     }
     count = args.processes or processes.default_processes()
     return supervise_workers(count, env, options)
-
-
-def _flower(args: argparse.Namespace) -> int:
-    if not _is_loopback(args.address) and not os.environ.get("FLOWER_BASIC_AUTH"):
-        raise UsageError(f"refusing to serve Flower on {args.address!r} without "
-                         "FLOWER_BASIC_AUTH=user:password (its task view and /metrics show "
-                         "every run's arguments)")
-    env = _broker_env()
-    cmd = [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={args.port}",
-           f"--address={args.address}"]
-    os.execvpe(cmd[0], cmd, env)  # Flower replaces this process: signals reach it, no orphan
 
 
 if __name__ == "__main__":  # pragma: no cover

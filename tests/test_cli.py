@@ -253,7 +253,7 @@ def test_flower_replaces_the_fanout_process(tmp_path: Path, redis_url: str) -> N
     )
     try:
         cmdline = Path(f"/proc/{proc.pid}/cmdline")
-        wait_for(lambda: b"flower" in cmdline.read_bytes() and b"celery" in cmdline.read_bytes(),
+        wait_for(lambda: b"producers.flower" in cmdline.read_bytes(),
                  what="the same process running Flower")
         # Answering means its event loop runs: a SIGTERM that lands earlier, between Flower
         # starting its events thread and marking itself started, leaves that thread running

@@ -3,8 +3,11 @@ here), with the test Redis in place of the redis service and free ports."""
 
 from __future__ import annotations
 
+import copy
+import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,7 +38,7 @@ def test_compose_file_is_well_formed() -> None:
         for dependency in service.get("depends_on", {}):
             assert dependency in SERVICES, (name, dependency)
         for mapping in service.get("ports", []):
-            host, container = mapping.split(":")
+            _, host, container = published(mapping)
             assert int(host) > 0 and int(container) > 0
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]  # a named volume, or a file of this repository
@@ -52,6 +55,87 @@ def test_compose_file_is_well_formed() -> None:
     assert (ROOT / SERVICES["worker"]["build"] / "Dockerfile").exists()
     assert SERVICES["beat"]["deploy"]["replicas"] == 2  # two beats: each slot runs once
     assert beat_config().is_file()
+
+
+def published(mapping: str) -> tuple[str, str, str]:
+    """A short ``ports`` entry as (host address, host port, container port); no address is
+    every interface."""
+    parts = mapping.rsplit(":", 2)
+    return ("0.0.0.0", *parts) if len(parts) == 2 else (parts[0], parts[1], parts[2])
+
+
+#: Published with no login of their own, each for a reason.
+NO_LOGIN_NEEDED = {"vendor": "the demo vendor: made-up data, no secret"}
+#: Environment variables that hold a secret, by their name.
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH|_KEY$")
+#: A secret from the environment: ${VAR}, ${VAR:?why} or ${VAR:-} (empty), no default value.
+FROM_ENVIRONMENT = re.compile(r"^\$\{\w+(:\?[^}]*|:-|)\}$")
+#: Credentials written into a URL: scheme://user:password@host.
+URL_PASSWORD = re.compile(r"://[^/:@\s]+:([^@\s]+)@")
+#: Where each published service takes its login from (required: `fanout flower` refuses to
+#: start beyond loopback without it, see the test below).
+LOGIN = {"flower": "FLOWER_BASIC_AUTH"}
+
+
+def open_doors(compose: dict[str, Any]) -> list[str]:
+    """What in a compose file lets someone in without a secret the operator chose: a port
+    published beyond loopback, a published service with no login from the environment, a
+    secret written in the file (a literal, or a default that works out of the box)."""
+    doors = []
+    for name, service in compose["services"].items():
+        environment = service.get("environment") or {}
+        for key, value in environment.items():
+            text = str(value)
+            if SECRET_NAME.search(key) and not FROM_ENVIRONMENT.match(text):
+                doors.append(f"{name}: {key} is written in the file ({text!r})")
+            password = URL_PASSWORD.search(text)
+            if password and not FROM_ENVIRONMENT.match(password[1]):
+                doors.append(f"{name}: {key} has a password written in its URL")
+        for mapping in service.get("ports", []):
+            address, host, _ = published(mapping)
+            if not ipaddress.ip_address(address.strip("[]")).is_loopback:
+                doors.append(f"{name}: port {host} is published beyond loopback ({mapping})")
+            if name not in NO_LOGIN_NEEDED and LOGIN.get(name) not in environment:
+                doors.append(f"{name}: port {host} is published with no login")
+    return doors
+
+
+def test_compose_is_closed_by_default() -> None:
+    assert open_doors(COMPOSE) == []
+    # The doors the file had until it was closed (Flower's, the vendor's, PostgreSQL's) and
+    # two other kinds, each found.
+    was = copy.deepcopy(COMPOSE)
+    was["services"]["flower"]["ports"] = ["5555:5555"]
+    was["services"]["flower"]["environment"]["FLOWER_BASIC_AUTH"] = \
+        "${FLOWER_BASIC_AUTH:-admin:change-me}"
+    was["services"]["vendor"]["ports"] = ["8765:8765"]
+    was["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] = "fanout"
+    was["services"]["worker"]["environment"] = {
+        **was["services"]["worker"]["environment"],
+        "FANOUT_SINK_URL": "${FANOUT_SINK_URL:-postgresql://fanout:fanout@postgres/fanout}"}
+    was["services"]["redis"]["ports"] = ["127.0.0.1:6379:6379"]
+    assert open_doors(was) == [
+        "redis: port 6379 is published with no login",
+        "postgres: POSTGRES_PASSWORD is written in the file ('fanout')",
+        "vendor: port 8765 is published beyond loopback (8765:8765)",
+        "worker: FANOUT_SINK_URL has a password written in its URL",
+        "flower: FLOWER_BASIC_AUTH is written in the file "
+        "('${FLOWER_BASIC_AUTH:-admin:change-me}')",
+        "flower: port 5555 is published beyond loopback (5555:5555)",
+    ]
+
+
+def test_compose_flower_refuses_to_start_without_its_login(tmp_path: Path) -> None:
+    """What the flower service does when FLOWER_BASIC_AUTH is not set (compose gives it
+    empty): one line, exit code 2, nothing served."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
+    env["FLOWER_BASIC_AUTH"] = ""
+    result = subprocess.run(native("flower"), env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == ("fanout: error: refusing to serve Flower on '0.0.0.0' without "
+                             "FLOWER_BASIC_AUTH=user:password (its task view shows every "
+                             "run's arguments)\n")
 
 
 def beat_config() -> Path:
@@ -133,11 +217,12 @@ def test_compose_service_commands_run_natively(
             return False
 
     wait_for(flower_up, timeout_s=60, what="Flower")
-    # Basic auth from the environment guards the UI; Prometheus scrapes /metrics.
-    dashboard = f"http://127.0.0.1:{flower_port}/workers"
-    assert httpx.get(dashboard).status_code == 401
-    assert httpx.get(dashboard, auth=("admin", "s3cret")).status_code == 200
-    assert "flower_" in httpx.get(metrics).text
+    # Basic auth from the environment guards the UI, its API and /metrics alike.
+    for path in ("/workers", "/api/workers", "/metrics"):
+        page = f"http://127.0.0.1:{flower_port}{path}"
+        assert httpx.get(page).status_code == 401, path
+        assert httpx.get(page, auth=("admin", "s3cret")).status_code == 200, path
+    assert "flower_" in httpx.get(metrics, auth=("admin", "s3cret")).text
 
     producer_env = {**compose_env, "FANOUT_DEMO_VENDOR_URL": vendor_url}
     beat_env = {**producer_env, "FANOUT_CONFIG": str(beat_config())}

@@ -200,14 +200,15 @@ def _make_task(app: Celery, stage: Stage, item_events: ItemEvents) -> Task:
 
 
 def _tell_celery(own: ItemReport) -> None:
-    """The task's own item failed or is retried: everything is recorded already, so raise
-    now for Celery to tell Flower the truth, FAILURE with the item's error and traceback, or
-    RETRY (the next attempt is scheduled; Celery only acknowledges the message)."""
+    """The task's own item failed, is retried or held back by a limit: everything is
+    recorded already, so raise now for Celery to tell Flower the truth, FAILURE with the
+    item's error and traceback, or RETRY (the next attempt is scheduled; Celery only
+    acknowledges the message), with ``Throttled`` naming the limit for a held item."""
     if own.exception is None:
         return
     if own.outcome is Outcome.FAILED:
         raise own.exception
-    if own.outcome is Outcome.RETRYING:
+    if own.outcome in (Outcome.RETRYING, Outcome.THROTTLED):
         raise Retry(own.error, exc=own.exception) from own.exception
 
 

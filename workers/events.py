@@ -2,7 +2,8 @@
 
 Celery sends task-received, -started and -succeeded for the message a task was given; the
 items it claimed besides (``claim_batch``) are each their own task id (``RUN.ITEM``), and get
-one event here as they ended: task-succeeded, -failed or -retried, named ``PIPELINE.STAGE``
+one event here as they ended: task-succeeded, -failed or -retried (a retry, or an item a
+global limit holds back: its exception ``Throttled`` names the limit), named ``PIPELINE.STAGE``
 with their arguments (the run id first) and received time. No separate task-received or
 task-started: each event is CPU on the leaf's hot path, and Flower needs only the one.
 They are buffered and sent as one ``task.multi`` message per batch (Celery's own event
@@ -68,7 +69,7 @@ class ItemEvents:
         if outcome is Outcome.FAILED:
             dispatcher.send("task-failed", exception=report.error, traceback=report.traceback,
                             **about)
-        elif outcome is Outcome.RETRYING:
+        elif outcome in (Outcome.RETRYING, Outcome.THROTTLED):  # it runs again later
             dispatcher.send("task-retried", exception=report.error,
                             traceback=report.traceback, **about)
         else:

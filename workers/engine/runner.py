@@ -92,7 +92,7 @@ class ItemReport:
     delivery: Delivery
     outcome: Outcome
     runtime_s: float
-    exception: BaseException | None = None  # what its try raised, if it failed
+    exception: BaseException | None = None  # what its try raised (Throttled: held back)
 
     @property
     def error(self) -> str:
@@ -234,7 +234,7 @@ class StageRunner:
             return self._complete(delivery, stage, result, batch, Outcome.SUCCEEDED)
         except Throttled as held:  # a limit holds the item: run it again later, not a retry
             hooks.on_failure(ctx, delivery.payload, held, final=False)
-            return self._throttle(delivery, stage, held.wait_s)
+            return self._throttle(delivery, stage, held, batch)
         except INFRA_ERRORS as exc:
             hooks.on_failure(ctx, delivery.payload, exc, final=False)  # e.g. a slot given back
             raise
@@ -250,9 +250,13 @@ class StageRunner:
             self._stage_hooks[stage.task_name] = found
         return found
 
-    def _throttle(self, delivery: Delivery, stage: Stage, wait_s: float) -> Outcome:
+    def _throttle(
+        self, delivery: Delivery, stage: Stage, held: Throttled, batch: Batch
+    ) -> Outcome:
         self.services.ledger.items.note(delivery.run_id, stage.name, "throttled")
-        self.services.scheduler.later(delivery, wait_s)
+        self.services.scheduler.later(delivery, held.wait_s)
+        # Kept as what the try raised: Flower shows the item RETRY, the limit as its reason.
+        batch.errors[(delivery.run_id, delivery.item_id, delivery.iteration)] = held
         return Outcome.THROTTLED
 
     def _before(
@@ -266,7 +270,8 @@ class StageRunner:
                              Outcome.SKIPPED, delivery.iteration))
             return Outcome.SKIPPED
         if isinstance(decision, Defer):
-            return self._throttle(delivery, stage, decision.delay_s)
+            return self._throttle(delivery, stage, Throttled(decision.delay_s, decision.reason),
+                                  batch)
         if isinstance(decision, Serve):
             return decision.result
         return None
