@@ -138,10 +138,10 @@ def test_compose_flower_refuses_to_start_without_its_login(tmp_path: Path) -> No
                              "run's arguments)\n")
 
 
-def beat_config() -> Path:
-    """The config file compose mounts where the beat service's FANOUT_CONFIG points."""
-    target = SERVICES["beat"]["environment"]["FANOUT_CONFIG"]
-    for volume in SERVICES["beat"]["volumes"]:
+def beat_config(service: str = "beat") -> Path:
+    """The config file compose mounts where the service's FANOUT_CONFIG points."""
+    target = SERVICES[service]["environment"]["FANOUT_CONFIG"]
+    for volume in SERVICES[service]["volumes"]:
         source, _, rest = volume.partition(":")
         if rest.split(":")[0] == target:
             return ROOT / source
@@ -162,7 +162,8 @@ def compose_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(SERVICES["worker"]["environment"])
     env.update({"FANOUT_REDIS_URL": redis_url, "FANOUT_HOME": str(tmp_path / "data"),
-                "FANOUT_SINK_URL": f"sqlite:///{tmp_path / 'data' / 'fanout.db'}"})
+                "FANOUT_SINK_URL": f"sqlite:///{tmp_path / 'data' / 'fanout.db'}",
+                "FANOUT_CONFIG": str(beat_config("worker"))})  # the file compose mounts
     return env
 
 
