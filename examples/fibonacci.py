@@ -62,4 +62,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    from producers.local import run_example
+
+    raise SystemExit(run_example(main))

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from producers import processes
 from producers.errors import CliError
 from workers.connections import check_reachable, resolve_broker_url, resolve_redis_url
 from workers.redact import redact
-from workers.settings import get_settings
+from workers.settings import ConfigError, get_settings
 from workers.sinks import check_sink
 
 #: How long the vendor and the workers get to stop after SIGTERM before SIGKILL.
@@ -96,3 +97,14 @@ def local_system(
                 death_signal=signal.SIGKILL,
             ))
         yield LocalSystem(redis_url, vendor.url, settings.sink_url)
+
+
+def run_example(main: Callable[[list[str]], int]) -> int:
+    """Run an example's ``main`` on this process's arguments. What the fanout CLI says in one
+    line and exit code 2 (a bad setting, a stranger worker on the broker) an example says the
+    same way, not as a traceback."""
+    try:
+        return main(sys.argv[1:])
+    except (CliError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
