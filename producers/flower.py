@@ -44,9 +44,8 @@ _OPEN_METRICS = "--open-metrics"  # the Flower process's own first argument
 def add_arguments(parser: argparse.ArgumentParser, positive_int: Callable[[str], int]) -> None:
     """The options beside ``--port`` and ``--address`` (``positive_int``: the CLI's type)."""
     parser.add_argument("--max-tasks", type=positive_int, default=DEFAULT_MAX_TASKS,
-                        help="tasks Flower keeps in memory, the latest ones (default: "
-                             f"{DEFAULT_MAX_TASKS:,}; Flower's own is 100,000, which takes "
-                             "it past 700 MB)")
+                        help="tasks Flower keeps in memory, the latest ones (Flower's own "
+                             "default, 100000, takes it past 700 MB; default: %(default)s)")
     parser.add_argument("--purge-offline-workers", type=positive_int,
                         default=DEFAULT_PURGE_OFFLINE_S, metavar="SECONDS",
                         help="drop a worker offline this long from the dashboard and /metrics "
