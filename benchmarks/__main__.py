@@ -34,6 +34,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-ms", type=float, default=None,
                         help="the demo vendor's latency per request, which the sleep leaf "
                              "sleeps too (default 20); 0 makes CPU the only bound")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false",
+                        help="harvest: run each contender on its first candidate settings "
+                             "instead of sweeping them first (benchmarks/regimes.py)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep worker logs and sinks")
     args = parser.parse_args(argv)
     args.suites = [s.strip() for s in args.only.split(",") if s.strip()] or list(SUITES)
@@ -82,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.log(f"[yellow]load average {machine['loadavg_at_start'][0]:.2f} on {cores} "
                         "cores before starting: other work may skew the figures[/yellow]")
         console.log(f"redis {env.redis_url}, vendor {env.vendor_handle.url}, tmp {env.tmp}")
-        ctx = Context(env=env, quick=args.quick, console=console, repeats=args.repeat)
+        ctx = Context(env=env, quick=args.quick, console=console, repeats=args.repeat,
+                      sweep=args.sweep)
         results: list[SuiteResult] = []
         for name in args.suites:
             result = run_suite(name, registry[name], ctx)
@@ -103,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "code": {"at_start": code_at_start, "at_end": code_at_end,
                      "changed_during_run": code_at_start != code_at_end},
             "settings": {
-                "quick": args.quick, "suites": args.suites,
+                "quick": args.quick, "suites": args.suites, "sweep": args.sweep,
                 "repeat": args.repeat,  # None: each suite's default (in its settings)
                 "latency_ms": LATENCY_MS, "redis": "private valkey, appendonly no",
                 "vendor": "python -m demo_vendor serve " + " ".join(env.vendor_handle.options),

@@ -52,9 +52,20 @@ def http_client() -> httpx.Client:
     return _http_for(os.getpid())
 
 
+#: Redis connections a baseline process may open per pool (the harness sets it from the
+#: worker's concurrency): redis-py's default cap, 100, is fewer than a gevent worker's greenlets
+#: calling at once, and a pool past its cap raises "Too many connections".
+REDIS_MAX_CONNECTIONS_ENV = "BENCH_REDIS_MAX_CONNECTIONS"
+
+
+def redis_max_connections() -> int | None:
+    value = os.environ.get(REDIS_MAX_CONNECTIONS_ENV)
+    return int(value) if value else None
+
+
 @functools.cache
 def _redis_for(pid: int, url: str) -> redis.Redis:
-    return redis.Redis.from_url(url)
+    return redis.Redis.from_url(url, max_connections=redis_max_connections())
 
 
 def redis_client() -> redis.Redis:

@@ -47,6 +47,7 @@ class Context:
     quick: bool
     console: Console
     repeats: int | None = None  # --repeat; None: each suite's default (``repeats_or``)
+    sweep: bool = True  # --no-sweep: each contender's first candidate settings, no sweep
     cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
     results: dict[str, SuiteResult] = field(default_factory=dict)
 

@@ -1,17 +1,23 @@
-"""Harvest throughput: metric-days (leaves) per second for accounts x services x days at 20 ms.
+"""Harvest throughput: metric-days (leaves) per second for accounts x services x days.
 
-Contenders, each on the same Redis, vendor, machine and worker settings:
+Contenders, each on the same Redis, vendor and machine (``benchmarks/contenders.py``):
 - fanout as a user runs it (``celery -A workers worker`` processes, ``start_run``, ledger wait);
-- the hand-written Celery fan-out (``benchmarks.celery_baseline``), task events on;
+- the hand-written Celery fan-out (``benchmarks.celery_baseline``), with and without task events;
 - the same shape on Dramatiq (``benchmarks.dramatiq_baseline``);
-- each baseline with three leaf kinds (``benchmarks/leaf.py``): fanout's own leaf code (its
-  ``request_json`` and ``SqliteSink``: the equal-terms comparison), a shared ``httpx.Client`` +
-  plain INSERT (the client's and sink's share), and a sleep-only leaf (framework cost alone),
-  which fanout runs too (``benchmarks/sleep_pipeline.py``);
-- a naive sequential loop (one thread, fanout's leaf code), sampled and extrapolated.
+- in the threads regime, each baseline with three leaf kinds (``benchmarks/leaf.py``): fanout's
+  own leaf code (its ``request_json`` and ``SqliteSink``: the equal-terms comparison), a shared
+  ``httpx.Client`` + plain INSERT (the client's and sink's share), and a sleep-only leaf
+  (framework cost alone), which fanout runs too (``benchmarks/sleep_pipeline.py``), and a naive
+  sequential loop (one thread, fanout's leaf code), sampled and extrapolated;
+- in the in-flight regime (``--latency-ms 200``), the contenders at one in-flight bound:
+  Celery's gevent pool, Dramatiq's gevent launcher and async actors (``benchmarks/regimes.py``).
 
-Repeats are interleaved: round 1 runs every contender once, A B C ..., then round 2, and so on,
-so slow drifts of the machine's load hit every contender alike. Every timed run starts its own
+Each contender runs at its best: a short sweep of the worker settings its docs offer picks
+them (``regimes.py`` lists the candidates), before the timed rounds.
+
+Repeats are interleaved and rotated: round 1 runs every contender once, A B C ..., round 2
+starts further down the list, and so on, so slow drifts of the machine's load hit every
+contender alike and none always runs after the same one. Every timed run starts its own
 workers on a flushed Redis, waits until they answer (Celery ping / Dramatiq's ready lines), runs
 a tiny warm-up harvest, times the real one from trigger to the last leaf, and stops them.
 A contender whose rows, ledger or vendor request count do not match the shape in any of its runs
@@ -20,18 +26,28 @@ reports no number.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import statistics
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from benchmarks import baseline_common as common
-from benchmarks import leaf
+from benchmarks import leaf, regimes
+from benchmarks.contenders import (
+    END_DAY,
+    READY_TIMEOUT_S,
+    CeleryBaselineHarness,
+    DramatiqHarness,
+    FanoutHarness,
+    Harness,
+    RunOutcome,
+    Shape,
+    WorkerConfig,
+    _verify,
+)
 from benchmarks.core import (
     BenchmarkError,
     Context,
@@ -39,55 +55,29 @@ from benchmarks.core import (
     Table,
     fmt_rate,
 )
-from benchmarks.env import BenchEnv, cpu_seconds, machine_cpu_seconds, python, rss_bytes
-from producers.processes import DEFAULT_CONCURRENCY, DEFAULT_POOL, default_processes
+from benchmarks.env import BenchEnv, cpu_seconds, machine_cpu_seconds, rss_bytes
 
-END_DAY = "2026-01-31"
 LATENCY_MS = leaf.LATENCY_MS
 WARMUP_SHAPE_ARGS = (2, 10, 2)
-READY_TIMEOUT_S = 90.0
 NAIVE_SAMPLE = 300
 NAIVE_SAMPLE_QUICK = 50
 HARVEST_REPEATS = 3  # the harvest suite's default --repeat
-SLEEP_PIPELINE = "benchsleep"  # benchmarks/sleep_pipeline.py
-
-
-@dataclass(frozen=True)
-class Shape:
-    accounts: int
-    services: int
-    days: int
-
-    @property
-    def total(self) -> int:
-        return self.accounts * self.services * self.days
-
-    @property
-    def label(self) -> str:
-        return f"{self.accounts}x{self.services}x{self.days}"
-
 
 WARMUP = Shape(*WARMUP_SHAPE_ARGS)
 FULL_SHAPE = Shape(10, 50, 30)
 QUICK_SHAPE = Shape(4, 25, 10)
 POOLS_SHAPE = Shape(4, 50, 15)
 POOLS_SHAPE_QUICK = Shape(4, 25, 2)
+#: The sweep's harvest: smaller than the timed one; in the in-flight regime big enough that
+#: the leaves, not the fan-out's first listing calls at 200 ms each, take most of a run.
+SWEEP_SHAPE = {regimes.THREADS: Shape(4, 50, 15), regimes.IN_FLIGHT_REGIME: Shape(10, 50, 10)}
+SWEEP_SHAPE_QUICK = Shape(2, 10, 5)
+#: The vendor's own capacity check in the in-flight regime: at most this many requests per
+#: connection, and this long (``benchmarks/vendorload.py``).
+VENDOR_CHECK_REQUESTS_PER_CONNECTION = 25
+VENDOR_CHECK_SECONDS = 8.0
 
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    processes: int
-    pool: str
-    concurrency: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.processes} proc x {self.pool} {self.concurrency}"
-
-
-# fanout's own defaults (`fanout worker`): one process per core, 32 threads each; every
-# contender runs with the same processes x threads.
-MAIN_CONFIG = WorkerConfig(default_processes(), DEFAULT_POOL, DEFAULT_CONCURRENCY)
+MAIN_CONFIG = regimes.FANOUT_THREADS
 POOL_CONFIGS = (
     WorkerConfig(1, "threads", 32),
     WorkerConfig(2, "threads", 32),
@@ -101,58 +91,27 @@ SPREAD_FIGURES = ("rate", "wall_s", "worker_cpu_ms_per_item", "redis_cpu_ms_per_
 #: The leaf phase of a run: from this share of the leaves done to that one. Its rate leaves
 #: out the start (the fan-out still making the first leaves) and the tail.
 LEAF_PHASE = (0.2, 0.8)
-SAMPLE_EVERY_S = 0.1
-
-
-@dataclass
-class RunOutcome:
-    wall_s: float
-    checks: dict[str, Any]
-    #: (seconds since the trigger, leaves done) every SAMPLE_EVERY_S, read from Redis
-    samples: list[tuple[float, int]] = field(default_factory=list)
-
-
-class LeafSampler:
-    """Reads a run's done-leaf count every ``SAMPLE_EVERY_S`` in a thread, from the trigger
-    to the end (one small Redis read each: fanout's ledger counter, or a baseline's INCR
-    counter)."""
-
-    def __init__(self, count: Callable[[], int]) -> None:
-        self.count = count
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._started = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_EVERY_S):
-            try:
-                self.samples.append((round(time.perf_counter() - self._started, 3),
-                                     self.count()))
-            except Exception:  # a missed sample is no reason to fail a run
-                continue
-
-    def stop(self) -> list[tuple[float, int]]:
-        self._stop.set()
-        self._thread.join(2)
-        return self.samples
 
 
 def thread_ceiling(config: WorkerConfig, latency_ms: float = LATENCY_MS) -> float | None:
-    """Leaves per second that ``config``'s threads could run at most, each waiting the
-    vendor's latency per call, whatever the framework around them; None at 0 ms, where only
-    CPU bounds the rate."""
+    """Leaves per second that ``config``'s workers could run at most, each of their calls in
+    flight waiting the vendor's latency, whatever the framework around them; None at 0 ms,
+    where only CPU bounds the rate."""
     if latency_ms <= 0:
         return None
-    return config.processes * config.concurrency * 1000 / latency_ms
+    return config.in_flight * 1000 / latency_ms
 
 
-def _ceiling_note(config: WorkerConfig, ceiling: float | None) -> str:
-    if ceiling is None:
-        return " (no vendor latency: CPU alone bounds every contender)"
-    return (f", against a ceiling of {ceiling:,.0f}/s for any contender "
-            f"({config.processes * config.concurrency} threads / {LATENCY_MS:g} ms)")
+def rotated(items: Sequence[Any], round_no: int, repeats: int) -> list[Any]:
+    """The order of round ``round_no`` (from 1) of ``repeats``: ``items`` rotated so each
+    round starts a further len/repeats places down the list, and every second round run
+    backwards, so a contender neither holds one place in the round nor always follows the
+    same one."""
+    if not items:
+        return []
+    shift = (round_no - 1) * max(1, len(items) // max(1, repeats)) % len(items)
+    order = [*items[shift:], *items[:shift]]
+    return order[::-1] if round_no % 2 == 0 else order
 
 
 def leaf_phase_rate(samples: Sequence[tuple[float, int]], total: int) -> float | None:
@@ -199,290 +158,11 @@ class Measurement:
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["shape"] = {**asdict(self.shape), "total": self.shape.total}
+        if self.config is not None:
+            data["config"]["label"] = self.config.label
         return data
 
 
-class Harness(Protocol):
-    name: str
-    leaf: str
-
-    def start(
-        self, env: BenchEnv, config: WorkerConfig, suite_dir: Path
-    ) -> list[subprocess.Popen[Any]]: ...
-
-    def wait_ready(
-        self, procs: Sequence[subprocess.Popen[Any]], suite_dir: Path, timeout_s: float
-    ) -> None: ...
-
-    def run(self, env: BenchEnv, shape: Shape, suite_dir: Path) -> RunOutcome: ...
-
-
-def _run_timeout_s(shape: Shape) -> float:
-    return max(120.0, shape.total / 50)
-
-
-def _log_tail(suite_dir: Path, lines: int = 15) -> str:
-    tails = []
-    for log in sorted(suite_dir.glob("*.log")):
-        text = log.read_text(errors="replace").splitlines()[-lines:]
-        tails.append(f"--- {log.name}\n" + "\n".join(text))
-    return "\n".join(tails)
-
-
-def _check_alive(procs: Sequence[subprocess.Popen[Any]], suite_dir: Path) -> None:
-    for proc in procs:
-        if proc.poll() is not None:
-            raise BenchmarkError(
-                f"worker {proc.pid} exited with {proc.returncode}:\n{_log_tail(suite_dir)}"
-            )
-
-
-def _wait_celery(
-    app: Any, names: Sequence[str], procs: Sequence[subprocess.Popen[Any]], suite_dir: Path,
-    timeout_s: float,
-) -> None:
-    """Until every named worker answers a remote-control ping."""
-    deadline = time.monotonic() + timeout_s
-    missing = set(names)
-    while time.monotonic() < deadline:
-        _check_alive(procs, suite_dir)
-        # limit: return as soon as that many answered, instead of always waiting the timeout.
-        for reply in app.control.ping(timeout=0.5, limit=len(missing)) or []:
-            for hostname in reply:
-                missing.discard(str(hostname).split("@", 1)[0])
-        if not missing:
-            return
-    raise BenchmarkError(f"workers not ready after {timeout_s:.0f}s: {sorted(missing)}")
-
-
-def _wait_counter(env: BenchEnv, tag: str, expected: int, timeout_s: float) -> int:
-    """Until the baseline's completion counter reaches ``expected`` (polled every 5 ms);
-    returns the count."""
-    r = env.redis
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        done, failed = (int(v or 0) for v in r.mget(common.done_key(tag), common.failed_key(tag)))
-        if failed:
-            raise BenchmarkError(f"{failed} leaf task(s) failed in {tag}")
-        if done >= expected:
-            return done
-        time.sleep(0.005)
-    raise BenchmarkError(f"{tag}: timed out after {timeout_s:.0f}s")
-
-
-def _verify(checks: dict[str, Any], wants: dict[str, tuple[Any, Any]]) -> None:
-    for what, (got, want) in wants.items():
-        checks[what] = got
-        if got != want:
-            raise BenchmarkError(f"{what} is {got!r}, expected {want!r}")
-
-
-# -- contenders ---------------------------------------------------------------------------------
-
-
-class FanoutHarness:
-    """fanout's own workers. ``sleep=True``: its sleep-leaf pipeline (``benchsleep``, loaded
-    through ``FANOUT_PIPELINES``) instead of the demo pipeline."""
-
-    name = "fanout"
-
-    def __init__(self, extra_env: dict[str, str] | None = None, *, sleep: bool = False) -> None:
-        self.names: list[str] = []
-        self.extra_env = dict(extra_env or {})
-        self.sleep = sleep
-        self.leaf = "sleep" if sleep else "fanout"
-        self.pipeline = SLEEP_PIPELINE if sleep else "demo"
-        if sleep:
-            self.extra_env["FANOUT_PIPELINES"] = "benchmarks.sleep_pipeline"
-
-    def start(
-        self, env: BenchEnv, config: WorkerConfig, suite_dir: Path
-    ) -> list[subprocess.Popen[Any]]:
-        from producers.processes import start_worker
-
-        _create_sink(suite_dir / "sink.db", "fanout")
-        token = secrets.token_hex(3)
-        self.names = [f"bench-fanout-{token}-{i}" for i in range(config.processes)]
-        return [
-            env.track(
-                start_worker(
-                    {**env.worker_env(suite_dir), **self.extra_env},
-                    pool=config.pool, concurrency=config.concurrency,
-                    name=f"{name}@%h", log_path=str(suite_dir / f"{name}.log"),
-                )
-            )
-            for name in self.names
-        ]
-
-    def wait_ready(
-        self, procs: Sequence[subprocess.Popen[Any]], suite_dir: Path, timeout_s: float
-    ) -> None:
-        from workers.celery import app
-
-        _wait_celery(app, self.names, procs, suite_dir, timeout_s)
-
-    def run(self, env: BenchEnv, shape: Shape, suite_dir: Path) -> RunOutcome:
-        from producers.trigger import start_run
-        from workers.engine.services import services
-
-        if self.sleep:
-            import benchmarks.sleep_pipeline  # noqa: F401  (registers it in the driver too)
-
-        params = {"days": shape.days, "end_day": END_DAY, "vendor_url": env.vendor_handle.url,
-                  "http_retries": 0}
-        ledger = services().ledger
-        started = time.perf_counter()
-        run_id = start_run(self.pipeline, params)
-        from workers.keys import RunKeys
-
-        counts = RunKeys.of(run_id).counts
-        sampler = LeafSampler(lambda: int(env.redis.hget(counts, "metric_day:succeeded") or 0))
-        status = ledger.view.wait(run_id, _run_timeout_s(shape))
-        wall = time.perf_counter() - started
-        samples = sampler.stop()
-        snapshot = ledger.view.snapshot(run_id)
-        if snapshot is None:
-            raise BenchmarkError(f"run {run_id} vanished from the ledger")
-        summary = snapshot.summary()
-        leaves = summary["stages"].get("metric_day", {})
-        checks: dict[str, Any] = {"run_id": run_id, "pipeline": self.pipeline,
-                                  "ledger_wall_s": summary["wall_s"]}
-        rows = 0 if self.sleep else shape.total
-        wants: dict[str, tuple[Any, Any]] = {
-            "status": (status, "succeeded"),
-            "rows_written": (summary["rows_written"], rows),
-            "metric_day_succeeded": (leaves.get("succeeded"), shape.total),
-            "metric_day_failed": (leaves.get("failed"), 0),
-        }
-        if not self.sleep:
-            wants["sink_rows"] = (common.sink_count(suite_dir / "sink.db", run_id), rows)
-        _verify(checks, wants)
-        return RunOutcome(wall, checks, samples)
-
-
-class CeleryBaselineHarness:
-    """The hand-written Celery fan-out, its workers running leaf kind ``leaf``."""
-
-    name = "celery"
-
-    def __init__(self, leaf_kind: str = "fanout") -> None:
-        self.names: list[str] = []
-        self.leaf = leaf_kind
-
-    def start(
-        self, env: BenchEnv, config: WorkerConfig, suite_dir: Path
-    ) -> list[subprocess.Popen[Any]]:
-        from benchmarks.celery_baseline import QUEUE
-
-        _create_sink(suite_dir / "baseline-sink.db", self.leaf)
-        token = secrets.token_hex(3)
-        self.names = [f"bench-celery-{token}-{i}" for i in range(config.processes)]
-        procs = []
-        for name in self.names:
-            cmd = [
-                python(), "-m", "celery", "-A", "benchmarks.celery_baseline", "worker",
-                "--pool", config.pool, "--concurrency", str(config.concurrency),
-                "-E", "--loglevel", "WARNING", "--without-mingle", "--without-gossip",
-                "--queues", QUEUE, "--hostname", f"{name}@%h",
-            ]
-            procs.append(env.spawn(cmd, _baseline_env(env, suite_dir, self.leaf),
-                                   suite_dir / f"{name}.log"))
-        return procs
-
-    def wait_ready(
-        self, procs: Sequence[subprocess.Popen[Any]], suite_dir: Path, timeout_s: float
-    ) -> None:
-        from benchmarks.celery_baseline import app
-
-        _wait_celery(app, self.names, procs, suite_dir, timeout_s)
-
-    def run(self, env: BenchEnv, shape: Shape, suite_dir: Path) -> RunOutcome:
-        from benchmarks.celery_baseline import account
-
-        return _run_baseline("celery", self.leaf, account.delay, env, shape, suite_dir)
-
-
-class DramatiqHarness:
-    """The Dramatiq baseline, its workers running leaf kind ``leaf``."""
-
-    name = "dramatiq"
-
-    def __init__(self, leaf_kind: str = "fanout") -> None:
-        self.processes = 0
-        self.leaf = leaf_kind
-
-    def start(
-        self, env: BenchEnv, config: WorkerConfig, suite_dir: Path
-    ) -> list[subprocess.Popen[Any]]:
-        if config.pool != "threads":
-            raise BenchmarkError("dramatiq runs threads only")
-        self.processes = config.processes
-        _create_sink(suite_dir / "baseline-sink.db", self.leaf)
-        cmd = [
-            python(), "-m", "dramatiq", "benchmarks.dramatiq_baseline",
-            "--processes", str(config.processes), "--threads", str(config.concurrency),
-        ]
-        return [env.spawn(cmd, _baseline_env(env, suite_dir, self.leaf),
-                          suite_dir / "dramatiq.log")]
-
-    def wait_ready(
-        self, procs: Sequence[subprocess.Popen[Any]], suite_dir: Path, timeout_s: float
-    ) -> None:
-        deadline = time.monotonic() + timeout_s
-        log = suite_dir / "dramatiq.log"
-        while time.monotonic() < deadline:
-            _check_alive(procs, suite_dir)
-            text = log.read_text(errors="replace") if log.exists() else ""
-            if text.count("Worker process is ready for action") >= self.processes:
-                return
-            time.sleep(0.1)
-        raise BenchmarkError(f"dramatiq not ready after {timeout_s:.0f}s")
-
-    def run(self, env: BenchEnv, shape: Shape, suite_dir: Path) -> RunOutcome:
-        from benchmarks.dramatiq_baseline import account
-
-        return _run_baseline("dramatiq", self.leaf, account.send, env, shape, suite_dir)
-
-
-def _create_sink(path: Path, leaf_kind: str) -> None:
-    """Create the SQLite sink file, in WAL mode with its table, before any worker starts, for
-    every contender alike (a sink that already exists, as in production). Worker processes
-    that open a new file at the same instant race to switch it to WAL, and the loser fails
-    with "database is locked" (``SqliteSink.__init__``); a fanout item that hits it is left
-    pending and its run never ends. ``sleep`` baselines open no sink (fanout's engine opens
-    its sink even for a sleep leaf that writes no rows, so fanout always gets one)."""
-    if leaf_kind == "client":
-        common.connect_sink(path).close()
-    elif leaf_kind == "fanout":
-        from workers.sinks.sqlite import SqliteSink
-
-        SqliteSink(path).close()
-
-
-def _baseline_env(env: BenchEnv, suite_dir: Path, leaf_kind: str) -> dict[str, str]:
-    return {**env.worker_env(suite_dir), leaf.LEAF_ENV: leaf_kind}
-
-
-def _run_baseline(
-    name: str, leaf_kind: str, send: Any, env: BenchEnv, shape: Shape, suite_dir: Path
-) -> RunOutcome:
-    """Send one message per account (``send``: the baseline's enqueue call), then wait for
-    the baseline's completion counter and check its sink."""
-    tag = f"{name}-{secrets.token_hex(4)}"
-    url = env.vendor_handle.url
-    started = time.perf_counter()
-    sampler = LeafSampler(lambda: int(env.redis.get(common.done_key(tag)) or 0))
-    for account_id in common.list_accounts(url):
-        send(tag, url, account_id, END_DAY, shape.days)
-    done = _wait_counter(env, tag, shape.total, _run_timeout_s(shape))
-    wall = time.perf_counter() - started
-    samples = sampler.stop()
-    checks: dict[str, Any] = {"tag": tag, "leaf": leaf_kind, "leaves_done": done}
-    if leaf_kind != "sleep":
-        _verify(checks, {
-            "sink_rows": (common.sink_count(suite_dir / "baseline-sink.db", tag), shape.total),
-        })
-    return RunOutcome(wall, checks, samples)
 
 
 @dataclass(frozen=True)
@@ -497,19 +177,39 @@ class Contender:
     reference: str = "fanout"
 
 
-def harvest_contenders(config: WorkerConfig) -> list[Contender]:
-    """The harvest suite's contenders, in the order each round runs them."""
+def harvest_contenders(regime: str, chosen: dict[str, WorkerConfig]) -> list[Contender]:
+    """The harvest suite's contenders in ``regime``, each family on its ``chosen`` settings,
+    in the order of the first round."""
+    fanout, celery, dramatiq = chosen["fanout"], chosen["celery"], chosen["dramatiq"]
+    celery_quiet = dataclasses.replace(celery, events=False)
+    if regime == regimes.IN_FLIGHT_REGIME:
+        rows = [Contender("fanout", "fanout", lambda: FanoutHarness(), fanout)]
+        if "fanout-inflight" in chosen:
+            rows.append(Contender("fanout-inflight", "fanout",
+                                  lambda: regimes.fanout_in_flight_harness("fanout"),
+                                  chosen["fanout-inflight"]))
+        return [
+            *rows,
+            Contender("celery", "fanout", lambda: CeleryBaselineHarness("fanout"), celery),
+            Contender("celery-no-events", "fanout", lambda: CeleryBaselineHarness("fanout"),
+                      celery_quiet),
+            Contender("dramatiq", "fanout", lambda: DramatiqHarness("fanout"), dramatiq),
+            Contender("dramatiq-async", "fanout", lambda: DramatiqHarness("fanout"),
+                      chosen["dramatiq-async"]),
+        ]
     return [
-        Contender("fanout", "fanout", FanoutHarness, config),
-        Contender("celery", "fanout", lambda: CeleryBaselineHarness("fanout"), config),
-        Contender("dramatiq", "fanout", lambda: DramatiqHarness("fanout"), config),
-        Contender("celery-client", "client", lambda: CeleryBaselineHarness("client"), config),
-        Contender("dramatiq-client", "client", lambda: DramatiqHarness("client"), config),
-        Contender("fanout-sleep", "sleep", lambda: FanoutHarness(sleep=True), config,
+        Contender("fanout", "fanout", lambda: FanoutHarness(), fanout),
+        Contender("celery", "fanout", lambda: CeleryBaselineHarness("fanout"), celery),
+        Contender("celery-no-events", "fanout", lambda: CeleryBaselineHarness("fanout"),
+                  celery_quiet),
+        Contender("dramatiq", "fanout", lambda: DramatiqHarness("fanout"), dramatiq),
+        Contender("celery-client", "client", lambda: CeleryBaselineHarness("client"), celery),
+        Contender("dramatiq-client", "client", lambda: DramatiqHarness("client"), dramatiq),
+        Contender("fanout-sleep", "sleep", lambda: FanoutHarness(sleep=True), fanout,
                   "fanout-sleep"),
-        Contender("celery-sleep", "sleep", lambda: CeleryBaselineHarness("sleep"), config,
+        Contender("celery-sleep", "sleep", lambda: CeleryBaselineHarness("sleep"), celery,
                   "fanout-sleep"),
-        Contender("dramatiq-sleep", "sleep", lambda: DramatiqHarness("sleep"), config,
+        Contender("dramatiq-sleep", "sleep", lambda: DramatiqHarness("sleep"), dramatiq,
                   "fanout-sleep"),
         Contender("naive", "fanout", None, None),
     ]
@@ -578,16 +278,17 @@ def run_interleaved(
     ctx: Context, contenders: Sequence[Contender], shape: Shape, repeats: int, *,
     label: str = "", naive_sample: int = NAIVE_SAMPLE,
 ) -> tuple[dict[str, Measurement], dict[str, str], list[tuple[int, str]]]:
-    """``repeats`` rounds, each running every contender once in the given order (A B C A B C
-    ...). Returns the measurements of the contenders whose every run did the work, the errors
-    of the others (a failed contender is not run again), and the order the runs went in."""
+    """``repeats`` rounds, each running every contender once, in an order that changes each
+    round (``rotated``). Returns the measurements of the contenders whose every run did the
+    work, the errors of the others (a failed contender is not run again), and the order the
+    runs went in."""
     runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in contenders}
     errors: dict[str, str] = {}
     order: list[tuple[int, str]] = []
     for round_no in range(1, repeats + 1):
         ctx.log(f"  round {round_no}/{repeats}: shape {shape.label} = {shape.total:,} "
                 "metric-days")
-        for contender in contenders:
+        for contender in rotated(contenders, round_no, repeats):
             if contender.name in errors:
                 continue
             try:
@@ -799,24 +500,137 @@ def _ratios(
     return ratios, per_round
 
 
+def _sweep_family(
+    ctx: Context, family: regimes.Family, shape: Shape
+) -> tuple[WorkerConfig, dict[str, Any]]:
+    """Run ``family``'s worker shapes once each, then the variations of the fastest; return
+    the fastest of all and every run (a candidate that failed gets its error)."""
+    tried: dict[WorkerConfig, dict[str, Any]] = {}
+
+    def run_all(configs: Sequence[WorkerConfig], stage: str) -> None:
+        contenders = [Contender(c.label, "fanout", lambda: family.make("fanout"), c)
+                      for c in configs if c not in tried]
+        if not contenders:
+            return
+        ctx.log(f"  sweep {family.name}: {stage}")
+        found, errors, _ = run_interleaved(ctx, contenders, shape, 1,
+                                           label=f"sweep-{family.name}")
+        for c in contenders:
+            m = found.get(c.name)
+            tried[c.config] = (  # type: ignore[index]
+                {"error": errors.get(c.name, "no run")} if m is None else {
+                    "rate": m.rate, "wall_s": m.wall_s,
+                    "leaf_phase_rate": m.stats.get("leaf_phase_rate", {}).get("median"),
+                    "worker_cpu_ms_per_item": m.worker_cpu_ms_per_item,
+                    "worker_rss_bytes": m.worker_rss_bytes, "cores_used": m.cores_used})
+
+    def best() -> WorkerConfig | None:
+        measured = [(r["rate"], c) for c, r in tried.items() if "rate" in r]
+        return max(measured, key=lambda rc: rc[0])[1] if measured else None
+
+    run_all(family.shapes, "worker shapes")
+    shape_winner = best()
+    if shape_winner is not None:
+        run_all(family.varied(shape_winner), f"variations of {shape_winner.label}")
+    chosen = best()
+    if chosen is None:
+        raise BenchmarkError(f"every {family.name} candidate failed: "
+                             + "; ".join(r.get("error", "") for r in tried.values()))
+    return chosen, {
+        "why": family.why, "shape": {**asdict(shape), "total": shape.total},
+        "chosen": chosen.label, "chosen_config": asdict(chosen),
+        "candidates": [{"config": c.label, **asdict(c), **r} for c, r in tried.items()],
+    }
+
+
+def choose_configs(
+    ctx: Context, families: Sequence[regimes.Family], shape: Shape
+) -> tuple[dict[str, WorkerConfig], dict[str, Any]]:
+    """Each family's worker settings: its fastest candidate on ``shape`` (its first shape
+    when it has one candidate, or with ``--no-sweep``), and the sweep's runs."""
+    chosen: dict[str, WorkerConfig] = {}
+    record: dict[str, Any] = {}
+    for family in families:
+        if not ctx.sweep or (len(family.shapes) == 1 and not family.variations):
+            chosen[family.name] = family.shapes[0]
+            record[family.name] = {
+                "why": family.why, "chosen": family.shapes[0].label,
+                "chosen_config": asdict(family.shapes[0]),
+                "candidates": [], "swept": False,
+            }
+            continue
+        chosen[family.name], record[family.name] = _sweep_family(ctx, family, shape)
+        record[family.name]["swept"] = True
+        ctx.log(f"  sweep {family.name}: chose {chosen[family.name].label}")
+    return chosen, record
+
+
+def _vendor_check(ctx: Context, in_flight: int) -> dict[str, Any]:
+    """The vendor's own capacity at the regime's latency with ``in_flight`` connections: it
+    must not be what caps the contenders."""
+    from benchmarks.vendorload import vendor_capacity
+
+    ctx.env.flush()
+    per_connection = 5 if ctx.quick else VENDOR_CHECK_REQUESTS_PER_CONNECTION
+    found = vendor_capacity(ctx.env, connections=in_flight,
+                            requests=in_flight * per_connection,
+                            seconds=VENDOR_CHECK_SECONDS)
+    ctx.log(f"  vendor capacity: {found['rate_per_s']:,.0f} requests/s over {in_flight:,} "
+            f"connections at {found['latency_ms']:g} ms (ideal {found['ideal_per_s']:,.0f}/s), "
+            f"{found['vendor_cpu_ms_per_request']:.3f} ms vendor CPU per request, "
+            f"{found['failed']} failed")
+    return found
+
+
+def _sweep_table(record: dict[str, Any], shape: Shape) -> Table:
+    table = Table(
+        f"Worker settings sweep: {shape.label} = {shape.total:,} metric-days, "
+        f"{LATENCY_MS:g} ms vendor latency, fanout's leaf code, one run each",
+        ["family", "candidate", "metric-days/s", "leaf phase /s", "worker CPU ms / leaf",
+         "worker RSS MiB", "chosen"],
+        caption="worker shapes first, then variations of the fastest; the fastest is chosen",
+    )
+    for name, fam in record.items():
+        for cand in fam["candidates"]:
+            if "rate" not in cand:
+                table.rows.append([name, cand["config"], "FAILED", "-", "-", "-", ""])
+                continue
+            table.rows.append([
+                name, cand["config"], fmt_rate(cand["rate"]), fmt_rate(cand["leaf_phase_rate"]),
+                _num(cand["worker_cpu_ms_per_item"]),
+                "-" if cand["worker_rss_bytes"] is None else _mib(cand["worker_rss_bytes"]),
+                "yes" if cand["config"] == fam["chosen"] else "",
+            ])
+    return table
+
+
 def harvest(ctx: Context) -> SuiteResult:
     shape = QUICK_SHAPE if ctx.quick else FULL_SHAPE
     repeats = ctx.repeats_or(HARVEST_REPEATS)
-    config = MAIN_CONFIG
+    regime = regimes.regime_of(LATENCY_MS)
+    in_flight = regimes.IN_FLIGHT
     sample = NAIVE_SAMPLE_QUICK if ctx.quick else NAIVE_SAMPLE
-    contenders = harvest_contenders(config)
+    sweep_shape = SWEEP_SHAPE_QUICK if ctx.quick else SWEEP_SHAPE[regime]
+    families = regimes.families(regime, LATENCY_MS, ctx.cpu_count, in_flight)
     result = SuiteResult("harvest", settings={
         "shape": {**asdict(shape), "total": shape.total}, "latency_ms": LATENCY_MS,
-        "processes": config.processes, "pool": config.pool, "concurrency": config.concurrency,
-        "dramatiq": {"processes": config.processes, "threads": config.concurrency},
-        "repeats": repeats, "interleaved": True, "end_day": END_DAY, "http_retries": 0,
-        "warmup_shape": asdict(WARMUP), "celery_task_events": True,
-        "naive_sample": sample, "sleep_leaf_s": leaf.SLEEP_S,
-        "contenders": {c.name: {"leaf": c.leaf, "leaf_work": leaf.KINDS[c.leaf],
-                                "ratio_against": c.reference} for c in contenders},
+        "regime": regime, "repeats": repeats, "interleaved": True, "rotated": True,
+        "end_day": END_DAY, "http_retries": 0, "warmup_shape": asdict(WARMUP),
+        "naive_sample": sample, "sleep_leaf_s": leaf.SLEEP_S, "sweep": ctx.sweep,
+        "sweep_shape": {**asdict(sweep_shape), "total": sweep_shape.total},
     })
-    ctx.log(f"  {len(contenders)} contenders x {repeats} round(s), interleaved; workers "
-            f"{config.label}")
+    if regime == regimes.IN_FLIGHT_REGIME:
+        result.settings["in_flight"] = in_flight
+        result.figures["vendor_capacity"] = _vendor_check(ctx, in_flight)
+    chosen, sweep = choose_configs(ctx, families, sweep_shape)
+    result.figures["sweep"] = sweep
+    contenders = harvest_contenders(regime, chosen)
+    result.settings["contenders"] = {
+        c.name: {"leaf": c.leaf, "leaf_work": leaf.KINDS[c.leaf], "ratio_against": c.reference,
+                 "workers": c.config.label if c.config else "1 thread in the driver",
+                 "config": asdict(c.config) if c.config else None}
+        for c in contenders}
+    ctx.log(f"  {len(contenders)} contenders x {repeats} round(s), interleaved and rotated")
     measurements, errors, order = run_interleaved(ctx, contenders, shape, repeats,
                                                   naive_sample=sample)
     result.errors += [f"{name}: {error}" for name, error in errors.items()]
@@ -826,12 +640,12 @@ def harvest(ctx: Context) -> SuiteResult:
         return {k: getattr(m, attr) for k, m in measurements.items()
                 if getattr(m, attr) is not None}
 
-    ceiling = thread_ceiling(config)
-    result.figures = {
+    ceilings = {c.name: thread_ceiling(c.config) for c in contenders if c.config}
+    result.figures.update({
         "metric_days_per_s": medians("rate"),
         "leaf_phase_per_s": {k: m.stats["leaf_phase_rate"]["median"]
                              for k, m in measurements.items() if "leaf_phase_rate" in m.stats},
-        "thread_ceiling_per_s": ceiling,
+        "in_flight_ceiling_per_s": ceilings,
         "ratios": ratios,
         "ratios_per_round": per_round,
         "worker_cpu_ms_per_metric_day": medians("worker_cpu_ms_per_item"),
@@ -842,35 +656,61 @@ def harvest(ctx: Context) -> SuiteResult:
         "order": [f"{round_no}:{name}" for round_no, name in order],
         "failed": errors,
         "measurements": {k: m.as_json() for k, m in measurements.items()},
-    }
+    })
+    if sweep and any(f.get("swept") for f in sweep.values()):
+        result.tables.append(_sweep_table(sweep, sweep_shape))
+    result.tables.append(_harvest_table(ctx, regime, shape, repeats, contenders, measurements,
+                                        ratios, ceilings, result.figures.get("vendor_capacity")))
+    return result
+
+
+def _harvest_table(
+    ctx: Context, regime: str, shape: Shape, repeats: int, contenders: Sequence[Contender],
+    measurements: dict[str, Measurement], ratios: dict[str, float | None],
+    ceilings: dict[str, float | None], vendor: dict[str, Any] | None,
+) -> Table:
     leaf_labels = {"fanout": "fanout's", "client": "client+INSERT",
                    "sleep": f"sleep {leaf.SLEEP_S * 1000:.0f} ms"}
+    if LATENCY_MS <= 0:
+        bound = "no vendor latency: CPU alone bounds every contender"
+    else:
+        bound = (f"ceiling = calls in flight / {LATENCY_MS:g} ms, whatever the framework")
+    if vendor is not None:
+        bound += (f"; the vendor alone served {vendor['rate_per_s']:,.0f} requests/s over "
+                  f"{vendor['connections']:,} connections (ideal {vendor['ideal_per_s']:,.0f})")
     table = Table(
-        f"Harvest throughput: {shape.label} = {shape.total:,} metric-days, "
-        f"{LATENCY_MS:g} ms vendor latency, {config.label} "
-        f"(Dramatiq {config.processes} processes x {config.concurrency} threads)",
-        ["contender", "leaf code", "metric-days/s", "leaf phase /s", "fanout / this",
-         "worker CPU ms / leaf", "Redis CPU ms / leaf", "vendor CPU ms / leaf",
-         "worker RSS MiB", "other+steal cores"],
-        caption=f"median [min-max] of {repeats} interleaved round(s) (each run on fresh "
-                f"workers); leaf phase = the rate from {LEAF_PHASE[0]:.0%} to "
-                f"{LEAF_PHASE[1]:.0%} of the leaves done{_ceiling_note(config, ceiling)}; "
+        f"Harvest throughput ({regime} regime): {shape.label} = {shape.total:,} metric-days, "
+        f"{LATENCY_MS:g} ms vendor latency",
+        ["contender", "workers", "leaf code", "metric-days/s", "leaf phase /s", "ceiling /s",
+         "fanout / this", "worker CPU ms / leaf", "Redis CPU ms / leaf",
+         "vendor CPU ms / leaf", "worker RSS MiB", "other+steal cores"],
+        caption=f"median [min-max] of {repeats} interleaved round(s), the order rotated each "
+                f"round (each run on fresh workers); leaf phase = the rate from "
+                f"{LEAF_PHASE[0]:.0%} to {LEAF_PHASE[1]:.0%} of the leaves done; {bound}; "
                 "fanout / this = ratio of medians, against fanout-sleep for the "
-                "sleep rows; leaf code: fanout's = workers.http.request_json + SqliteSink, "
-                "client+INSERT = shared httpx.Client + plain INSERT; naive: 1 thread, sampled "
-                f"and extrapolated, its own CPU as worker CPU; machine: {ctx.cpu_count} cores",
+                "sleep rows; workers: processes x pool concurrency (per process), then "
+                "Celery's prefetch multiplier (pf), how it sends children (each: one .delay() "
+                "per child; group; chunks:N) and whether it sends task events (-E; fanout "
+                "always does); leaf code: fanout's = workers.http.request_json + "
+                "SqliteSink (async actors: the same GET on aiohttp), client+INSERT = shared "
+                "httpx.Client + plain INSERT; naive: 1 thread, sampled and extrapolated, its "
+                f"own CPU as worker CPU; machine: {ctx.cpu_count} cores",
     )
     for c in contenders:
         m = measurements.get(c.name)
+        workers = c.config.short_label if c.config else "1 thread"
+        ceiling = ceilings.get(c.name)
+        ceiling_text = "-" if ceiling is None else fmt_rate(ceiling)
         if m is None:
-            table.rows.append([c.name, leaf_labels[c.leaf], "FAILED", "-", "-", "-", "-", "-",
-                               "-", "-"])
+            table.rows.append([c.name, workers, leaf_labels[c.leaf], "FAILED", "-",
+                               ceiling_text, "-", "-", "-", "-", "-", "-"])
             continue
         ratio = 1.0 if c.name == c.reference else ratios.get(f"{c.reference}/{c.name}")
         noise = _spread([_noise(r["cores_used"]) for r in m.runs])
         table.rows.append([
-            c.name, leaf_labels[c.leaf],
+            c.name, workers, leaf_labels[c.leaf],
             fmt_spread(m.stats, "rate", fmt_rate), fmt_spread(m.stats, "leaf_phase_rate", fmt_rate),
+            ceiling_text,
             "-" if ratio is None else f"{ratio:.2f}x",
             fmt_spread(m.stats, "worker_cpu_ms_per_item", _ms),
             fmt_spread(m.stats, "redis_cpu_ms_per_item", _ms),
@@ -878,8 +718,7 @@ def harvest(ctx: Context) -> SuiteResult:
             fmt_spread(m.stats, "worker_rss_bytes", _mib),
             fmt_spread({"n": noise}, "n", _ms) if noise else "-",
         ])
-    result.tables.append(table)
-    return result
+    return table
 
 
 def pools(ctx: Context) -> SuiteResult:
@@ -888,7 +727,7 @@ def pools(ctx: Context) -> SuiteResult:
     result = SuiteResult("pools", settings={
         "shape": {**asdict(shape), "total": shape.total}, "latency_ms": LATENCY_MS,
         "configs": [asdict(c) for c in POOL_CONFIGS], "repeats": repeats, "interleaved": True,
-        "skipped_configs": {"gevent": "gevent is not installed"},
+        "skipped_configs": {"gevent": "not tried: fanout's workers run threads or prefork"},
     })
     contenders = [Contender(c.label, "fanout", FanoutHarness, c) for c in POOL_CONFIGS]
     by_label, errors, _ = run_interleaved(ctx, contenders, shape, repeats, label="pools")
@@ -905,7 +744,8 @@ def pools(ctx: Context) -> SuiteResult:
         f"{ctx.cpu_count} cores",
         ["workers", "metric-days/s", "vs best", "worker CPU ms / leaf", "Redis CPU ms / leaf",
          "worker RSS MiB", "other+steal cores"],
-        caption=f"gevent: skipped (not installed); median [min-max] of {repeats} interleaved "
+        caption=f"gevent: not tried (fanout's workers run threads or prefork); median "
+                f"[min-max] of {repeats} interleaved "
                 "round(s)",
     )
     for m in measurements:

@@ -19,6 +19,14 @@ kinds, chosen per worker process by ``BENCH_LEAF``:
 Every leaf then INCRs the run's completion counter (``baseline_common.done_key``), which the
 driver watches (a failed leaf INCRs ``failed_key``). Importing ``workers.http`` and
 ``workers.sinks.sqlite`` loads neither fanout's Celery app nor its engine.
+
+Under gevent (Celery's ``-P gevent``, ``dramatiq-gevent``) these same functions run with the
+standard library monkeypatched: ``request_json``'s per-thread transport becomes one per
+greenlet, the sink's locks cooperative. Async actors run ``harvest_leaf_async`` instead: the
+same request and the same ``SqliteSink.write`` (called on the event loop: it is not a coroutine),
+with the GET on one ``aiohttp.ClientSession`` per process (no connection cap: the worker's
+in-flight bound is the cap), the counter on ``redis.asyncio``, and ``asyncio.sleep`` for the
+sleep kind. fanout's ``request_json`` has no async form yet.
 """
 
 from __future__ import annotations
@@ -118,6 +126,7 @@ def sleep_leaf(tag: str, vendor_url: str, item: dict[str, str]) -> None:
 
 
 _LEAVES = {"fanout": fanout_leaf, "client": client_leaf, "sleep": sleep_leaf}
+ASYNC_KINDS = ("fanout", "sleep")
 
 
 def harvest_leaf(tag: str, vendor_url: str, item: dict[str, str]) -> None:
@@ -128,3 +137,56 @@ def harvest_leaf(tag: str, vendor_url: str, item: dict[str, str]) -> None:
         common.redis_client().incr(common.failed_key(tag))
         raise
     common.redis_client().incr(common.done_key(tag))
+
+
+# -- the async leaves (Dramatiq's async actors) ---------------------------------------------------
+
+_aio: dict[int, tuple[Any, Any]] = {}  # pid -> (aiohttp session, redis.asyncio client)
+
+
+def _aio_clients() -> tuple[Any, Any]:
+    """This process's aiohttp session and async Redis client, made on the event loop's first
+    call (Dramatiq runs every async actor of a process on one loop)."""
+    clients = _aio.get(os.getpid())
+    if clients is None:
+        import aiohttp
+        import redis.asyncio
+
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),  # the worker's threads bound it
+            timeout=aiohttp.ClientTimeout(total=30, connect=5),
+        )
+        clients = _aio[os.getpid()] = (session, redis.asyncio.Redis.from_url(
+            os.environ["FANOUT_REDIS_URL"], max_connections=common.redis_max_connections()))
+    return clients
+
+
+async def fetch_record_async(vendor_url: str, item: dict[str, str]) -> Record:
+    """``fetch_record`` on aiohttp."""
+    session, _ = _aio_clients()
+    path = f"{vendor_url}/accounts/{item['account']}/services/{item['service']}/metrics"
+    async with session.get(path, params={"day": item["day"]}) as response:
+        response.raise_for_status()
+        data = await response.json()
+    return Record("demo", item["account"], item["service"], data["metric"], item["day"],
+                  float(data["value"]))
+
+
+async def harvest_leaf_async(tag: str, vendor_url: str, item: dict[str, str]) -> None:
+    """``harvest_leaf`` for an async actor: the fanout kind (an aiohttp GET, the row through
+    this process's SqliteSink) or the sleep kind, then the counter."""
+    import asyncio
+
+    kind = leaf_kind()
+    if kind not in ASYNC_KINDS:
+        raise ValueError(f"{LEAF_ENV}={kind!r} has no async form")
+    _, counter = _aio_clients()
+    try:
+        if kind == "sleep":
+            await asyncio.sleep(SLEEP_S)
+        else:
+            process_sink().write([await fetch_record_async(vendor_url, item)], tag)
+    except Exception:
+        await counter.incr(common.failed_key(tag))
+        raise
+    await counter.incr(common.done_key(tag))

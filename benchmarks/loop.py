@@ -15,7 +15,7 @@ from benchmarks.core import BenchmarkError, Context, SuiteResult, Table
 
 def loop(ctx: Context) -> SuiteResult:
     import benchmarks.loop_pipeline  # noqa: F401  (registers the pipeline here too)
-    from benchmarks.harvest import FanoutHarness, WorkerConfig
+    from benchmarks.contenders import FanoutHarness, WorkerConfig
     from producers.processes import DEFAULT_CONCURRENCY, DEFAULT_POOL, default_processes
 
     items, iterations = (20, 25) if ctx.quick else (50, 100)

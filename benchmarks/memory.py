@@ -138,9 +138,7 @@ def _worker_rss(ctx: Context) -> dict[str, Any]:
         rss = {}
         for name, m in harvest.figures["measurements"].items():
             if m.get("worker_rss_bytes"):
-                config = m["config"]
-                label = f"{config['processes']} proc x {config['pool']} {config['concurrency']}"
-                rss[name] = (label, m["worker_rss_bytes"])
+                rss[name] = (m["config"]["label"], m["worker_rss_bytes"])
         return {"rss": rss, "source": "harvest suite, this invocation"}
     ctx.log("  no harvest in this invocation: a small fanout harvest for the worker RSS")
     m = measure(ctx, FanoutHarness(), QUICK_SHAPE, MAIN_CONFIG, label="memory-rss")

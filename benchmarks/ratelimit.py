@@ -23,16 +23,9 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from benchmarks.contenders import READY_TIMEOUT_S, FanoutHarness, Shape, WorkerConfig
 from benchmarks.core import BenchmarkError, Context, SuiteResult, Table, fmt_rate, fmt_ratio
-from benchmarks.harvest import (
-    READY_TIMEOUT_S,
-    WARMUP,
-    FanoutHarness,
-    Shape,
-    WorkerConfig,
-    _cpu,
-    _per_wall,
-)
+from benchmarks.harvest import WARMUP, _cpu, _per_wall
 
 TARGET = 1.10  # DESIGN: wall <= 1.10 x requests / rate
 CONFIG = WorkerConfig(3, "threads", 8)
