@@ -17,7 +17,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-SUITES = ("harvest", "pools", "enqueue", "memory", "loop", "ratelimit", "flower")
+SUITES = ("harvest", "pools", "enqueue", "memory", "loop", "ratelimit", "flower",
+          "vendor")
 LOAD_WARNING = 0.5  # load average per core above which other work is likely to skew figures
 
 
@@ -75,9 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.loop import loop
         from benchmarks.memory import memory
         from benchmarks.ratelimit import ratelimit
+        from benchmarks.vendor import vendor
 
         registry = {"harvest": harvest, "pools": pools, "enqueue": enqueue, "memory": memory,
-                    "loop": loop, "ratelimit": ratelimit, "flower": flower_memory}
+                    "loop": loop, "ratelimit": ratelimit, "flower": flower_memory,
+                    "vendor": vendor}
         machine = report.machine()
         code_at_start = report.code_state()
         cores = os.cpu_count() or 1

@@ -572,7 +572,7 @@ def _vendor_check(ctx: Context, in_flight: int) -> dict[str, Any]:
 
     ctx.env.flush()
     per_connection = 5 if ctx.quick else VENDOR_CHECK_REQUESTS_PER_CONNECTION
-    found = vendor_capacity(ctx.env, connections=in_flight,
+    found = vendor_capacity(ctx.env.vendor_handle, connections=in_flight,
                             requests=in_flight * per_connection,
                             seconds=VENDOR_CHECK_SECONDS)
     ctx.log(f"  vendor capacity: {found['rate_per_s']:,.0f} requests/s over {in_flight:,} "

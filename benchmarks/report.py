@@ -23,7 +23,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 def versions(server: str) -> dict[str, str]:
     found = {"python": platform.python_version(), "redis_server": server}
-    for package in ("celery", "kombu", "redis", "dramatiq", "httpx"):
+    for package in ("celery", "kombu", "redis", "dramatiq", "httpx", "gevent", "greenlet",
+                    "aiohttp"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -54,9 +55,10 @@ def code_state() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    # Porcelain lines are "XY path": the status columns may start with a space.
+    # Porcelain lines are "XY path": the status columns may start with a space. Result files
+    # are what runs write, not code.
     changed = [line[3:] for line in git("status", "--porcelain").splitlines()
-               if line[3:] and not line[3:].startswith("benchmarks/")]
+               if line[3:] and not line[3:].startswith("benchmarks/results/")]
     return {"commit": git("rev-parse", "HEAD").strip(), "changed_files": changed}
 
 

@@ -8,7 +8,7 @@ latencies' percentiles and the steady rate (from its first answer to its last). 
 client (no httpx, no aiohttp) so the client side costs little CPU next to the vendor on a
 2-core machine.
 
-``vendor_capacity(env, ...)`` runs P such processes at once against the benchmark's vendor and
+``vendor_capacity(vendor, ...)`` runs P such processes at once against a demo vendor and
 reports the rate it served, the ideal rate (connections / latency) and the vendor's CPU per
 request: the vendor is not the harvest's bottleneck when it serves at least the contenders'
 in-flight bound / latency.
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from benchmarks.env import BenchEnv
+    from benchmarks.env import VendorHandle
 
 #: An answer slower than this counts as failed: the vendor is then queueing, not serving.
 REQUEST_TIMEOUT_S = 30.0
@@ -119,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def vendor_capacity(
-    env: BenchEnv, *, connections: int, requests: int, seconds: float, processes: int = 2,
+    vendor: VendorHandle, *, connections: int, requests: int, seconds: float,
+    processes: int = 2,
 ) -> dict[str, Any]:
-    """``processes`` client processes with ``connections`` in all load the benchmark's vendor
-    (at its configured latency) with metric-day GETs, ``requests`` in all, for at most
-    ``seconds``. Returns what it served, against the ideal connections / latency."""
+    """``processes`` client processes with ``connections`` in all load ``vendor`` (at its
+    configured latency) with metric-day GETs, ``requests`` in all, for at most ``seconds``.
+    Returns what it served, against the ideal connections / latency."""
     from benchmarks.env import cpu_seconds, python
 
-    vendor = env.vendor_handle
     config = vendor.configure(accounts=1, services=10)
     latency_ms = float(config["latency_ms"])
     base = vendor.url
