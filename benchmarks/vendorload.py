@@ -174,8 +174,8 @@ def vendor_capacity(
         "rate_per_s": round(sum(r["steady_rate"] or 0 for r in results), 1),
         "rate_over_window_per_s": round(answered / window, 1) if window else None,
         "ideal_per_s": round(connections * 1000 / latency_ms, 1) if latency_ms else None,
-        "latency_p50_ms": statistics.median(r["latency_ms"]["p50"] for r in results
-                                            if r["latency_ms"]["p50"] is not None)
+        "latency_p50_ms": round(statistics.median(r["latency_ms"]["p50"] for r in results
+                                                  if r["latency_ms"]["p50"] is not None), 1)
         if answered else None,
         "latency_p99_ms": max((r["latency_ms"]["p99"] for r in results
                                if r["latency_ms"]["p99"] is not None), default=None),
