@@ -138,3 +138,21 @@ def test_the_vendor_load_counts_error_answers_as_failed(
     assert (found["answered"], found["failed"]) == (0, 40)
     assert found["failures"] == ["HTTP 500"]
     assert vendor.stats()["by_endpoint"]["metrics"] == 40
+
+
+def test_fanout_in_flight_settings_get_a_sweep_and_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.harvest import harvest_contenders
+
+    families = regimes.families(regimes.IN_FLIGHT_REGIME, 200, 2)
+    assert "fanout-inflight" not in {f.name for f in families}  # until the engine lands
+    shape = WorkerConfig(2, "threads", 32, worker_args=("--max-in-flight", "500"))
+    monkeypatch.setattr(regimes, "fanout_in_flight_shapes", lambda in_flight: (shape,))
+    families = regimes.families(regimes.IN_FLIGHT_REGIME, 200, 2)
+    found = {f.name: f for f in families}
+    assert found["fanout-inflight"].shapes == (shape,)
+    chosen = {f.name: f.shapes[0] for f in families}
+    rows = {c.name: c for c in harvest_contenders(regimes.IN_FLIGHT_REGIME, chosen)}
+    assert rows["fanout-inflight"].config == shape
+    assert rows["fanout-inflight"].make is not None
+    assert rows["fanout-inflight"].make().name == "fanout-inflight"
+    assert rows["celery-no-events"].config.events is False  # type: ignore[union-attr]
