@@ -247,7 +247,9 @@ def _harvest(suite: dict[str, Any]) -> str:
     for name in names:
         against = contenders.get(name, {}).get("ratio_against", "fanout")
         ratio = ratios.get(f"{against}/{name}")
-        row = [f"`{name}`", html.escape(contenders.get(name, {}).get("leaf_work", ""))]
+        about = contenders.get(name, {})
+        row = [f"`{name}`", html.escape(about.get("workers", "")),
+               html.escape(about.get("leaf_work", ""))]
         for _, key in columns:
             value = figures.get(key, {}).get(name)
             if key == "worker_rss_bytes" and value is not None:
@@ -259,16 +261,17 @@ def _harvest(suite: dict[str, Any]) -> str:
     text = (
         f"{shape.get('total', 0):,} metric-days ({shape.get('accounts')} accounts x "
         f"{shape.get('services')} services x {shape.get('days')} days) at "
-        f"{settings.get('latency_ms')} ms vendor latency, {settings.get('processes')} "
-        f"processes x {settings.get('concurrency')} {settings.get('pool')}, medians of "
+        f"{settings.get('latency_ms')} ms vendor latency ({settings.get('regime')} regime), "
+        "each contender on the worker settings its sweep chose, medians of "
         f"{settings.get('repeats')} rounds. The leaf phase is the rate from 20% to 80% of the "
         "leaves done; \"ratio\" is the first contender of the pair over this one "
         "(`fanout/celery`).\n\n"
     )
-    if figures.get("thread_ceiling_per_s"):
-        text += (f"The threads' ceiling at this latency: "
-                 f"{_number(figures['thread_ceiling_per_s'])} calls/s.\n\n")
-    header = ["contender", "leaf work", *(label for label, _ in columns), "ratio"]
+    ceilings = {k: v for k, v in figures.get("in_flight_ceiling_per_s", {}).items() if v}
+    if ceilings:
+        text += ("Ceilings at this latency (calls in flight / latency), calls/s: "
+                 + ", ".join(f"`{k}` {_number(v)}" for k, v in ceilings.items()) + ".\n\n")
+    header = ["contender", "workers", "leaf work", *(label for label, _ in columns), "ratio"]
     return text + _table(header, rows)
 
 
