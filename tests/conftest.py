@@ -198,6 +198,18 @@ def require_service(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+@pytest.fixture
+def started_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts in their own session (beats, say): SIGKILLed at its end if
+    still running."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
     """Poll a test condition (never used for the run's own completion, which is event-driven)."""
     deadline = time.monotonic() + timeout_s

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,13 +129,8 @@ def test_a_bad_items_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def beat(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def beat(started_processes: list[subprocess.Popen[bytes]]) -> list[subprocess.Popen[bytes]]:
+    return started_processes
 
 
 def test_fanout_beat_fires_schedules_whose_roots_are_data(

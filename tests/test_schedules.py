@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -583,13 +582,8 @@ def test_schedules_lists_and_runs_one_now(tmp_path: Path, vendor: VendorHandle,
 
 
 @pytest.fixture
-def beats(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def beats(started_processes: list[subprocess.Popen[bytes]]) -> list[subprocess.Popen[bytes]]:
+    return started_processes
 
 
 def fired(log: Path) -> list[str]:
