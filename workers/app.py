@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
 
+import click
 import redis
 from celery import Celery, Task
 from celery.app.amqp import AMQP
@@ -42,12 +44,26 @@ from kombu.transport.redis import Mutex, MutexHeld
 
 from workers import broker, keys
 from workers.api import Stage, all_pipelines, load_pipelines
-from workers.connections import broker_redis, get_redis, resolve_broker_url, warn_if_evicting
+from workers.connections import (
+    broker_redis,
+    get_redis,
+    resolve_broker_url,
+    size_pools,
+    warn_if_evicting,
+)
 from workers.engine.batch_record import process_gate
 from workers.engine.reaper import start_reaper
 from workers.engine.runner import INFRA_ERRORS, ItemReport, StageRunner
 from workers.engine.scheduler import start_mover
 from workers.engine.services import Services, services
+from workers.event_loop import (
+    DEFAULT_MAX_IN_FLIGHT,
+    MAX_IN_FLIGHT,
+    MAX_IN_FLIGHT_ENV,
+    SPARE_FILES,
+    ensure_open_files,
+    max_in_flight,
+)
 from workers.events import ItemEvents
 from workers.liveness import Liveness, start_heartbeat
 from workers.liveness import worker_id as liveness_worker_id
@@ -144,10 +160,37 @@ class _PoolSize:
     threads = 1
 
 
-def _note_pool_size(sender: Any = None, **_: object) -> None:
+#: ``celery -A workers worker --max-in-flight N`` (and ``fanout worker --max-in-flight N``).
+MAX_IN_FLIGHT_OPTION = click.Option(
+    ["--max-in-flight"], type=int, default=None,
+    help=f"fanout: items of async stages in flight per process, 1 to {MAX_IN_FLIGHT:,} "
+         f"(default {DEFAULT_MAX_IN_FLIGHT:,}, or {MAX_IN_FLIGHT_ENV})",
+)
+
+
+def size_for_worker(sender: Any = None, **_: object) -> None:
+    """Size this worker's pools before it connects (worker_init): its threads (``-c``) set
+    the Redis pools, ledger and broker, and its in-flight bound (``--max-in-flight``) the HTTP
+    connections per host and the open files it may need. A bound or a thread count this
+    machine cannot serve stops the worker with one line, exit 2."""
     concurrency = getattr(sender, "concurrency", None)
     if isinstance(concurrency, int) and concurrency > 0:
         _PoolSize.threads = concurrency
+    options = getattr(sender, "options", None) or {}
+    if options.get("max_in_flight") is not None:  # the worker's processes read it from here
+        os.environ[MAX_IN_FLIGHT_ENV] = str(options["max_in_flight"])
+    try:
+        bound = max_in_flight()
+        pool = size_pools(_PoolSize.threads)
+        # A socket per call in flight and per thread's own transport, the Redis pools.
+        ensure_open_files(bound + _PoolSize.threads + 3 * pool + SPARE_FILES)
+    except ConfigError as exc:
+        print(f"fanout worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if sender is not None and getattr(sender, "app", None) is not None:
+        conf = sender.app.conf
+        conf.broker_transport_options = {**conf.broker_transport_options,
+                                         "max_connections": pool}
 
 
 def check_sink_at_start(**_: object) -> None:
@@ -381,7 +424,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     def install_filter(logger: logging.Logger, **_: object) -> None:
         _install_outage_filter(log_filter, logger)
 
-    worker_init.connect(_note_pool_size, weak=False, dispatch_uid="fanout-pool-size")
+    app.user_options["worker"].add(MAX_IN_FLIGHT_OPTION)
+    worker_init.connect(size_for_worker, weak=False, dispatch_uid="fanout-pool-size")
     worker_init.connect(check_sink_at_start, weak=False, dispatch_uid="fanout-sink-check")
     worker_shutting_down.connect(_release_sink_gate, weak=False,
                                  dispatch_uid="fanout-sink-gate")

@@ -256,30 +256,46 @@ def _read_head(
             "Server disconnected without sending a response.", request=request
         )
     version, status, reason = _parse_status(status_line, request)
-    headers: list[tuple[bytes, bytes]] = []
-    length: int | None = None
-    chunked = False
-    connection_header = b""
-    while True:
-        line = reader.readline(_MAX_LINE + 1)
+    head = ResponseHead(request)
+    while not head.add_line(reader.readline(_MAX_LINE + 1)):
+        pass
+    return version, status, reason, head.headers, head.framing()
+
+
+class ResponseHead:
+    """The header lines of one answer, read one at a time by a transport (the async one
+    too, ``workers/http_async.py``): the headers, and what frames the body."""
+
+    def __init__(self, request: httpx.Request) -> None:
+        self.request = request
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.length: int | None = None
+        self.chunked = False
+        self.connection = b""
+
+    def add_line(self, line: bytes) -> bool:
+        """Take one line; True at the blank line that ends the headers."""
         if line in (b"\r\n", b"\n"):
-            break
-        if not line or len(line) > _MAX_LINE or len(headers) >= _MAX_HEADERS:
-            raise httpx.RemoteProtocolError("malformed response headers", request=request)
+            return True
+        if not line or len(line) > _MAX_LINE or len(self.headers) >= _MAX_HEADERS:
+            raise httpx.RemoteProtocolError("malformed response headers", request=self.request)
         name, sep, value = line.partition(b":")
         if not sep:
             raise httpx.RemoteProtocolError(f"malformed header line {line[:80]!r}",
-                                            request=request)
+                                            request=self.request)
         name, value = name.strip(), value.strip()
-        headers.append((name, value))
+        self.headers.append((name, value))
         lowered = name.lower()
         if lowered == b"content-length":
-            length = _parse_length(value, request)
+            self.length = _parse_length(value, self.request)
         elif lowered == b"transfer-encoding":
-            chunked = value.lower().endswith(b"chunked")
+            self.chunked = value.lower().endswith(b"chunked")
         elif lowered == b"connection":
-            connection_header = value.lower()
-    return version, status, reason, headers, (length, chunked, connection_header)
+            self.connection = value.lower()
+        return False
+
+    def framing(self) -> tuple[int | None, bool, bytes]:
+        return self.length, self.chunked, self.connection
 
 
 def _parse_status(line: bytes, request: httpx.Request) -> tuple[bytes, int, bytes]:
