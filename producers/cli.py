@@ -49,6 +49,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _up_to_5000(text: str) -> int:
+    """A worker's threads or calls in flight per process: 1 to 5,000."""
+    value = _positive_int(text)
+    if value > processes.MAX_PER_PROCESS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {processes.MAX_PER_PROCESS:,} per process, got {value}")
+    return value
+
+
 def _kill_switch(text: str) -> Switch:
     try:
         return kill_switch.parse(text)
@@ -95,8 +104,11 @@ def build_parser() -> Parser:
     demo.add_argument("--error-rate", type=_rate, default=0.0)
     demo.add_argument("--processes", type=_positive_int, default=None,
                       help="worker processes (default: one per core)")
-    demo.add_argument("--concurrency", type=_positive_int, default=None,
+    demo.add_argument("--concurrency", type=_up_to_5000, default=None,
                       help="threads per worker process")
+    demo.add_argument("--max-in-flight", type=_up_to_5000, default=None,
+                      help="items of async stages in flight per worker process "
+                           "(default 1,000)")
     demo.add_argument("--json", action="store_true", help="print the JSON summary last")
 
     run = sub.add_parser("run", help="trigger one run of a pipeline")
@@ -133,8 +145,11 @@ def build_parser() -> Parser:
                             "worker with fanout defaults)")
     worker.add_argument("--processes", type=_positive_int, default=None,
                         help="worker processes (default: one per core)")
-    worker.add_argument("--concurrency", type=_positive_int, default=None,
+    worker.add_argument("--concurrency", type=_up_to_5000, default=None,
                         help="threads (or children) per process")
+    worker.add_argument("--max-in-flight", type=_up_to_5000, default=None,
+                        help="items of async stages in flight per process, together on its "
+                             "event loop (default 1,000)")
     worker.add_argument("--pool", default=None, choices=["threads", "prefork", "solo"])
     worker.add_argument("--queues", default=None, help="comma-separated stage queues")
     worker.add_argument("--loglevel", default="INFO")
@@ -268,6 +283,7 @@ def _worker(args: argparse.Namespace) -> int:
         "concurrency": args.concurrency or processes.DEFAULT_CONCURRENCY,
         "queues": args.queues.split(",") if args.queues else (),
         "loglevel": args.loglevel,
+        "max_in_flight": args.max_in_flight,
     }
     count = args.processes or processes.default_processes()
     return supervise_workers(count, env, options)

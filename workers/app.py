@@ -61,6 +61,7 @@ from workers.event_loop import (
     MAX_IN_FLIGHT,
     MAX_IN_FLIGHT_ENV,
     SPARE_FILES,
+    check_max_in_flight,
     ensure_open_files,
     max_in_flight,
 )
@@ -176,10 +177,10 @@ def size_for_worker(sender: Any = None, **_: object) -> None:
     concurrency = getattr(sender, "concurrency", None)
     if isinstance(concurrency, int) and concurrency > 0:
         _PoolSize.threads = concurrency
-    options = getattr(sender, "options", None) or {}
-    if options.get("max_in_flight") is not None:  # the worker's processes read it from here
-        os.environ[MAX_IN_FLIGHT_ENV] = str(options["max_in_flight"])
+    option = (getattr(sender, "options", None) or {}).get("max_in_flight")
     try:
+        if option is not None:  # the worker's processes read it from the environment
+            os.environ[MAX_IN_FLIGHT_ENV] = str(check_max_in_flight(option, "--max-in-flight"))
         bound = max_in_flight()
         pool = size_pools(_PoolSize.threads)
         # A socket per call in flight and per thread's own transport, the Redis pools.

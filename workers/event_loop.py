@@ -35,13 +35,18 @@ MAX_IN_FLIGHT = 5000
 SPARE_FILES = 512
 
 
+def check_max_in_flight(bound: int, name: str = MAX_IN_FLIGHT_ENV) -> int:
+    """``bound`` when it is a bound a worker accepts; otherwise a ConfigError of one line
+    naming ``name`` (the variable, or the option it came from)."""
+    if not 1 <= bound <= MAX_IN_FLIGHT:
+        raise ConfigError(f"{name} must be from 1 to {MAX_IN_FLIGHT:,}, got {bound}")
+    return bound
+
+
 def max_in_flight() -> int:
     """This process's bound on items in flight (``FANOUT_MAX_IN_FLIGHT``); a bad value is a
     ConfigError of one line."""
-    bound = env_int(MAX_IN_FLIGHT_ENV, DEFAULT_MAX_IN_FLIGHT, minimum=1)
-    if bound > MAX_IN_FLIGHT:
-        raise ConfigError(f"{MAX_IN_FLIGHT_ENV} must be at most {MAX_IN_FLIGHT:,}, got {bound}")
-    return bound
+    return check_max_in_flight(env_int(MAX_IN_FLIGHT_ENV, DEFAULT_MAX_IN_FLIGHT))
 
 
 def ensure_open_files(needed: int) -> None:

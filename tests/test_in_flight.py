@@ -1,0 +1,161 @@
+"""Many calls in flight per worker process, and pools that cannot starve themselves: the
+demo's ``async def`` stages run a claimed batch's items together on the worker's event loop,
+bounded by ``--max-in-flight`` and the global limits, not by threads. Real Redis, real worker
+processes, the demo vendor as a real HTTP server (its ``max_in_flight`` is what it saw)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sync_pipelines  # noqa: F401  (registers demosync here, for start_run)
+from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
+from test_cli import assert_one_line_error, fanout
+from test_harvest import (
+    END_DAY,
+    expected_rows,
+    finish,
+    leaves_done,
+    metric_fetches,
+    run_demo,
+    settled_fetches,
+)
+
+from producers.trigger import start_run
+from workers.connections import get_redis
+from workers.limits import Limits
+from workers.pipelines.demo import VENDOR_LIMIT
+
+SYNC_WORKER_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent),
+                   "FANOUT_PIPELINES": "sync_pipelines"}
+
+
+def assert_exact(summary: dict[str, object], sink_path: Path, accounts: int, services: int,
+                 days: int) -> None:
+    """The run succeeded with every item counted once per stage and exactly its rows."""
+    leaves = accounts * services * days
+    stages = summary["stages"]
+    assert summary["status"] == "succeeded"
+    assert isinstance(stages, dict)
+    assert [stages[s]["enqueued"] for s in ("accounts", "services", "metric_day")] == \
+        [accounts, accounts * services, leaves]
+    assert [stages[s]["succeeded"] for s in ("accounts", "services", "metric_day")] == \
+        [accounts, accounts * services, leaves]
+    assert all(stages[s]["failed"] == 0 for s in stages)
+    assert summary["rows_written"] == leaves
+    assert [r[:6] for r in sink_rows(sink_path)] == expected_rows(accounts, services, days)
+
+
+def test_a_worker_with_1000_in_flight_finishes_2000_leaves_exact(
+    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path
+) -> None:
+    vendor.configure(accounts=4, services=25, latency_ms=200)
+    start_worker(concurrency=32, max_in_flight=1000)
+    summary = finish(run_demo(vendor, days=20), timeout_s=120)
+
+    assert_exact(summary, sink_path, 4, 25, 20)
+    fetched = metric_fetches(vendor)
+    assert len(fetched) == 2000 and set(fetched.values()) == {1}
+    # More calls were in flight at once than the worker has threads (32), never more than
+    # its bound.
+    assert 32 < vendor.stats()["max_in_flight"] <= 1000
+
+
+def test_the_in_flight_bound_holds_and_is_filled_by_one_thread(
+    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path
+) -> None:
+    """One thread, a bound of 10: one claimed batch of 32 leaves runs 10 calls at a time."""
+    vendor.configure(accounts=1, services=1, latency_ms=500)
+    start_worker(concurrency=1, max_in_flight=10)
+    summary = finish(run_demo(vendor, days=40), timeout_s=120)
+
+    assert_exact(summary, sink_path, 1, 1, 40)
+    assert vendor.stats()["max_in_flight"] == 10
+
+
+def test_a_global_concurrency_limit_of_5_holds_across_1000_calls_in_flight(
+    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path
+) -> None:
+    Limits(get_redis()).set_limit(VENDOR_LIMIT, concurrency=5)
+    vendor.configure(accounts=2, services=3, latency_ms=100)
+    start_worker(concurrency=8, max_in_flight=1000)
+    start_worker(concurrency=8, max_in_flight=1000)
+    summary = finish(run_demo(vendor, days=20), timeout_s=150)
+
+    assert_exact(summary, sink_path, 2, 3, 20)
+    stats = vendor.stats()
+    assert stats["max_in_flight"] <= 5
+    # A call waiting for a slot never reached the vendor: each metric-day was asked once.
+    fetched = metric_fetches(vendor)
+    assert len(fetched) == 120 and set(fetched.values()) == {1}
+    assert Limits(get_redis()).status(VENDOR_LIMIT)["in_use"] == 0  # every slot given back
+
+
+def test_an_async_worker_sigkilled_mid_run_loses_nothing(
+    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path
+) -> None:
+    vendor.configure(accounts=2, services=10, latency_ms=200)
+    short_visibility = {"FANOUT_VISIBILITY_TIMEOUT_S": "10"}
+    victim = start_worker(short_visibility, concurrency=8, max_in_flight=1000)
+    run_id = run_demo(vendor, days=20)
+
+    wait_for(lambda: leaves_done(run_id) >= 64, what="64 leaves done before the kill")
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    done_at_kill = leaves_done(run_id)
+    assert done_at_kill < 400, "the run finished before the worker was killed"
+    fetched_at_kill = settled_fetches(vendor)
+
+    start_worker(short_visibility, concurrency=8, max_in_flight=1000)
+    summary = finish(run_id, timeout_s=120)
+
+    assert_exact(summary, sink_path, 2, 10, 20)
+    fetched = metric_fetches(vendor)
+    assert len(fetched) == 400
+    # Fetched twice: what the dead worker had in flight, not yet recorded (a batch is
+    # recorded whole once all its calls are back), and nothing it had not fetched yet.
+    unfinished_at_kill = sum(fetched_at_kill.values()) - done_at_kill
+    refetched = sum(fetched.values()) - 400
+    assert unfinished_at_kill <= refetched <= unfinished_at_kill + 4  # (see test_harvest)
+    assert max(fetched.values()) <= 3
+
+
+@pytest.mark.parametrize("pipeline", ["demo", "demosync"])
+def test_256_threads_complete_a_run_without_running_out_of_connections(
+    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path, tmp_path: Path,
+    pipeline: str,
+) -> None:
+    """256 threads used to exhaust redis-py's pool of 100 and kombu's of 10: "Too many
+    connections", claimed batches stranded until the reaper put them back. The pools now
+    hold a connection per thread and wait when dry."""
+    vendor.configure(accounts=4, services=25, latency_ms=50)
+    start_worker(SYNC_WORKER_ENV, concurrency=256)
+    params = {"days": 10, "end_day": END_DAY, "vendor_url": vendor.url, "http_retries": 0}
+    summary = finish(start_run(pipeline, params), timeout_s=150)
+
+    assert_exact(summary, sink_path, 4, 25, 10)
+    log = (tmp_path / "worker0.log").read_text()
+    assert "Too many connections" not in log
+    assert "go back once Redis answers again" not in log
+
+
+@pytest.mark.parametrize("bound", ["0", "5001"])
+def test_a_bound_out_of_range_stops_the_worker_with_one_line(bound: str) -> None:
+    worker = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers", "worker", "--pool", "solo",
+         "--max-in-flight", bound],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert worker.returncode == 2
+    ours = [line for line in worker.stderr.splitlines() if line.startswith("fanout")]
+    assert ours == [f"fanout worker: --max-in-flight must be from 1 to 5,000, got {bound}"]
+    assert "Traceback" not in worker.stderr
+
+
+@pytest.mark.parametrize("option", ["--max-in-flight", "--concurrency"])
+def test_fanout_worker_refuses_more_than_5000_per_process(option: str) -> None:
+    assert_one_line_error(fanout("worker", option, "5001"), "at most 5,000 per process")
