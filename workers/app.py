@@ -73,6 +73,7 @@ from workers.outage import DOWN_ERRORS, OncePerOutage
 from workers.outcome import Outcome
 from workers.settings import ConfigError, Settings, get_settings, validate_environment
 from workers.sinks import SinkDown, open_sink
+from workers.sinks import size_pool as size_sink_pool
 
 #: How soon Celery's consumer tries the broker again after losing it. kombu's defaults wait
 #: 2 s, then 2 s more at each try, up to 30 s: a worker came back up to 30 s after Redis did.
@@ -171,8 +172,9 @@ MAX_IN_FLIGHT_OPTION = click.Option(
 
 def size_for_worker(sender: Any = None, **_: object) -> None:
     """Size this worker's pools before it connects (worker_init): its threads (``-c``) set
-    the Redis pools, ledger and broker, and its in-flight bound (``--max-in-flight``) the HTTP
-    connections per host and the open files it may need. A bound or a thread count this
+    the Redis pools, ledger and broker, and the sink's (each thread writes its batches), and
+    its in-flight bound (``--max-in-flight``) the HTTP connections per host (one event loop
+    makes every async call) and the open files it may need. A bound or a thread count this
     machine cannot serve stops the worker with one line, exit 2."""
     concurrency = getattr(sender, "concurrency", None)
     if isinstance(concurrency, int) and concurrency > 0:
@@ -183,6 +185,7 @@ def size_for_worker(sender: Any = None, **_: object) -> None:
             os.environ[MAX_IN_FLIGHT_ENV] = str(check_max_in_flight(option, "--max-in-flight"))
         bound = max_in_flight()
         pool = size_pools(_PoolSize.threads)
+        size_sink_pool(_PoolSize.threads)
         # A socket per call in flight and per thread's own transport, the Redis pools.
         ensure_open_files(bound + _PoolSize.threads + 3 * pool + SPARE_FILES)
     except ConfigError as exc:

@@ -228,3 +228,9 @@ def rate_limit(name: str) -> None:
     """Prefect's ``rate_limit("github-api")`` inside a stage: wait for the global limit (a long
     wait runs the item again later, counted ``throttled``)."""
     throttle().take(name)
+
+
+async def rate_limit_async(name: str) -> None:
+    """``rate_limit`` inside an ``async def`` stage: ``await rate_limit_async("github-api")``
+    waits without blocking the worker's event loop."""
+    await throttle().take_async(name)

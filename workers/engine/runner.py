@@ -42,7 +42,7 @@ from workers.engine import batch_maps
 from workers.engine.batch_record import Batch, CopyOf, failure_of, format_traceback, record
 from workers.engine.services import Services
 from workers.engine.stage_hooks import hooks_for
-from workers.event_loop import process_loop
+from workers.event_loop import max_in_flight, process_loop
 from workers.hooks import Decision, Defer, Hook, HookCalls, Serve, Skip, StageResult
 from workers.ids import RawJSON, canonical_json, item_id, loop_parent
 from workers.ledger import Finish
@@ -104,6 +104,7 @@ class StageRunner:
     def __init__(self, services: Services, claim_share: int = 1) -> None:
         self.services = services
         self.claim_share = claim_share  # the threads of this worker a claim competes with
+        self.in_flight_bound = max_in_flight()  # the items of async stages it may run at once
         self._params: dict[str, dict[str, Any]] = {}
         self._stage_hooks: dict[str, tuple[Hook, ...]] = {}
         self._params_lock = threading.Lock()
@@ -112,13 +113,17 @@ class StageRunner:
 
     def run_claimed(self, first: Delivery, stage: Stage) -> list[ItemReport]:
         """Run ``first`` and, for a ``claim_batch`` stage, up to N-1 more messages claimed
-        from its queue (no more than this thread's fair share of what waits, so a short queue
-        is spread over the threads). A claimed message that does not decode is
-        dead-lettered; the rest of the batch goes on. Claims are released once their items
-        are recorded, or given back at once when they cannot be."""
+        from its queue. For a sync stage, no more than this thread's fair share of what
+        waits, so a short queue is spread over the threads (its items run one after
+        another). An async stage's items run together, so its thread claims its share of the
+        process's in-flight bound instead, whatever waits. A claimed message that does not
+        decode is dead-lettered; the rest of the batch goes on. Claims are released once
+        their items are recorded, or given back at once when they cannot be."""
         transport = self.services.transport
-        claimed = transport.claim(stage.queue, stage.claim_batch - 1, self.claim_share) \
-            if stage.claim_batch > 1 else []
+        size, share = stage.claim_batch, self.claim_share
+        if is_async(stage):
+            size, share = min(size, -(-self.in_flight_bound // self.claim_share)), 1
+        claimed = transport.claim(stage.queue, size - 1, share) if size > 1 else []
         work = [(first, stage)]
         runnable: list[str] = []
         for raw in claimed:
