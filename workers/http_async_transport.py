@@ -55,6 +55,11 @@ class _OriginPool:
     def __init__(self, max_connections: int) -> None:
         self.slots = asyncio.Semaphore(max_connections)
         self.idle: deque[_Connection] = deque()
+        self.open = 0  # idle or in use
+
+    def discard(self, connection: _Connection) -> None:
+        connection.close()
+        self.open -= 1
 
 
 class AsyncKeepAliveTransport(httpx.AsyncBaseTransport):
@@ -75,9 +80,7 @@ class AsyncKeepAliveTransport(httpx.AsyncBaseTransport):
     def open_connections(self, origin: Origin) -> int:
         """Connections open to ``origin`` now, idle or in use (for tests)."""
         pool = self._pools.get(origin)
-        if pool is None:
-            return 0
-        return self.max_connections - pool.slots._value + len(pool.idle)
+        return 0 if pool is None else pool.open
 
     async def fetch(
         self, request: httpx.Request, timeouts: dict[str, float | None]
@@ -106,6 +109,7 @@ class AsyncKeepAliveTransport(httpx.AsyncBaseTransport):
                 except _Stale:
                     pass  # the server dropped it while idle: dial afresh, once
             connection = await _dial(origin, timeouts)
+            pool.open += 1
             try:
                 return await self._exchange(connection, pool, request, head + body, timeouts)
             except _Stale as exc:
@@ -119,7 +123,7 @@ class AsyncKeepAliveTransport(httpx.AsyncBaseTransport):
             connection = pool.idle.pop()  # the most recently used: the least likely stale
             if now - connection.idle_since <= self.keepalive_expiry_s:
                 return connection
-            connection.close()  # idle too long to trust
+            pool.discard(connection)  # idle too long to trust
         return None
 
     async def _exchange(
@@ -147,20 +151,20 @@ class AsyncKeepAliveTransport(httpx.AsyncBaseTransport):
             except OSError as exc:  # reset, TLS errors
                 raise httpx.ReadError(str(exc), request=request) from exc
         except BaseException:  # cancelled too: a half-read answer must not be reused
-            connection.close()
+            pool.discard(connection)
             raise
         if keep_alive:
             connection.used = True
             connection.idle_since = self._clock()
             pool.idle.append(connection)
         else:
-            connection.close()
+            pool.discard(connection)
         return response
 
     async def aclose(self) -> None:
         for pool in self._pools.values():
             while pool.idle:
-                pool.idle.pop().close()
+                pool.discard(pool.idle.pop())
 
 
 async def _dial(origin: Origin, timeouts: dict[str, float | None]) -> _Connection:
