@@ -35,7 +35,7 @@ from tenacity import (
 
 from workers.event_loop import max_in_flight
 from workers.http_async_transport import AsyncKeepAliveTransport
-from workers.http_transport import KeepAliveTransport
+from workers.http_transport import Call, KeepAliveTransport, plain_get
 from workers.policy.retry import RetryAfter
 from workers.settings import get_settings
 from workers.throttle import throttle
@@ -134,8 +134,17 @@ def _send(method: str, url: str, client: httpx.Client | None, **kwargs: Any) -> 
     way = _thread_http()
     if way.proxied is not None:
         return way.proxied.request(method, url, **kwargs)
-    return way.transport.fetch(httpx.Request(method, url, headers=_HEADERS, **kwargs),
-                               way.timeout)
+    call = _plain_call(method, url, kwargs) or \
+        Call.of(httpx.Request(method, url, headers=_HEADERS, **kwargs))
+    return way.transport.send(call, way.timeout)
+
+
+def _plain_call(method: str, url: str, kwargs: dict[str, Any]) -> Call | None:
+    """A plain GET's wire form, made here (``plain_get``: httpx's own request, byte for byte,
+    without its URL parsing); None for any other call (``httpx.Request`` makes it)."""
+    if method == "GET" and kwargs.keys() <= {"params"}:
+        return plain_get(url, kwargs.get("params"), _HEADERS)
+    return None
 
 
 def _counted_send(
@@ -185,8 +194,12 @@ async def _counted_send_async(
     way = _http_of_loop()
     if way.proxied is not None:
         return await way.proxied.request(method, url, **kwargs)
-    return await way.transport.fetch(httpx.Request(method, url, headers=_HEADERS, **kwargs),
-                                     way.timeout)
+    call = _plain_call(method, url, kwargs)
+    if call is None:
+        request = httpx.Request(method, url, headers=_HEADERS, **kwargs)
+        await request.aread()  # a streamed body may be async
+        call = Call.of(request)
+    return await way.transport.send(call, way.timeout)
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -307,7 +320,7 @@ async def request_json_async(
     one process share a pool of keep-alive connections per host, as many as its in-flight
     bound; ``client``: an ``httpx.AsyncClient`` of the stage's own instead."""
     async def attempt() -> Any:
-        if limit is None:
+        if limit is None or await throttle().config_async(limit) is None:  # (read once a second)
             response = await _counted_send_async(method, url, client, **kwargs)
         else:
             async with throttle().hold_async(limit):

@@ -25,13 +25,12 @@ from workers.http_transport import (
     _MAX_LINE,
     _NO_BODY_STATUSES,
     KEEPALIVE_EXPIRY_S,
+    Call,
+    Origin,
     ResponseHead,
     _parse_status,
-    _request_head,
     _tls_context,
 )
-
-Origin = tuple[bytes, bytes, int]
 
 
 class _Stale(Exception):
@@ -86,35 +85,37 @@ class AsyncKeepAliveTransport(httpx.AsyncBaseTransport):
         self, request: httpx.Request, timeouts: dict[str, float | None]
     ) -> httpx.Response:
         """``request`` with these timeouts (httpx.Timeout(...).as_dict()), its body read."""
-        request.extensions["timeout"] = timeouts
-        response = await self.handle_async_request(request)
-        await response.aread()
+        await request.aread()
+        return await self.send(Call.of(request), timeouts)
+
+    async def send(self, call: Call, timeouts: dict[str, float | None]) -> httpx.Response:
+        """``call`` with these timeouts, its answer's body read."""
+        response = await self._send(call, timeouts)
+        response.read()  # in memory already: httpx only decodes it (sync is cheaper)
         return response
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
-        url = request.url
-        origin = (url.raw_scheme, url.raw_host, url.port or (443 if url.scheme == "https" else 80))
-        body = await request.aread()
-        head = _request_head(request, len(body))
-        pool = self._pools.get(origin)
+        await request.aread()
+        return await self._send(Call.of(request), request.extensions.get("timeout", {}))
+
+    async def _send(self, call: Call, timeouts: dict[str, float | None]) -> httpx.Response:
+        pool = self._pools.get(call.origin)
         if pool is None:
-            pool = self._pools[origin] = _OriginPool(self.max_connections)
+            pool = self._pools[call.origin] = _OriginPool(self.max_connections)
         async with pool.slots:  # a free slot: an idle connection, or room to dial one
             connection = self._take_idle(pool)
             if connection is not None:
                 try:
-                    return await self._exchange(connection, pool, request, head + body,
-                                                timeouts)
+                    return await self._exchange(connection, pool, call, timeouts)
                 except _Stale:
                     pass  # the server dropped it while idle: dial afresh, once
-            connection = await _dial(origin, timeouts)
+            connection = await _dial(call.origin, timeouts)
             pool.open += 1
             try:
-                return await self._exchange(connection, pool, request, head + body, timeouts)
+                return await self._exchange(connection, pool, call, timeouts)
             except _Stale as exc:
                 raise httpx.RemoteProtocolError(
-                    "Server disconnected without sending a response.", request=request
+                    "Server disconnected without sending a response.", request=call.request
                 ) from exc
 
     def _take_idle(self, pool: _OriginPool) -> _Connection | None:
@@ -127,29 +128,29 @@ class AsyncKeepAliveTransport(httpx.AsyncBaseTransport):
         return None
 
     async def _exchange(
-        self, connection: _Connection, pool: _OriginPool, request: httpx.Request,
-        data: bytes, timeouts: dict[str, float | None],
+        self, connection: _Connection, pool: _OriginPool, call: Call,
+        timeouts: dict[str, float | None],
     ) -> httpx.Response:
         reused = connection.used
         try:
-            connection.writer.write(data)
-            try:
-                async with asyncio.timeout(timeouts.get("write")):
-                    await connection.writer.drain()
-            except TimeoutError as exc:
-                raise httpx.WriteTimeout("write timed out", request=request) from exc
-            except OSError as exc:
-                if reused:
-                    raise _Stale from exc
-                raise httpx.WriteError(str(exc), request=request) from exc
+            connection.writer.write(call.data)
+            if connection.writer.transport.get_write_buffer_size():  # not all sent at once
+                try:
+                    async with asyncio.timeout(timeouts.get("write")):
+                        await connection.writer.drain()
+                except TimeoutError as exc:
+                    raise httpx.WriteTimeout("write timed out", request=call.request) from exc
+                except OSError as exc:
+                    if reused:
+                        raise _Stale from exc
+                    raise httpx.WriteError(str(exc), request=call.request) from exc
             try:
                 async with asyncio.timeout(timeouts.get("read")):
-                    response, keep_alive = await _read_response(connection.reader, request,
-                                                                reused)
+                    response, keep_alive = await _read_response(connection.reader, call, reused)
             except TimeoutError as exc:
-                raise httpx.ReadTimeout("read timed out", request=request) from exc
+                raise httpx.ReadTimeout("read timed out", request=call.request) from exc
             except OSError as exc:  # reset, TLS errors
-                raise httpx.ReadError(str(exc), request=request) from exc
+                raise httpx.ReadError(str(exc), request=call.request) from exc
         except BaseException:  # cancelled too: a half-read answer must not be reused
             pool.discard(connection)
             raise
@@ -185,11 +186,11 @@ async def _dial(origin: Origin, timeouts: dict[str, float | None]) -> _Connectio
 
 
 async def _read_response(
-    reader: asyncio.StreamReader, request: httpx.Request, reused: bool
+    reader: asyncio.StreamReader, call: Call, reused: bool
 ) -> tuple[httpx.Response, bool]:
     """Read one answer; also say whether the connection may carry the next request."""
     while True:
-        version, status, reason, head = await _read_head(reader, request, reused)
+        version, status, reason, head = await _read_head(reader, call, reused)
         reused = False  # a byte of the answer came: the connection was not stale
         if not 100 <= status < 200 or status == 101:
             break  # interim answers (100 Continue, 103 Early Hints) come before the real one
@@ -199,18 +200,18 @@ async def _read_response(
         if version == b"HTTP/1.1"
         else b"keep-alive" in connection_header
     )
-    if request.method == "HEAD" or status in _NO_BODY_STATUSES or status == 101:
+    if call.method == "HEAD" or status in _NO_BODY_STATUSES or status == 101:
         content = b""
         keep_alive = keep_alive and status != 101  # switched protocols: not HTTP any more
     elif chunked:
-        content = await _read_chunked(reader, request)
+        content = await _read_chunked(reader, call)
     elif length is not None:
         try:
             content = await reader.readexactly(length)
         except asyncio.IncompleteReadError as exc:
             raise httpx.RemoteProtocolError(
                 f"response body ended after {len(exc.partial)} of {length} bytes",
-                request=request,
+                request=call.request,
             ) from None
     else:
         content = await reader.read()  # framed by the server closing the connection
@@ -219,24 +220,24 @@ async def _read_response(
         status,
         headers=head.headers,
         stream=httpx.ByteStream(content),
-        request=request,
+        request=call.made,
         extensions={"http_version": version, "reason_phrase": reason},
     )
     return response, keep_alive
 
 
-async def _readline(reader: asyncio.StreamReader, request: httpx.Request) -> bytes:
+async def _readline(reader: asyncio.StreamReader, call: Call) -> bytes:
     try:
         return await reader.readline()
     except ValueError:  # longer than the reader's limit
-        raise httpx.RemoteProtocolError("response line too long", request=request) from None
+        raise httpx.RemoteProtocolError("response line too long", request=call.request) from None
 
 
 async def _read_head(
-    reader: asyncio.StreamReader, request: httpx.Request, reused: bool
+    reader: asyncio.StreamReader, call: Call, reused: bool
 ) -> tuple[bytes, int, bytes, ResponseHead]:
     try:
-        status_line = await _readline(reader, request)
+        status_line = await _readline(reader, call)
     except (ConnectionError, ssl.SSLEOFError):  # a TLS peer that closed without close_notify
         if reused:
             raise _Stale from None
@@ -245,34 +246,38 @@ async def _read_head(
         if reused:
             raise _Stale
         raise httpx.RemoteProtocolError(
-            "Server disconnected without sending a response.", request=request
+            "Server disconnected without sending a response.", request=call.request
         )
-    version, status, reason = _parse_status(status_line, request)
-    head = ResponseHead(request)
-    while not head.add_line(await _readline(reader, request)):
-        pass
+    version, status, reason = _parse_status(status_line, call)
+    head = ResponseHead(call)
+    try:  # reader.readline itself: a coroutine less per header line
+        while not head.add_line(await reader.readline()):
+            pass
+    except ValueError:  # longer than the reader's limit
+        raise httpx.RemoteProtocolError("response line too long", request=call.request) from None
     return version, status, reason, head
 
 
-async def _read_chunked(reader: asyncio.StreamReader, request: httpx.Request) -> bytes:
+async def _read_chunked(reader: asyncio.StreamReader, call: Call) -> bytes:
     parts: list[bytes] = []
     while True:
-        size_line = await _readline(reader, request)
+        size_line = await _readline(reader, call)
         try:
             size = int(size_line.split(b";", 1)[0].strip(), 16)
         except ValueError:
             raise httpx.RemoteProtocolError(f"bad chunk size {size_line[:40]!r}",
-                                            request=request) from None
+                                            request=call.request) from None
         if size == 0:
             break
         try:
             chunk = await reader.readexactly(size)
         except asyncio.IncompleteReadError:
-            raise httpx.RemoteProtocolError("chunked body ended early", request=request) from None
-        if await _readline(reader, request) not in (b"\r\n", b"\n"):
-            raise httpx.RemoteProtocolError("chunked body ended early", request=request)
+            raise httpx.RemoteProtocolError("chunked body ended early",
+                                            request=call.request) from None
+        if await _readline(reader, call) not in (b"\r\n", b"\n"):
+            raise httpx.RemoteProtocolError("chunked body ended early", request=call.request)
         parts.append(chunk)
-    while await _readline(reader, request) not in (b"\r\n", b"\n", b""):
+    while await _readline(reader, call) not in (b"\r\n", b"\n", b""):
         pass  # trailers: not used by a JSON call
     return b"".join(parts)
 

@@ -218,10 +218,18 @@ def _for_process(pid: int) -> Throttle:
 _lock = threading.Lock()
 
 
+_throttles: dict[int, Throttle] = {}
+
+
 def throttle() -> Throttle:
     """This process's throttle (a forked child makes its own)."""
-    with _lock:
-        return _for_process(os.getpid())
+    found = _throttles.get(os.getpid())
+    if found is None:
+        with _lock:
+            found = _throttles.get(os.getpid())
+            if found is None:
+                found = _throttles[os.getpid()] = _for_process(os.getpid())
+    return found
 
 
 def rate_limit(name: str) -> None:
