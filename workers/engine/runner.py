@@ -11,6 +11,11 @@ ledger. Order matters for at-least-once delivery with exactly-once accounting:
 A worker killed anywhere before 4 leaves the item pending; its message comes back and steps
 2-3 are repeated, which is harmless: registration and the sink are idempotent.
 
+The items of an ``async def`` stage take the same path, but together: a batch's async items
+run as tasks on the process's event loop (``workers/event_loop.py``), each with a turn of its
+in-flight bound, while the worker thread waits for all of them; step 4 is then done once for
+the whole batch, as for sync items. A sync stage's items run one after another, as before.
+
 Each error in its bucket: a stage (or a hook's ``before``) that raises fails its item, tried
 again when a hook asks (``Hook.retry``; the stage's retry policy is the last hook), logged and
 recorded with its traceback once final; a raising ``after`` or ``on_failure`` is logged and

@@ -86,8 +86,10 @@ def service(ctx: StageContext, item: dict[str, str]) -> list[dict[str, str]]:
 
 
 # A failed metric-day is tried again up to 3 times, 0.5 s, 1 s, 2 s later (+/- 50%), after the
-# HTTP client's own retries (``http_retries``); a vendor 4xx fails it at once.
-@demo.stage("metric_day", claim_batch=32, retries=3, retry_delay_s=exponential(0.5, 2, 30),
+# HTTP client's own retries (``http_retries``); a vendor 4xx fails it at once. A task carries up
+# to 64 of them, in flight together (fewer when the worker's in-flight bound, shared by its
+# threads, is smaller): one Celery message, ledger call and sink commit for the lot.
+@demo.stage("metric_day", claim_batch=64, retries=3, retry_delay_s=exponential(0.5, 2, 30),
             retry_jitter=0.5)
 async def metric_day(ctx: StageContext, item: dict[str, str]) -> Record:
     path = f"/accounts/{item['account']}/services/{item['service']}/metrics"
