@@ -9,11 +9,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+import redis
 import sync_pipelines  # noqa: F401  (registers demosync here, for start_run)
-from conftest import VendorHandle, WorkerFactory, sink_rows, wait_for
+from conftest import POSTGRES_URL, VendorHandle, WorkerFactory, rows_at, sink_rows, wait_for
 from test_cli import assert_one_line_error, fanout
 from test_harvest import (
     END_DAY,
@@ -26,6 +28,7 @@ from test_harvest import (
 )
 
 from producers.trigger import start_run
+from workers import connections
 from workers.connections import get_redis
 from workers.limits import Limits
 from workers.pipelines.demo import VENDOR_LIMIT
@@ -141,6 +144,56 @@ def test_256_threads_complete_a_run_without_running_out_of_connections(
     log = (tmp_path / "worker0.log").read_text()
     assert "Too many connections" not in log
     assert "go back once Redis answers again" not in log
+
+
+def test_256_threads_share_a_postgresql_sink_of_16_connections(
+    vendor: VendorHandle, start_worker: WorkerFactory, postgres_url: str, tmp_path: Path,
+) -> None:
+    """Every thread writes its batches: the pool holds 16 connections, and a thread that finds
+    them all taken waits for one (a wait is no outage: nothing goes back)."""
+    vendor.configure(accounts=4, services=25, latency_ms=20)
+    name = f"fanout-in-flight-{os.getpid()}"
+    sink_url = f"{postgres_url}&application_name={name}"
+    start_worker({"FANOUT_SINK_URL": sink_url}, concurrency=256)
+    summary = finish(run_demo(vendor, days=10), timeout_s=150)
+
+    assert summary["status"] == "succeeded"
+    assert summary["rows_written"] == 1000
+    assert [r[:6] for r in rows_at(postgres_url)] == expected_rows(4, 25, 10)
+    log = (tmp_path / "worker0.log").read_text()
+    assert "sink unreachable" not in log and "Too many connections" not in log
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL) as conn:
+        [(opened,)] = conn.execute("SELECT count(*) FROM pg_stat_activity"
+                                   " WHERE application_name = %s", (name,)).fetchall()
+    assert 1 <= opened <= 16  # the worker's pool (its check at start is closed)
+
+
+def test_a_dry_redis_pool_makes_threads_wait_not_fail(redis_url: str) -> None:
+    """200 threads on a pool of 25 connections (a worker of 1 thread): each command waits for
+    a connection, none fails."""
+    connections.size_pools(1)
+    pool = connections.pool_size()
+    client = connections._client_for.__wrapped__(redis_url)
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        try:
+            for _ in range(20):
+                client.blpop(["in-flight-test:never"], timeout=0.01)  # holds its connection
+        except redis.RedisError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert pool == 1 + connections.SPARE_CONNECTIONS
+    assert len(client.connection_pool._connections) == pool  # every one used, no more
+    connections.size_pools(100 - connections.SPARE_CONNECTIONS)  # back to the default
 
 
 @pytest.mark.parametrize("bound", ["0", "5001"])
