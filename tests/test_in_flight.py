@@ -5,11 +5,13 @@ processes, the demo vendor as a real HTTP server (its ``max_in_flight`` is what 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ from workers import connections
 from workers.connections import get_redis
 from workers.limits import Limits
 from workers.pipelines.demo import VENDOR_LIMIT
+from workers.throttle import Throttle, Throttled
 
 SYNC_WORKER_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent),
                    "FANOUT_PIPELINES": "sync_pipelines"}
@@ -96,6 +99,62 @@ def test_a_global_concurrency_limit_of_5_holds_across_1000_calls_in_flight(
     fetched = metric_fetches(vendor)
     assert len(fetched) == 120 and set(fetched.values()) == {1}
     assert Limits(get_redis()).status(VENDOR_LIMIT)["in_use"] == 0  # every slot given back
+
+
+def test_a_global_rate_limit_holds_and_throttles_what_would_wait_long(
+    vendor: VendorHandle, start_worker: WorkerFactory, sink_path: Path
+) -> None:
+    """60 leaves claimed at once against 20 calls a second: a call waits for its turn on the
+    loop when it is near (up to 1 s), and the rest go back to the scheduler, counted
+    ``throttled``, to run when the limit lets them; none reaches the vendor early."""
+    Limits(get_redis()).set_limit(VENDOR_LIMIT, rate="20/s", burst=1)
+    vendor.configure(accounts=2, services=3, rate_limit_rps=40)
+    start_worker(concurrency=4, max_in_flight=1000)
+    summary = finish(run_demo(vendor, days=10), timeout_s=150)
+
+    assert_exact(summary, sink_path, 2, 3, 10)
+    stages = summary["stages"]
+    assert isinstance(stages, dict) and stages["metric_day"]["throttled"] >= 1
+    stats = vendor.stats()
+    assert stats["sent_429"] == 0 and stats["max_rps_1s"] <= 40
+    fetched = metric_fetches(vendor)
+    assert len(fetched) == 60 and set(fetched.values()) == {1}
+
+
+def test_waiting_for_a_limit_does_not_block_the_event_loop(redis_url: str) -> None:
+    """Two calls at 2 a second: the second waits its turn (0.5 s) with ``asyncio.sleep``
+    while the loop runs everything else; a third, due more than a second away, is
+    ``Throttled`` at once (its item runs again later)."""
+    throttle = Throttle(Limits(redis.Redis.from_url(redis_url, decode_responses=True)))
+    throttle.limits.set_limit("loop-test", rate="2/s", burst=1)
+
+    async def three_turns() -> tuple[int, float, BaseException]:
+        ticks = 0
+
+        async def ticking() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        async def timed() -> float:
+            started = time.monotonic()
+            await throttle.take_async("loop-test")
+            return time.monotonic() - started
+
+        ticker = asyncio.create_task(ticking())
+        await throttle.take_async("loop-test")
+        # Which of the two asks Redis first is the executor's choice: one waits, one is held.
+        turns = await asyncio.gather(timed(), timed(), return_exceptions=True)
+        ticker.cancel()
+        [waited] = [t for t in turns if isinstance(t, float)]
+        [held] = [t for t in turns if isinstance(t, BaseException)]
+        return ticks, waited, held
+
+    ticks, waited, held = asyncio.run(three_turns())
+    assert waited >= 0.4  # its turn, 1/2 s after the first (less a little clock skew)
+    assert ticks >= 20  # the loop ticked all along
+    assert isinstance(held, Throttled) and held.wait_s > 0.5
 
 
 def test_an_async_worker_sigkilled_mid_run_loses_nothing(
