@@ -15,6 +15,10 @@ The sink is opened at ``worker_init`` (``check_sink_at_start``): one that can ne
 configured stops the worker with one line and exit code 2; one merely unreachable is an
 outage, told once, that the sink gate rides out (``workers/sinks/gate.py``). At
 ``worker_shutting_down`` the writes waiting at the gate give up, so their messages go back.
+
+Before it connects (``worker_init``: ``size_for_worker``) a worker sizes its pools from its
+threads (``-c``) and its in-flight bound (``--max-in-flight``, an option this app adds to
+``celery worker``), so none of them can run dry and strand a claimed batch.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ flight are bounded by the vendor and the limits, not by its threads.
 
 ``ProcessLoop.in_flight`` bounds the items running at once in the process, whatever the
 number of threads and batches: ``FANOUT_MAX_IN_FLIGHT`` (``fanout worker --max-in-flight``),
-1 to ``MAX_IN_FLIGHT`` (5,000), 1,000 by default. The pools a call goes through are sized from
-it, so none runs dry while an item holds its turn (``in_flight_pools``).
+1 to ``MAX_IN_FLIGHT`` (5,000), 1,000 by default. The HTTP connections per vendor host are as
+many (``workers/http.py``), and the worker raises its open-file limit to fit them
+(``ensure_open_files``, at its start: ``app.size_for_worker``). Hooks and the engine's Redis
+calls for an item run on the loop's one thread, so the Redis pools are sized from the threads.
 """
 
 from __future__ import annotations
