@@ -37,7 +37,7 @@ import time
 from typing import Any
 
 from benchmarks import baseline_common as common
-from workers.http import request_json
+from workers.http import request_json, request_json_async
 from workers.sinks.base import Record
 from workers.sinks.sqlite import SqliteSink
 
@@ -109,6 +109,15 @@ def fetch_record(vendor_url: str, item: dict[str, str]) -> Record:
     """The demo pipeline's ``metric_day`` stage body (``workers/pipelines/demo.py``)."""
     path = f"{vendor_url}/accounts/{item['account']}/services/{item['service']}/metrics"
     data = request_json("GET", path, params={"day": item["day"]}, retries=0)
+    return Record("demo", item["account"], item["service"], data["metric"], item["day"],
+                  float(data["value"]))
+
+
+async def fetch_record_async(vendor_url: str, item: dict[str, str]) -> Record:
+    """``fetch_record`` as the demo's async ``metric_day`` makes it (``request_json_async``),
+    for a baseline running async leaves (an asyncio actor)."""
+    path = f"{vendor_url}/accounts/{item['account']}/services/{item['service']}/metrics"
+    data = await request_json_async("GET", path, params={"day": item["day"]}, retries=0)
     return Record("demo", item["account"], item["service"], data["metric"], item["day"],
                   float(data["value"]))
 

@@ -8,6 +8,8 @@
   the payloads hash, with their keys and counters).
 - worker RSS after the harvest: from the harvest suite when it ran in this invocation,
   otherwise from a small fanout harvest run here.
+- worker RSS per call in flight: one worker with 10, then 1,000 calls of the demo's async
+  leaf waiting on the vendor (``in_flight_memory.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from benchmarks.core import BenchmarkError, Context, SuiteResult, Table, fmt_mib
 from benchmarks.enqueue import ROOT_ID, fresh_run, metric_day_items
+from benchmarks.in_flight_memory import in_flight_rss
 
 FULL_N = 10_000
 QUICK_N = 1_000
@@ -126,6 +129,19 @@ def memory(ctx: Context) -> SuiteResult:
     for name, (label, value) in rss["rss"].items():
         rss_table.rows.append([name, label, fmt_mib(value)])
     result.tables.append(rss_table)
+    in_flight = in_flight_rss(ctx)
+    result.figures["worker_rss_in_flight"] = in_flight
+    flight_table = Table(
+        f"One fanout worker process ({in_flight['threads']} threads), its calls of the async "
+        f"demo leaf waiting on a {in_flight['vendor_latency_ms']} ms vendor",
+        ["bound (--max-in-flight)", "calls in flight", "RSS MiB (its processes)"],
+        caption=f"per call in flight: {in_flight['bytes_per_call_in_flight'] / 1024:,.1f} KiB "
+                "(the RSS difference / the calls' difference)",
+    )
+    for point in (in_flight["low"], in_flight["high"]):
+        flight_table.rows.append([f"{point['bound']:,}", f"{point['in_flight']:,}",
+                                  fmt_mib(point["rss_bytes"])])
+    result.tables.append(flight_table)
     return result
 
 

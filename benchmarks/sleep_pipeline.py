@@ -4,14 +4,15 @@ through ``FANOUT_PIPELINES=benchmarks.sleep_pipeline``.
 The demo pipeline's own roots, ``accounts`` and ``services`` stages (the same listing calls to
 the vendor, the same fan-out), and a ``metric_day`` leaf with the demo leaf's settings
 (its ``claim_batch``, its retries) whose body only sleeps for the vendor's latency: no HTTP, no
-sink, no record. What a leaf then costs is fanout's framework alone, as in the baselines'
-``sleep`` leaf kind (``benchmarks/leaf.py``).
+sink, no record. Like the demo leaf it is an ``async def`` (``asyncio.sleep``): a claimed
+batch's items sleep together on the worker's event loop. What a leaf then costs is fanout's
+framework alone, as in the baselines' ``sleep`` leaf kind (``benchmarks/leaf.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import time
 
 from benchmarks.leaf import SLEEP_S
 from workers.api import Pipeline, StageContext
@@ -26,8 +27,8 @@ benchsleep.stage("accounts", maps_to="services")(demo_module.account)
 benchsleep.stage("services", maps_to="metric_day")(demo_module.service)
 
 
-def metric_day(ctx: StageContext, item: dict[str, str]) -> None:
-    time.sleep(SLEEP_S)
+async def metric_day(ctx: StageContext, item: dict[str, str]) -> None:
+    await asyncio.sleep(SLEEP_S)
 
 
 # The demo leaf's Stage with this body: claim_batch, retry policy, hooks and limits stay equal.

@@ -2,7 +2,9 @@
 
 Fibonacci numbers are a black box behind an API (the demo vendor's ``/fib/{n}``); each call
 is one loop iteration, its own message with its own retries. A failed iteration is retried
-alone: the iterations before it are never run again.
+alone: the iterations before it are never run again. The stage is an ``async def``: the
+iterations of many Ms (each its own message) wait for the API together on the worker's event
+loop, not one per thread.
 
     python examples/fibonacci.py 100                 # 89
     python examples/fibonacci.py 10 100 1000 1500    # [8, 89, 987, 987]
@@ -18,19 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from workers.api import Loop, Pipeline, StageContext
-from workers.http import request_json
+from workers.http import request_json_async
 
 flow = Pipeline("fibonacci")
 
 
 @flow.stage("compute_large_fibonacci", retries=5, retry_delay_s=2)
-def compute_large_fibonacci(ctx: StageContext, M: int) -> Any:
+async def compute_large_fibonacci(ctx: StageContext, M: int) -> Any:
     # The accumulated payload of the previous iteration (Prefect: task_loop_result).
     payload = ctx.loop.payload or {}
     n = payload.get("n", 1)
     fib = payload.get("fib", 1)
 
-    next_fib = request_json("GET", f"{ctx.params['vendor_url']}/fib/{n}", retries=0)["value"]
+    answer = await request_json_async("GET", f"{ctx.params['vendor_url']}/fib/{n}", retries=0)
+    next_fib = answer["value"]
 
     if next_fib > M:
         return fib  # a plain return ends the loop

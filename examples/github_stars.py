@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from workers.api import Pipeline, StageContext, rate_limit
-from workers.http import request_json
+from workers.api import Pipeline, StageContext, rate_limit_async
+from workers.http import request_json_async
 
 REPOS = ["PrefectHQ/prefect", "pydantic/pydantic", "huggingface/transformers"]
 
@@ -49,10 +49,11 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 @flow.stage("fetch_stats", retries=3, cache="inputs", cache_ttl_s=24 * 3600)
-def fetch_stats(ctx: StageContext, github_repo: str) -> dict[str, Any]:
-    """Task 1: Fetch the statistics for a GitHub repo"""
-    rate_limit("github-api")
-    stats: dict[str, Any] = request_json(
+async def fetch_stats(ctx: StageContext, github_repo: str) -> dict[str, Any]:
+    """Task 1: Fetch the statistics for a GitHub repo (an ``async def``: the repos' calls
+    wait together on the worker's event loop, the limit's waits too)"""
+    await rate_limit_async("github-api")
+    stats: dict[str, Any] = await request_json_async(
         "GET", f"{ctx.params['base_url']}/repos/{github_repo}", retries=0
     )
     return stats

@@ -49,6 +49,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _up_to_5000(text: str) -> int:
+    """A worker's threads or calls in flight per process: 1 to 5,000."""
+    value = _positive_int(text)
+    if value > processes.MAX_PER_PROCESS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {processes.MAX_PER_PROCESS:,} per process, got {value}")
+    return value
+
+
 def _kill_switch(text: str) -> Switch:
     try:
         return kill_switch.parse(text)
@@ -108,9 +117,12 @@ def build_parser() -> Parser:
                            "%(default)s)")
     demo.add_argument("--processes", type=_positive_int, default=None, metavar="N",
                       help="worker processes (default: one per core)")
-    demo.add_argument("--concurrency", type=_positive_int, metavar="N",
+    demo.add_argument("--concurrency", type=_up_to_5000, metavar="N",
                       default=processes.DEFAULT_CONCURRENCY,
                       help="threads per worker process (default: %(default)s)")
+    demo.add_argument("--max-in-flight", type=_up_to_5000, default=None, metavar="N",
+                      help="items of async stages in flight per worker process, together on "
+                           "its event loop (default: FANOUT_MAX_IN_FLIGHT, else 1000)")
     demo.add_argument("--json", action="store_true",
                       help="print the JSON summary as the last line of stdout")
 
@@ -179,9 +191,12 @@ def build_parser() -> Parser:
                             "worker with fanout defaults)")
     worker.add_argument("--processes", type=_positive_int, default=None, metavar="N",
                         help="worker processes (default: one per core)")
-    worker.add_argument("--concurrency", type=_positive_int, metavar="N",
+    worker.add_argument("--concurrency", type=_up_to_5000, metavar="N",
                         default=processes.DEFAULT_CONCURRENCY,
                         help="threads (or children) per process (default: %(default)s)")
+    worker.add_argument("--max-in-flight", type=_up_to_5000, default=None, metavar="N",
+                        help="items of async stages in flight per process, together on its "
+                             "event loop (default: FANOUT_MAX_IN_FLIGHT, else 1000)")
     worker.add_argument("--pool", default=processes.DEFAULT_POOL,
                         choices=["threads", "prefork", "solo"],
                         help="Celery's execution pool (default: %(default)s)")
@@ -336,6 +351,7 @@ def _worker(args: argparse.Namespace) -> int:
         "concurrency": args.concurrency or processes.DEFAULT_CONCURRENCY,
         "queues": args.queues.split(",") if args.queues else (),
         "loglevel": args.loglevel,
+        "max_in_flight": args.max_in_flight,
     }
     count = args.processes or processes.default_processes()
     return supervise_workers(count, env, options)

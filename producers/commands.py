@@ -105,6 +105,7 @@ def demo(args: argparse.Namespace) -> int:
     try:
         with stop_signals_raise(), local_system(vendor_options=vendor_options,
                                                 concurrency=concurrency,
+                                                max_in_flight=args.max_in_flight,
                                                 worker_processes=args.processes) as system:
             try:
                 snap = _demo_run(args, system, run_id, console)

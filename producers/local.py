@@ -55,6 +55,7 @@ def local_system(
     pipelines: Sequence[str] = (),
     pythonpath: Sequence[str] = (),
     concurrency: int = processes.DEFAULT_CONCURRENCY,
+    max_in_flight: int | None = None,
     worker_processes: int | None = None,
 ) -> Iterator[LocalSystem]:
     """Start the vendor and workers that also import ``pipelines`` (modules found on
@@ -90,6 +91,7 @@ def local_system(
             children.append(processes.start_worker(
                 env,
                 concurrency=concurrency,
+                max_in_flight=max_in_flight,
                 name=own_worker_name(n),
                 log_path=str(settings.home / "worker.log"),
                 # Should this process die, so does its vendor: a warm shutdown would only

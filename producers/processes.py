@@ -27,6 +27,9 @@ from celery import Celery
 #: on 2 cores 2 x 32 beat 2 x 64 (GIL contention) and 1 x 32 (benchmarks/).
 DEFAULT_POOL = "threads"
 DEFAULT_CONCURRENCY = 32
+#: The most threads, or items of async stages in flight, ``fanout worker`` and ``fanout demo``
+#: accept per process (``workers/event_loop.py: MAX_IN_FLIGHT``).
+MAX_PER_PROCESS = 5000
 
 
 def default_processes() -> int:
@@ -124,13 +127,18 @@ def worker_command(
     name: str | None = None,
     queues: Sequence[str] = (),
     loglevel: str = "WARNING",
+    max_in_flight: int | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
+    """``celery worker`` with fanout's defaults. ``max_in_flight``: the items of async stages
+    in flight per process (``workers/event_loop.py``; default: the worker's own)."""
     cmd = [
         sys.executable, "-m", "celery", "-A", "workers", "worker",
         "--pool", pool, "--concurrency", str(concurrency), "--loglevel", loglevel,
         "--without-mingle", "--without-gossip",
     ]
+    if max_in_flight is not None:
+        cmd += ["--max-in-flight", str(max_in_flight)]
     if name:
         cmd += ["--hostname", name]
     if queues:

@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 import trustme
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from scripted_http import (
     RawServer,
     Reply,
@@ -397,3 +399,46 @@ def test_an_https_connection_the_vendor_dropped_while_idle_is_redialled(
         # The vendor closed the kept connection after answering (no header, no close_notify).
         assert request_json("GET", server.url("/b"), retries=0) == {"n": 1}
         assert [r.connection for r in server.requests] == [1, 2]
+
+
+# --- a plain GET built without httpx's URL parsing -----------------------------------------
+
+_HEADERS = {"accept": "application/json", "user-agent": "fanout"}
+_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=8)
+_PLAIN = st.text(alphabet="abcXYZ019._~-", max_size=6)
+
+
+@given(
+    scheme=st.sampled_from(["http", "https", "HTTP"]),
+    host=st.sampled_from(["127.0.0.1", "vendor.example", "Vendor.Example", "v-1.io", "[::1]"]),
+    port=st.sampled_from(["", ":80", ":443", ":8765", ":08765", ":70000"]),
+    path=st.lists(st.one_of(_PLAIN, _TEXT), max_size=3).map(lambda p: "/".join(["", *p])),
+    params=st.none() | st.dictionaries(st.one_of(_PLAIN, _TEXT), st.one_of(_PLAIN, _TEXT),
+                                       max_size=3),
+)
+@settings(max_examples=400, deadline=None)
+def test_a_plain_get_is_httpx_own_request_byte_for_byte(
+    scheme: str, host: str, port: str, path: str, params: dict[str, str] | None,
+) -> None:
+    url = f"{scheme}://{host}{port}{path}"
+    try:
+        request = httpx.Request("GET", url, params=params, headers=_HEADERS)
+    except (httpx.InvalidURL, ValueError):
+        assume(False)
+    plain = http_transport.plain_get(url, params, _HEADERS)
+    if plain is None:  # left to httpx: nothing to compare
+        return
+    httpx_own = http_transport.Call.of(request)
+    assert (plain.method, plain.origin, plain.data) == \
+        (httpx_own.method, httpx_own.origin, httpx_own.data)
+    assert plain.made is None
+    assert plain.request.url == request.url  # made when asked, the same request
+
+
+def test_plain_gets_are_the_demo_vendor_calls() -> None:
+    """What the demo pipeline asks is plain: the fast path is the common one."""
+    for url, params in [("http://127.0.0.1:8765/accounts", None),
+                        ("http://127.0.0.1:8765/accounts/acct-001/services/svc-002/metrics",
+                         {"day": "2026-01-31"}),
+                        ("https://api.example.com/repos/pydantic/pydantic", {})]:
+        assert http_transport.plain_get(url, params, _HEADERS) is not None

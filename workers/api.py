@@ -26,7 +26,7 @@ from workers.policy import cache_options, limit_options, retry
 from workers.policy.retry import PermanentError, RetryPolicy, exponential
 from workers.settings import ConfigError
 from workers.sinks.base import Record
-from workers.throttle import Throttled, rate_limit
+from workers.throttle import Throttled, rate_limit, rate_limit_async
 
 __all__ = [
     "Hook",
@@ -48,6 +48,7 @@ __all__ = [
     "get_pipeline",
     "load_pipelines",
     "rate_limit",
+    "rate_limit_async",
 ]
 
 StageFn = Callable[[StageContext, Any], Any]

@@ -15,16 +15,22 @@ The sink is opened at ``worker_init`` (``check_sink_at_start``): one that can ne
 configured stops the worker with one line and exit code 2; one merely unreachable is an
 outage, told once, that the sink gate rides out (``workers/sinks/gate.py``). At
 ``worker_shutting_down`` the writes waiting at the gate give up, so their messages go back.
+
+Before it connects (``worker_init``: ``size_for_worker``) a worker sizes its pools from its
+threads (``-c``) and its in-flight bound (``--max-in-flight``, an option this app adds to
+``celery worker``), so none of them can run dry and strand a claimed batch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
 
+import click
 import redis
 from celery import Celery, Task
 from celery.app.amqp import AMQP
@@ -42,12 +48,27 @@ from kombu.transport.redis import Mutex, MutexHeld
 
 from workers import broker, keys
 from workers.api import Stage, all_pipelines, load_pipelines
-from workers.connections import broker_redis, get_redis, resolve_broker_url, warn_if_evicting
+from workers.connections import (
+    broker_redis,
+    get_redis,
+    resolve_broker_url,
+    size_pools,
+    warn_if_evicting,
+)
 from workers.engine.batch_record import process_gate
 from workers.engine.reaper import start_reaper
 from workers.engine.runner import INFRA_ERRORS, ItemReport, StageRunner
 from workers.engine.scheduler import start_mover
 from workers.engine.services import Services, services
+from workers.event_loop import (
+    DEFAULT_MAX_IN_FLIGHT,
+    MAX_IN_FLIGHT,
+    MAX_IN_FLIGHT_ENV,
+    SPARE_FILES,
+    check_max_in_flight,
+    ensure_open_files,
+    max_in_flight,
+)
 from workers.events import ItemEvents
 from workers.liveness import Liveness, start_heartbeat
 from workers.liveness import worker_id as liveness_worker_id
@@ -56,6 +77,7 @@ from workers.outage import DOWN_ERRORS, OncePerOutage
 from workers.outcome import Outcome
 from workers.settings import ConfigError, Settings, get_settings, validate_environment
 from workers.sinks import SinkDown, open_sink
+from workers.sinks import size_pool as size_sink_pool
 from workers.stage_config import apply_config_file
 
 #: How soon Celery's consumer tries the broker again after losing it. kombu's defaults wait
@@ -145,10 +167,39 @@ class _PoolSize:
     threads = 1
 
 
-def _note_pool_size(sender: Any = None, **_: object) -> None:
+#: ``celery -A workers worker --max-in-flight N`` (and ``fanout worker --max-in-flight N``).
+MAX_IN_FLIGHT_OPTION = click.Option(
+    ["--max-in-flight"], type=int, default=None,
+    help=f"fanout: items of async stages in flight per process, 1 to {MAX_IN_FLIGHT:,} "
+         f"(default {DEFAULT_MAX_IN_FLIGHT:,}, or {MAX_IN_FLIGHT_ENV})",
+)
+
+
+def size_for_worker(sender: Any = None, **_: object) -> None:
+    """Size this worker's pools before it connects (worker_init): its threads (``-c``) set
+    the Redis pools, ledger and broker, and the sink's (each thread writes its batches), and
+    its in-flight bound (``--max-in-flight``) the HTTP connections per host (one event loop
+    makes every async call) and the open files it may need. A bound or a thread count this
+    machine cannot serve stops the worker with one line, exit 2."""
     concurrency = getattr(sender, "concurrency", None)
     if isinstance(concurrency, int) and concurrency > 0:
         _PoolSize.threads = concurrency
+    option = (getattr(sender, "options", None) or {}).get("max_in_flight")
+    try:
+        if option is not None:  # the worker's processes read it from the environment
+            os.environ[MAX_IN_FLIGHT_ENV] = str(check_max_in_flight(option, "--max-in-flight"))
+        bound = max_in_flight()
+        pool = size_pools(_PoolSize.threads)
+        size_sink_pool(_PoolSize.threads)
+        # A socket per call in flight and per thread's own transport, the Redis pools.
+        ensure_open_files(bound + _PoolSize.threads + 3 * pool + SPARE_FILES)
+    except ConfigError as exc:
+        print(f"fanout worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if sender is not None and getattr(sender, "app", None) is not None:
+        conf = sender.app.conf
+        conf.broker_transport_options = {**conf.broker_transport_options,
+                                         "max_connections": pool}
 
 
 def check_sink_at_start(**_: object) -> None:
@@ -384,7 +435,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     def install_filter(logger: logging.Logger, **_: object) -> None:
         _install_outage_filter(log_filter, logger)
 
-    worker_init.connect(_note_pool_size, weak=False, dispatch_uid="fanout-pool-size")
+    app.user_options["worker"].add(MAX_IN_FLIGHT_OPTION)
+    worker_init.connect(size_for_worker, weak=False, dispatch_uid="fanout-pool-size")
     worker_init.connect(check_sink_at_start, weak=False, dispatch_uid="fanout-sink-check")
     worker_shutting_down.connect(_release_sink_gate, weak=False,
                                  dispatch_uid="fanout-sink-gate")

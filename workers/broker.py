@@ -16,6 +16,11 @@ messages came back only after the visibility timeout, and a live worker's task r
 than that ran twice. ``QoS`` records each delivery tag in its worker's held set in the same
 MULTI as kombu's own entry (``keys.worker_held``), and ``held_tags`` gives the heartbeat what
 this process's open channels hold (``workers/liveness.py``).
+
+kombu's pool for a channel's commands (acks, publishes, task events) holds 10 connections and
+then raises "Too many connections": a worker of 256 threads acking at once lost its consumer.
+Here it is sized by the transport option ``max_connections`` (the worker sets it from its
+threads, ``app.size_pools``) and waits for a free connection instead.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from queue import Empty
 from time import time
 from typing import Any
 
+import redis
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from workers import keys
+from workers.connections import POOL_WAIT_S
 from workers.engine.services import services
 from workers.liveness import worker_id
 from workers.message import (
@@ -142,6 +149,13 @@ class Channel(kombu_redis.Channel):
         if self._shared_client is None:
             self._shared_client = super()._create_client()
         return self._shared_client
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        if asynchronous:  # kombu's own, for its BRPOP connection
+            return super()._get_pool(asynchronous=True)
+        params = self._connparams()
+        self.keyprefix_fanout = self.keyprefix_fanout.format(db=params["db"])
+        return redis.BlockingConnectionPool(timeout=POOL_WAIT_S, **params)
 
     def _disconnect_pools(self) -> None:
         self._shared_client = None

@@ -1,4 +1,11 @@
-"""Where Redis is, and one shared client per process (redis-py's pool is thread-safe)."""
+"""Where Redis is, and one shared client per process (redis-py's pool is thread-safe).
+
+The client's pool is sized from the threads that share it (``size_pools``, told by the worker
+at its start: its pool's threads) and waits when every connection is taken, instead of
+failing with "Too many connections" (redis-py's default pool holds 100 and then raises: a
+worker with 256 threads left claimed messages stranded). The event loop of async stages is
+one thread, however many calls it has in flight.
+"""
 
 from __future__ import annotations
 
@@ -38,9 +45,40 @@ def check_reachable(url: str) -> None:
         raise ConfigError(f"cannot reach Redis at {redact(url)}: {exc}") from None
 
 
+#: Connections a process needs besides one per thread that runs tasks: the event loop and
+#: its executor, the heartbeat, mover and reaper, lease renewals, the sink gate.
+SPARE_CONNECTIONS = 24
+#: The most connections a process opens to one Redis: beyond it, threads wait their turn (a
+#: command holds a connection for a round trip), and Redis's own client limit stays far off.
+MAX_POOL = 512
+#: How long a command waits for a connection before it fails (a Redis error: its batch goes
+#: back). A healthy pool frees one within a round trip.
+POOL_WAIT_S = 30.0
+
+
+class _Pools:
+    threads = 100 - SPARE_CONNECTIONS  # until told: redis-py's default of 100 connections
+
+
+def size_pools(threads: int) -> int:
+    """Size the Redis pools for ``threads`` threads running tasks (a worker calls this at
+    its start, before any client exists). Returns the pool size."""
+    _Pools.threads = max(1, threads)
+    return pool_size()
+
+
+def pool_size() -> int:
+    """Connections per Redis client of this process."""
+    return min(MAX_POOL, _Pools.threads + SPARE_CONNECTIONS)
+
+
 @functools.cache
 def _client_for(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    pool = redis.BlockingConnectionPool.from_url(
+        url, decode_responses=True, health_check_interval=30, max_connections=pool_size(),
+        timeout=POOL_WAIT_S,
+    )
+    return redis.Redis(connection_pool=pool)
 
 
 def broker_redis(broker_url: str) -> redis.Redis | None:

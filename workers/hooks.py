@@ -117,6 +117,12 @@ class Hook:
         """Called before the stage function; a decision replaces the call."""
         return None
 
+    async def before_async(self, ctx: StageContext, item: Any) -> Decision | None:
+        """``before`` for an item of an ``async def`` stage, on the worker's event loop.
+        By default it calls ``before``; a hook that may wait (for a limit) overrides it, so
+        the loop's other items go on meanwhile."""
+        return self.before(ctx, item)
+
     def after(self, ctx: StageContext, item: Any, result: StageResult) -> None:
         """Called after the stage function returned (not for a served or skipped item)."""
 
@@ -141,6 +147,15 @@ class HookCalls:
     def before(self, ctx: StageContext, item: Any) -> Decision | None:
         for hook in self.hooks:
             decision = hook.before(ctx, item)  # raising: the item's error
+            self.entered.append(hook)
+            if decision is not None:
+                return decision
+        return None
+
+    async def before_async(self, ctx: StageContext, item: Any) -> Decision | None:
+        """``before`` for an async stage's item (each hook's ``before_async``)."""
+        for hook in self.hooks:
+            decision = await hook.before_async(ctx, item)  # raising: the item's error
             self.entered.append(hook)
             if decision is not None:
                 return decision

@@ -1,24 +1,31 @@
-"""JSON calls to the vendor with tenacity retries, over one keep-alive transport per thread.
+"""JSON calls to the vendor with tenacity retries: ``request_json`` over one keep-alive
+transport per thread, ``request_json_async`` (for ``async def`` stages) over one pooled
+transport per event loop (``http_async_transport.py``).
 
 Retried: connect/read timeouts, transport errors, 5xx, 408 and 429 (honouring
 ``Retry-After``), with exponential backoff and jitter. Never retried: other 4xx, which are
 permanent (the stage fails at once, whatever its retries). What finally fails raises
 ``VendorHTTPError`` carrying the status and a short excerpt of the body. Every try is counted
-per thread (``tries``), so a failed item reports its HTTP retries too. A proxy named in the
+per thread, or per asyncio task (``tries``, a context variable), so a failed item reports its
+HTTP retries too. A proxy named in the
 environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY) is honoured as httpx honours it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import os
 import threading
 import urllib.request
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from tenacity import (
+    AsyncRetrying,
     RetryCallState,
     Retrying,
     retry_if_exception,
@@ -26,7 +33,9 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from workers.http_transport import KeepAliveTransport
+from workers.event_loop import max_in_flight
+from workers.http_async_transport import AsyncKeepAliveTransport
+from workers.http_transport import Call, KeepAliveTransport, plain_get
 from workers.policy.retry import RetryAfter
 from workers.settings import get_settings
 from workers.throttle import throttle
@@ -50,14 +59,20 @@ class VendorHTTPError(RetryAfter):
         return 400 <= self.status < 500 and self.status not in (408, 429)
 
 
+#: HTTP tries of the item running in this thread or asyncio task (each task of a batch's
+#: async items has its own copy of the context).
+_tries: contextvars.ContextVar[int] = contextvars.ContextVar("fanout_http_tries", default=0)
+
+
 def reset_tries() -> None:
-    """Start counting this thread's HTTP tries afresh (the engine does, per item)."""
-    _local.tries = 0
+    """Start counting this thread's (or task's) HTTP tries afresh (the engine does, per
+    item)."""
+    _tries.set(0)
 
 
 def tries() -> int:
-    """HTTP tries made by this thread since ``reset_tries``."""
-    return int(getattr(_local, "tries", 0))
+    """HTTP tries made by this thread (or task) since ``reset_tries``."""
+    return _tries.get()
 
 
 # Compressed answers are asked for as httpx.Client asks (httpx decodes them when read).
@@ -119,15 +134,72 @@ def _send(method: str, url: str, client: httpx.Client | None, **kwargs: Any) -> 
     way = _thread_http()
     if way.proxied is not None:
         return way.proxied.request(method, url, **kwargs)
-    return way.transport.fetch(httpx.Request(method, url, headers=_HEADERS, **kwargs),
-                               way.timeout)
+    call = _plain_call(method, url, kwargs) or \
+        Call.of(httpx.Request(method, url, headers=_HEADERS, **kwargs))
+    return way.transport.send(call, way.timeout)
+
+
+def _plain_call(method: str, url: str, kwargs: dict[str, Any]) -> Call | None:
+    """A plain GET's wire form, made here (``plain_get``: httpx's own request, byte for byte,
+    without its URL parsing); None for any other call (``httpx.Request`` makes it)."""
+    if method == "GET" and kwargs.keys() <= {"params"}:
+        return plain_get(url, kwargs.get("params"), _HEADERS)
+    return None
 
 
 def _counted_send(
     method: str, url: str, client: httpx.Client | None, **kwargs: Any
 ) -> httpx.Response:
-    _local.tries = tries() + 1
+    _tries.set(_tries.get() + 1)
     return _send(method, url, client, **kwargs)
+
+
+@dataclass(frozen=True)
+class _LoopHTTP:
+    """One event loop's way to the vendor, shared by every async call on it."""
+
+    transport: AsyncKeepAliveTransport
+    timeout: dict[str, Any]  # httpx's request extensions form
+    proxied: httpx.AsyncClient | None  # as for threads: when the environment names a proxy
+
+
+_loop_http: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopHTTP] = \
+    weakref.WeakKeyDictionary()
+
+
+def _http_of_loop() -> _LoopHTTP:
+    """The running loop's way to the vendor, made on its first call: at most the process's
+    in-flight bound of connections per host (``event_loop.max_in_flight``)."""
+    loop = asyncio.get_running_loop()
+    entry = _loop_http.get(loop)
+    if entry is None:
+        timeout_s = get_settings().http_timeout_s
+        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
+        bound = max_in_flight()
+        proxied = httpx.AsyncClient(
+            timeout=timeout, headers=_HEADERS,
+            limits=httpx.Limits(max_connections=bound, max_keepalive_connections=bound),
+        ) if environment_proxies() else None
+        entry = _loop_http[loop] = _LoopHTTP(AsyncKeepAliveTransport(bound), timeout.as_dict(),
+                                             proxied)
+    return entry
+
+
+async def _counted_send_async(
+    method: str, url: str, client: httpx.AsyncClient | None, **kwargs: Any
+) -> httpx.Response:
+    _tries.set(_tries.get() + 1)
+    if client is not None:
+        return await client.request(method, url, **kwargs)
+    way = _http_of_loop()
+    if way.proxied is not None:
+        return await way.proxied.request(method, url, **kwargs)
+    call = _plain_call(method, url, kwargs)
+    if call is None:
+        request = httpx.Request(method, url, headers=_HEADERS, **kwargs)
+        await request.aread()  # a streamed body may be async
+        call = Call.of(request)
+    return await way.transport.send(call, way.timeout)
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -151,6 +223,33 @@ def _wait_s(state: RetryCallState, backoff: wait_exponential_jitter) -> float:
     if isinstance(exc, VendorHTTPError) and exc.retry_after_s is not None:
         wait = max(wait, exc.retry_after_s)
     return wait
+
+
+def _json_of(response: httpx.Response, url: str, limit: str | None) -> Any:
+    """The answer's JSON, or a ``VendorHTTPError`` (status, body excerpt, Retry-After)."""
+    if response.status_code >= 400:
+        raise VendorHTTPError(response.status_code, url, response.text,
+                              _retry_after_s(response))
+    return response.json()
+
+
+def _pushes_back(error: Exception, limit: str | None) -> float | None:
+    """The Retry-After of a 429 or 503 on a call through ``limit``, or None."""
+    if (limit and isinstance(error, VendorHTTPError) and error.retry_after_s is not None
+            and error.status in (429, 503)):
+        return error.retry_after_s
+    return None
+
+
+def _retry_options(retries: int, backoff_initial_s: float, backoff_max_s: float
+                   ) -> dict[str, Any]:
+    backoff = wait_exponential_jitter(multiplier=backoff_initial_s, max=backoff_max_s)
+    return {
+        "stop": stop_after_attempt(retries + 1),
+        "retry": retry_if_exception(is_retryable),
+        "wait": functools.partial(_wait_s, backoff=backoff),
+        "reraise": True,
+    }
 
 
 def request_json(
@@ -178,14 +277,13 @@ def request_json(
                 _thread_http().prepare(url)
             with throttle().hold(limit):
                 response = _counted_send(method, url, client, **kwargs)
-        if response.status_code >= 400:
-            error = VendorHTTPError(
-                response.status_code, url, response.text, _retry_after_s(response)
-            )
-            if limit and error.retry_after_s is not None and error.status in (429, 503):
-                throttle().push_back(limit, error.retry_after_s)
-            raise error
-        return response.json()
+        try:
+            return _json_of(response, url, limit)
+        except VendorHTTPError as error:
+            wait_s = _pushes_back(error, limit)
+            if limit and wait_s is not None:
+                throttle().push_back(limit, wait_s)
+            raise
 
     # The first try runs bare: tenacity's set-up was a tenth of a successful call's CPU.
     try:
@@ -202,10 +300,50 @@ def request_json(
             raise first_failure.pop()
         return attempt()
 
-    backoff = wait_exponential_jitter(multiplier=backoff_initial_s, max=backoff_max_s)
-    return Retrying(
-        stop=stop_after_attempt(retries + 1),
-        retry=retry_if_exception(is_retryable),
-        wait=functools.partial(_wait_s, backoff=backoff),
-        reraise=True,
-    )(again)
+    return Retrying(**_retry_options(retries, backoff_initial_s, backoff_max_s))(again)
+
+
+async def request_json_async(
+    method: str,
+    url: str,
+    *,
+    retries: int = 3,
+    backoff_initial_s: float = 0.2,
+    backoff_max_s: float = 10.0,
+    client: httpx.AsyncClient | None = None,
+    limit: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """``request_json`` for an ``async def`` stage: the same retries (tenacity's
+    ``AsyncRetrying``, waiting with ``asyncio.sleep``), the same errors and the same global
+    ``limit``, whose waits never block the event loop (``Throttle.hold_async``). The calls of
+    one process share a pool of keep-alive connections per host, as many as its in-flight
+    bound; ``client``: an ``httpx.AsyncClient`` of the stage's own instead."""
+    async def attempt() -> Any:
+        if limit is None or await throttle().config_async(limit) is None:  # (read once a second)
+            response = await _counted_send_async(method, url, client, **kwargs)
+        else:
+            async with throttle().hold_async(limit):
+                response = await _counted_send_async(method, url, client, **kwargs)
+        try:
+            return _json_of(response, url, limit)
+        except VendorHTTPError as error:
+            wait_s = _pushes_back(error, limit)
+            if limit and wait_s is not None:
+                await throttle().push_back_async(limit, wait_s)
+            raise
+
+    try:  # bare first try, as in request_json
+        return await attempt()
+    except Exception as exc:
+        if retries < 1 or not is_retryable(exc):
+            raise
+        first_failure = [exc]
+
+    async def again() -> Any:
+        if first_failure:
+            raise first_failure.pop()
+        return await attempt()
+
+    return await AsyncRetrying(**_retry_options(retries, backoff_initial_s, backoff_max_s))(
+        again)

@@ -12,6 +12,7 @@ their script (another), so a ``fanout limits set`` takes effect at once everywhe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
@@ -191,6 +192,23 @@ class Limits:
             return Permit(False, held_s)
         if held_s > 0:
             sleep(held_s)
+        return Permit(True, 0.0)
+
+    async def acquire_async(
+        self, name: str, *, max_wait_s: float, cost: int = 1, headroom: float = 1.0
+    ) -> Permit:
+        """``acquire`` for an event loop: its Redis calls run in the loop's executor and its
+        waits are ``asyncio.sleep``, so the loop's other calls go on meanwhile."""
+        permit = await asyncio.to_thread(self.try_acquire, name, cost, headroom=headroom,
+                                         max_wait_s=max_wait_s)
+        if not (permit.allowed and permit.wait_s > 0):
+            return permit
+        await asyncio.sleep(permit.wait_s)
+        held_s = await asyncio.to_thread(self.pushed_back_s, name)
+        if held_s > max_wait_s:
+            return Permit(False, held_s)
+        if held_s > 0:
+            await asyncio.sleep(held_s)
         return Permit(True, 0.0)
 
     def pushed_back_s(self, name: str) -> float:

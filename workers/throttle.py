@@ -8,18 +8,26 @@ worker thread; a wait longer than ``short_wait_s`` raises ``Throttled``, and the
 item back in the scheduler for that long, counted ``throttled`` (not a retry): no thread sleeps
 for minutes. ``push_back`` is the vendor's own 429/503: nothing passes the limit until its
 Retry-After, for every worker, once. A limit nobody has set does not limit.
+
+``hold_async`` is the same for a call on an event loop (``async def`` stages): its Redis calls
+run in the loop's executor and its waits are ``asyncio.sleep``, so a call waiting for its
+turn never blocks the other calls in flight. The calls of one loop waiting for a concurrency
+slot queue at a local gate as wide as the limit (no process can hold more of its slots), so
+a thousand calls in flight do not poll Redis for five slots.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 
 from workers.connections import get_redis
 from workers.limits import Lease, LimitConfig, Limits
@@ -47,6 +55,15 @@ class Throttled(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class Turn:
+    """What an async call holds of a limit: its slot's lease, and its place at this loop's
+    gate of the limit (``Throttle.leave_turn`` gives both back)."""
+
+    lease: Lease | None
+    gate: asyncio.Semaphore | None
+
+
 class Throttle:
     def __init__(
         self, limits: Limits, *, short_wait_s: float = SHORT_WAIT_S, lease_s: float = LEASE_S,
@@ -57,6 +74,9 @@ class Throttle:
         self.lease_s = lease_s
         self.clock = clock
         self._configs: dict[str, tuple[float, LimitConfig | None]] = {}
+        # Per event loop and limit: (its concurrency when made, the gate).
+        self._gates: dict[tuple[asyncio.AbstractEventLoop, str],
+                          tuple[int, asyncio.Semaphore]] = {}
 
     def config(self, name: str) -> LimitConfig | None:
         """The limit's configuration, read at most once a second per process."""
@@ -107,6 +127,79 @@ class Throttle:
         if self.config(name) is not None:
             self.limits.push_back(name, retry_after_s)
 
+    # -- on an event loop -----------------------------------------------------------------
+
+    async def config_async(self, name: str) -> LimitConfig | None:
+        """``config``, read off the loop when it is due."""
+        cached = self._configs.get(name)
+        if cached is None or self.clock() - cached[0] > _CONFIG_TTL_S:
+            found = await asyncio.to_thread(self.limits.get, name)
+            cached = self._configs[name] = (self.clock(), found)
+        return cached[1]
+
+    async def take_async(self, name: str) -> LimitConfig | None:
+        """``take`` without blocking the loop: a short wait is an ``asyncio.sleep``."""
+        config = await self.config_async(name)
+        if config is None:
+            return None
+        permit = await self.limits.acquire_async(name, max_wait_s=self.short_wait_s,
+                                                 headroom=HEADROOM)
+        if not permit.allowed:
+            raise Throttled(permit.wait_s, f"rate limit {name}: wait {permit.wait_s:.2f}s")
+        return config
+
+    async def enter_async(self, name: str, holder: str) -> Turn:
+        """``enter`` without blocking the loop. Give the turn back with ``leave_turn``."""
+        config = await self.take_async(name)
+        if config is None or config.concurrency is None:
+            return Turn(None, None)
+        deadline = self.clock() + self.short_wait_s
+        gate = self._gate(name, config.concurrency)
+        try:
+            await asyncio.wait_for(gate.acquire(), self.short_wait_s)
+        except TimeoutError:
+            raise Throttled(self.short_wait_s, f"limit {name}: every slot is taken") from None
+        try:
+            while not await asyncio.to_thread(self.limits.acquire_slot, name, holder,
+                                              self.lease_s):
+                if self.clock() >= deadline:
+                    raise Throttled(self.short_wait_s, f"limit {name}: every slot is taken")
+                await asyncio.sleep(_SLOT_POLL_S)
+        except BaseException:
+            gate.release()
+            raise
+        return Turn(Lease(name, holder, self.lease_s, self.limits.renew_slot), gate)
+
+    def leave_turn(self, turn: Turn) -> None:
+        """Give back the slot (one short Redis call) and the place at the gate."""
+        try:
+            self.leave(turn.lease)
+        finally:
+            if turn.gate is not None:
+                turn.gate.release()
+
+    @asynccontextmanager
+    async def hold_async(self, name: str, holder: str | None = None) -> AsyncIterator[None]:
+        turn = await self.enter_async(name, holder or new_holder())
+        try:
+            yield
+        finally:
+            if turn.lease is not None:
+                await asyncio.to_thread(self.leave, turn.lease)
+            if turn.gate is not None:
+                turn.gate.release()
+
+    async def push_back_async(self, name: str, retry_after_s: float) -> None:
+        await asyncio.to_thread(self.push_back, name, retry_after_s)
+
+    def _gate(self, name: str, concurrency: int) -> asyncio.Semaphore:
+        """This loop's gate of the limit, as wide as its slots (made anew when they change)."""
+        key = (asyncio.get_running_loop(), name)
+        found = self._gates.get(key)
+        if found is None or found[0] != concurrency:
+            found = self._gates[key] = (concurrency, asyncio.Semaphore(concurrency))
+        return found[1]
+
 
 _HOLDERS = itertools.count()
 _HOST = socket.gethostname()
@@ -125,13 +218,27 @@ def _for_process(pid: int) -> Throttle:
 _lock = threading.Lock()
 
 
+_throttles: dict[int, Throttle] = {}
+
+
 def throttle() -> Throttle:
     """This process's throttle (a forked child makes its own)."""
-    with _lock:
-        return _for_process(os.getpid())
+    found = _throttles.get(os.getpid())
+    if found is None:
+        with _lock:
+            found = _throttles.get(os.getpid())
+            if found is None:
+                found = _throttles[os.getpid()] = _for_process(os.getpid())
+    return found
 
 
 def rate_limit(name: str) -> None:
     """Prefect's ``rate_limit("github-api")`` inside a stage: wait for the global limit (a long
     wait runs the item again later, counted ``throttled``)."""
     throttle().take(name)
+
+
+async def rate_limit_async(name: str) -> None:
+    """``rate_limit`` inside an ``async def`` stage: ``await rate_limit_async("github-api")``
+    waits without blocking the worker's event loop."""
+    await throttle().take_async(name)

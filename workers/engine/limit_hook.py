@@ -1,6 +1,8 @@
 """A stage's declared limits (``@flow.stage(..., limits=["github-api"])``) as a hook: each item
 goes through each limit before its stage runs, holds a concurrency slot (if the limit has
-any) until it ends, and a vendor's Retry-After pushes the limit back for everyone."""
+any) until it ends, and a vendor's Retry-After pushes the limit back for everyone. An item
+of an async stage waits for its turn on the event loop without blocking it
+(``Throttle.enter_async``)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from workers.hooks import Decision, Defer, Hook, StageResult
 from workers.http import VendorHTTPError
 from workers.limits import Lease
 from workers.policy.limit_options import OPTIONS
-from workers.throttle import Throttle, Throttled, throttle
+from workers.throttle import Throttle, Throttled, Turn, throttle
 
 if TYPE_CHECKING:
     from workers.api import Stage
@@ -32,7 +34,7 @@ class LimitHook(Hook):
     def __init__(self, name: str, throttle: Throttle) -> None:
         self.name = name
         self.throttle = throttle
-        self._held: dict[str, Lease] = {}
+        self._held: dict[str, Lease | Turn] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -49,11 +51,24 @@ class LimitHook(Hook):
                 self._held[self._holder(ctx)] = lease
         return None
 
+    async def before_async(self, ctx: StageContext, item: Any) -> Decision | None:
+        try:
+            turn = await self.throttle.enter_async(self.name, self._holder(ctx))
+        except Throttled as held:
+            return Defer(held.wait_s, held.reason)
+        if turn.lease is not None or turn.gate is not None:
+            with self._lock:
+                self._held[self._holder(ctx)] = turn
+        return None
+
     def _leave(self, ctx: StageContext) -> None:
         with self._lock:
-            lease = self._held.pop(self._holder(ctx), None)
+            held = self._held.pop(self._holder(ctx), None)
         try:
-            self.throttle.leave(lease)
+            if isinstance(held, Turn):
+                self.throttle.leave_turn(held)  # on the loop: one short Redis call
+            else:
+                self.throttle.leave(held)
         except Exception as exc:  # the lease expires by itself; the item's outcome stands
             log.warning("could not release a slot of limit %s: %s", self.name, exc)
 

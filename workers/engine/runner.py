@@ -11,6 +11,11 @@ ledger. Order matters for at-least-once delivery with exactly-once accounting:
 A worker killed anywhere before 4 leaves the item pending; its message comes back and steps
 2-3 are repeated, which is harmless: registration and the sink are idempotent.
 
+The items of an ``async def`` stage take the same path, but together: a batch's async items
+run as tasks on the process's event loop (``workers/event_loop.py``), each with a turn of its
+in-flight bound, while the worker thread waits for all of them; step 4 is then done once for
+the whole batch, as for sync items. A sync stage's items run one after another, as before.
+
 Each error in its bucket: a stage (or a hook's ``before``) that raises fails its item, tried
 again when a hook asks (``Hook.retry``; the stage's retry policy is the last hook), logged and
 recorded with its traceback once final; a raising ``after`` or ``on_failure`` is logged and
@@ -23,13 +28,15 @@ go back, as on a Redis error (``INFRA_ERRORS``).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import inspect
 import logging
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 from kombu.exceptions import OperationalError
@@ -41,7 +48,8 @@ from workers.engine import batch_maps
 from workers.engine.batch_record import Batch, CopyOf, failure_of, format_traceback, record
 from workers.engine.services import Services
 from workers.engine.stage_hooks import hooks_for
-from workers.hooks import Defer, Hook, HookCalls, Serve, Skip, StageResult
+from workers.event_loop import max_in_flight, process_loop
+from workers.hooks import Decision, Defer, Hook, HookCalls, Serve, Skip, StageResult
 from workers.ids import RawJSON, canonical_json, item_id, loop_parent
 from workers.ledger import Finish
 from workers.looping import Loop, LoopLimitExceeded, LoopState
@@ -54,6 +62,13 @@ log = logging.getLogger("fanout")
 
 #: Errors of fanout's own infrastructure: the item did not fail, its message goes back.
 INFRA_ERRORS = (redis.RedisError, OperationalError, SinkDown)
+
+
+def is_async(stage: Stage) -> bool:
+    """Whether the stage is an ``async def`` (its items run on the process's event loop)."""
+    return inspect.iscoroutinefunction(stage.fn)
+
+
 def publish_children(
     services: Services, stage: Stage, run_id: str, parent_id: str, items: Sequence[Any]
 ) -> int:
@@ -110,6 +125,7 @@ class StageRunner:
     def __init__(self, services: Services, claim_share: int = 1) -> None:
         self.services = services
         self.claim_share = claim_share  # the threads of this worker a claim competes with
+        self.in_flight_bound = max_in_flight()  # the items of async stages it may run at once
         self._params: dict[str, dict[str, Any]] = {}
         self._stage_hooks: dict[str, tuple[Hook, ...]] = {}
         self._params_lock = threading.Lock()
@@ -118,13 +134,17 @@ class StageRunner:
 
     def run_claimed(self, first: Delivery, stage: Stage) -> list[ItemReport]:
         """Run ``first`` and, for a ``claim_batch`` stage, up to N-1 more messages claimed
-        from its queue (no more than this thread's fair share of what waits, so a short queue
-        is spread over the threads). A claimed message that does not decode is
-        dead-lettered; the rest of the batch goes on. Claims are released once their items
-        are recorded, or given back at once when they cannot be."""
+        from its queue. For a sync stage, no more than this thread's fair share of what
+        waits, so a short queue is spread over the threads (its items run one after
+        another). An async stage's items run together, so its thread claims its share of the
+        process's in-flight bound instead, whatever waits. A claimed message that does not
+        decode is dead-lettered; the rest of the batch goes on. Claims are released once
+        their items are recorded, or given back at once when they cannot be."""
         transport = self.services.transport
-        claimed = transport.claim(stage.queue, stage.claim_batch - 1, self.claim_share) \
-            if stage.claim_batch > 1 else []
+        size, share = stage.claim_batch, self.claim_share
+        if is_async(stage):
+            size, share = min(size, -(-self.in_flight_bound // self.claim_share)), 1
+        claimed = transport.claim(stage.queue, size - 1, share) if size > 1 else []
         work = [(first, stage)]
         runnable: list[str] = []
         for raw in claimed:
@@ -134,7 +154,7 @@ class StageRunner:
                 runnable.append(raw)
         try:
             reports = self.run(work)
-        except INFRA_ERRORS:
+        except BaseException:  # an infrastructure error, or anything unforeseen
             self._give_back(stage.queue, claimed, runnable)
             raise
         transport.release(stage.queue, claimed)
@@ -158,11 +178,13 @@ class StageRunner:
                         len(runnable), queue, exc)
 
     def run(self, work: Sequence[tuple[Delivery, Stage]]) -> list[ItemReport]:
-        """Run deliveries (each with its stage); returns what happened to each."""
+        """Run deliveries (each with its stage); returns what happened to each. Items of
+        ``async def`` stages run together on the process's event loop, after the others."""
         ledger = self.services.ledger
         progress = ledger.items.progress_many([(d.run_id, d.item_id) for d, _ in work])
         batch = Batch()
         ran: list[tuple[Delivery, Outcome, float]] = []
+        waiting: list[tuple[int, Delivery, Stage]] = []  # async items: (index in ran, ...)
         seen: set[CopyOf] = set()
         for (delivery, stage), (state, iteration, stopped) in zip(work, progress, strict=True):
             started = time.perf_counter()
@@ -173,10 +195,21 @@ class StageRunner:
                 batch.add(Finish(delivery.run_id, stage.name, delivery.item_id,
                                  Outcome.SKIPPED, iteration))
                 outcome = Outcome.SKIPPED
+            elif (not_runnable := self._not_runnable(delivery, stage, state, iteration)):
+                outcome = not_runnable
+            elif is_async(stage):
+                waiting.append((len(ran), delivery, stage))
+                outcome = Outcome.UNKNOWN_ITEM  # a placeholder: replaced once it has run
             else:
-                outcome = self._run_one(delivery, stage, state, iteration, batch)
+                outcome = self._run_one(delivery, stage, batch)
             seen.add(copy_of)
             ran.append((delivery, outcome, time.perf_counter() - started))
+        if waiting:
+            loop = process_loop()
+            ended = loop.run(self._run_together([(d, s) for _, d, s in waiting], batch,
+                                                loop.in_flight))
+            for (index, delivery, _), (outcome, runtime_s) in zip(waiting, ended, strict=True):
+                ran[index] = (delivery, outcome, runtime_s)
         refused = record(self.services, batch)
         reports = []
         for delivery, outcome, runtime_s in ran:
@@ -200,9 +233,10 @@ class StageRunner:
             return None
         return delivery, own
 
-    def _run_one(
-        self, delivery: Delivery, stage: Stage, state: str | None, iteration: int, batch: Batch
-    ) -> Outcome:
+    def _not_runnable(
+        self, delivery: Delivery, stage: Stage, state: str | None, iteration: int
+    ) -> Outcome | None:
+        """Why the ledger says this delivery must not run, or None."""
         if state is None:
             log.warning("%s %s: unknown item (run expired?), dropped", stage.task_name,
                         delivery.item_id)
@@ -211,15 +245,21 @@ class StageRunner:
             return Outcome.DUPLICATE
         if iteration != delivery.iteration:
             return Outcome.STALE  # the loop has moved on; this is an old copy
+        return None
+
+    def _context(self, delivery: Delivery, stage: Stage) -> tuple[StageContext, HookCalls]:
         pipeline = get_pipeline(stage.pipeline)
         ctx = StageContext(
             delivery.run_id, delivery.item_id, stage.pipeline, stage.name,
             self._run_params(delivery.run_id), delivery.attempt,
             LoopState(delivery.iteration, delivery.loop_payload), frozenset(pipeline.stages),
         )
-        hooks = HookCalls(self._hooks(pipeline, stage))
+        return ctx, HookCalls(self._hooks(pipeline, stage))
+
+    def _run_one(self, delivery: Delivery, stage: Stage, batch: Batch) -> Outcome:
+        ctx, hooks = self._context(delivery, stage)
         try:
-            served = self._before(hooks, delivery, stage, ctx, batch)
+            served = self._decide(hooks.before(ctx, delivery.payload), delivery, stage, batch)
             if isinstance(served, Outcome):
                 return served
             if served is not None:
@@ -241,6 +281,60 @@ class StageRunner:
         except Exception as exc:
             return self._failed(delivery, stage, ctx, hooks, exc, batch)
 
+    # -- async items: together on the process's event loop --------------------------------
+
+    async def _run_together(
+        self, items: Sequence[tuple[Delivery, Stage]], batch: Batch, bound: asyncio.Semaphore
+    ) -> list[tuple[Outcome, float]]:
+        """Run async items concurrently, each with a turn of the process's in-flight bound;
+        returns (outcome, runtime) of each. Every item ends before this returns: should one
+        meet an infrastructure error, the others still finish (their slots given back), and
+        then that error is raised, the batch unrecorded, as a sync batch would."""
+        ended = await asyncio.gather(
+            *(self._run_one_async(d, s, batch, bound) for d, s in items),
+            return_exceptions=True,
+        )
+        for result in ended:
+            if isinstance(result, BaseException):
+                raise result
+        return cast(list[tuple[Outcome, float]], ended)
+
+    async def _run_one_async(
+        self, delivery: Delivery, stage: Stage, batch: Batch, bound: asyncio.Semaphore
+    ) -> tuple[Outcome, float]:
+        """``_run_one`` for an item of an ``async def`` stage, in a task of its own (its own
+        HTTP try count). Hooks run here, on the loop: ``before_async`` may wait for a limit
+        without blocking it; the rest are short."""
+        async with bound:
+            started = time.perf_counter()
+            ctx, hooks = self._context(delivery, stage)
+            try:
+                decision = await hooks.before_async(ctx, delivery.payload)
+                served = self._decide(decision, delivery, stage, batch)
+                if isinstance(served, Outcome):
+                    outcome = served
+                elif served is not None:
+                    outcome = self._complete(delivery, stage, served, batch, Outcome.CACHED)
+                else:
+                    http.reset_tries()
+                    try:
+                        returned = await stage.fn(ctx, delivery.payload)
+                    except Loop as signal:
+                        returned = signal
+                    result = self._result(stage, ctx, returned)
+                    hooks.after(ctx, delivery.payload, result)
+                    outcome = self._complete(delivery, stage, result, batch,
+                                             Outcome.SUCCEEDED)
+            except Throttled as held:
+                hooks.on_failure(ctx, delivery.payload, held, final=False)
+                outcome = self._throttle(delivery, stage, held, batch)
+            except INFRA_ERRORS as exc:
+                hooks.on_failure(ctx, delivery.payload, exc, final=False)
+                raise
+            except Exception as exc:
+                outcome = self._failed(delivery, stage, ctx, hooks, exc, batch)
+            return outcome, time.perf_counter() - started
+
     def _hooks(self, pipeline: Pipeline, stage: Stage) -> tuple[Hook, ...]:
         """The pipeline's and the stage's hooks, then those its own options ask for (its
         cache, its limits, its retries: ``stage_hooks.STAGE_HOOKS``)."""
@@ -259,12 +353,11 @@ class StageRunner:
         batch.errors[(delivery.run_id, delivery.item_id, delivery.iteration)] = held
         return Outcome.THROTTLED
 
-    def _before(
-        self, hooks: HookCalls, delivery: Delivery, stage: Stage, ctx: StageContext,
-        batch: Batch,
+    def _decide(
+        self, decision: Decision | None, delivery: Delivery, stage: Stage, batch: Batch,
     ) -> StageResult | Outcome | None:
-        """Ask the hooks: an outcome ends the item here, a result replaces the call."""
-        decision = hooks.before(ctx, delivery.payload)
+        """What the hooks decided: an outcome ends the item here, a result replaces the
+        call, None runs it."""
         if isinstance(decision, Skip):
             batch.add(Finish(delivery.run_id, stage.name, delivery.item_id,
                              Outcome.SKIPPED, delivery.iteration))

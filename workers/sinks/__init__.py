@@ -12,7 +12,7 @@ from workers.sinks.base import NATURAL_KEY, Record, Sink, SinkDataError, SinkDow
 from workers.sinks.sqlite import SqliteSink
 
 __all__ = ["NATURAL_KEY", "Record", "Sink", "SinkDataError", "SinkDown", "check_sink",
-           "check_sink_url", "get_sink", "open_sink"]
+           "check_sink_url", "get_sink", "open_sink", "size_pool"]
 
 
 SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
@@ -55,9 +55,27 @@ def open_sink(url: str) -> Sink:
                 "a PostgreSQL sink needs psycopg 3 and psycopg_pool: "
                 "pip install 'fanout[postgres]'"
             ) from exc
-        return PostgresSink(url)
+        return PostgresSink(url, max_connections=_PoolSize.connections)
     check_sink_url(url)
     raise AssertionError(f"no sink for {url!r}")  # pragma: no cover
+
+
+#: The most connections a process's PostgreSQL sink opens: a batch holds one for its write
+#: (a round trip), so a few serve thousands of threads, and 2 workers x 16 stay well inside
+#: PostgreSQL's default of 100 clients.
+MAX_SINK_CONNECTIONS = 16
+
+
+class _PoolSize:
+    connections = 8
+
+
+def size_pool(threads: int) -> int:
+    """Size the sink's connection pool for ``threads`` threads writing batches (a worker
+    calls this at its start): one each, up to ``MAX_SINK_CONNECTIONS``; a writer that finds
+    them all taken waits for one. Returns the size."""
+    _PoolSize.connections = max(2, min(threads, MAX_SINK_CONNECTIONS))
+    return _PoolSize.connections
 
 
 _sinks: dict[tuple[str | None, str | None, int], Sink] = {}
