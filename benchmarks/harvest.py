@@ -90,6 +90,7 @@ class WorkerConfig:
 MAIN_CONFIG = WorkerConfig(default_processes(), DEFAULT_POOL, DEFAULT_CONCURRENCY)
 POOL_CONFIGS = (
     WorkerConfig(1, "threads", 32),
+    WorkerConfig(2, "threads", 16),  # async stages: fewer threads carry bigger batches
     WorkerConfig(2, "threads", 32),
     WorkerConfig(2, "threads", 64),
     WorkerConfig(1, "prefork", 16),
