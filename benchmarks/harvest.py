@@ -80,6 +80,7 @@ VENDOR_CHECK_SECONDS = 8.0
 MAIN_CONFIG = regimes.FANOUT_THREADS
 POOL_CONFIGS = (
     WorkerConfig(1, "threads", 32),
+    WorkerConfig(2, "threads", 16),  # async stages: fewer threads carry bigger batches
     WorkerConfig(2, "threads", 32),
     WorkerConfig(2, "threads", 64),
     WorkerConfig(1, "prefork", 16),
