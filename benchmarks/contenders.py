@@ -77,7 +77,12 @@ class WorkerConfig:
 
     @property
     def in_flight(self) -> int:
-        """Calls the workers can have in flight at once, all processes together."""
+        """Calls the workers can have in flight at once, all processes together: fanout's
+        --max-in-flight where it is given (its async stages' items share a process's event
+        loop), else one per thread, greenlet or child."""
+        args = list(self.worker_args)
+        if "--max-in-flight" in args:
+            return self.processes * int(args[args.index("--max-in-flight") + 1])
         return self.processes * self.concurrency
 
     @property
