@@ -127,7 +127,9 @@ def test_worker_sigkilled_mid_run_loses_nothing(
     # worker's claimed batch (up to 32 calls of 40 ms) never outlasts it on a loaded machine
     # and runs twice, which would make the refetch count below inexact.
     short_visibility = {"FANOUT_VISIBILITY_TIMEOUT_S": "10"}
-    victim = start_worker(short_visibility, concurrency=8)
+    # 8 calls in flight: the async leaves would otherwise all be in flight at once, and the
+    # run could end before the kill lands.
+    victim = start_worker(short_visibility, concurrency=8, max_in_flight=8)
     run_id = run_demo(vendor, days=10)
 
     wait_for(lambda: leaves_done(run_id) >= 40, what="40 leaves done before the kill")
@@ -169,7 +171,7 @@ def test_worker_stopped_mid_run_finishes_its_work_and_refetches_nothing(
     gives back what it had only prefetched, and exits 0; a new worker ends the run and no
     metric-day is fetched twice."""
     vendor.configure(accounts=2, services=10, latency_ms=40)
-    stopping = start_worker(concurrency=8)
+    stopping = start_worker(concurrency=8, max_in_flight=8)  # as above: the stop lands mid-run
     run_id = run_demo(vendor, days=10)
 
     wait_for(lambda: leaves_done(run_id) >= 40, what="40 leaves done before the stop")
