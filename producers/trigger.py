@@ -12,7 +12,6 @@ from workers.api import Pipeline, get_pipeline, load_pipelines
 from workers.engine import batch_maps
 from workers.engine.services import services
 from workers.ids import item_id
-from workers.keys import RunKeys
 from workers.ledger import LedgerError
 from workers.message import Delivery
 from workers.policy.kill_switch import Switch, to_spec
@@ -157,10 +156,10 @@ def check_priority(priority: object) -> int:
 
 
 def _set_priority(run_id: str, priority: int | None) -> None:
-    """Written beside the run's ledger before anything is published: the run's lane on each
-    stage queue takes it as its weight (``lua/publish.lua``)."""
+    """Written before anything of the run is published: the run's lane on each stage queue
+    takes it as its weight (``lua/publish.lua``)."""
     if priority is not None and priority != 1:
-        services().ledger.redis.hset(RunKeys.of(run_id).run, "priority", priority)
+        services().transport.set_priority(run_id, priority)
 
 
 def stage_order(pipeline: Pipeline, root_stage: str | None = None) -> list[str]:

@@ -122,7 +122,7 @@ def test_small_claims_take_the_runs_in_turn(
 def test_priority_weights_the_claims(
     transport: RedisTransport, redis_client: redis.Redis
 ) -> None:
-    redis_client.hset(keys.RunKeys.of("urgent").run, "priority", 3)
+    transport.set_priority("urgent", 3)
     transport.publish(deliveries("backfill", 1000))
     transport.publish(deliveries("urgent", 1000))
     assert runs_of(transport.claim(QUEUE, 40, 1)) == {"backfill": 10, "urgent": 30}
@@ -177,11 +177,12 @@ def test_a_runs_priority_is_written_before_its_items_are_published(
     redis_client: redis.Redis,
 ) -> None:
     run_id = start_run("fairtest", {"leaf_s": 0, "label": "p"}, roots=[3], priority=7)
-    assert redis_client.hget(keys.RunKeys.of(run_id).run, "priority") == "7"
+    assert redis_client.get(keys.run_priority(run_id)) == "7"
+    assert 0 < redis_client.ttl(keys.run_priority(run_id)) <= services().settings.ledger_ttl_s
     lanes = keys.lane_map(keys.queue_name("fairtest", "spread"))
     assert redis_client.hget(lanes, "weight:0") == "7"
     plain = start_run("fairtest", {"leaf_s": 0, "label": "q"}, roots=[3])
-    assert redis_client.hget(keys.RunKeys.of(plain).run, "priority") is None
+    assert redis_client.get(keys.run_priority(plain)) is None
 
 
 @pytest.mark.parametrize("value", ["0", "101", "high"])

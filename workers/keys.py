@@ -80,7 +80,8 @@ counts them all; each run waiting on the queue has a lane of its own while lanes
 - ``fanout:lanes:QUEUE``      hash: ``run:LANE`` -> the run whose messages wait in lane LANE,
                               ``weight:LANE`` -> its priority, ``credit:LANE`` -> the weighted
                               round-robin's running credit of the lane (``Settings.ledger_ttl_s``)
-A run's priority is the field ``priority`` of its run hash (``fanout:run:{R}``; 1 when unset).
+- ``fanout:run:{R}:priority``  string: run R's priority, its lanes' weight (1 when unset), on
+                              the broker's Redis (``Settings.ledger_ttl_s``)
 
 Schedules (``fanout beat``, ``producers/beat.py``); their configuration is the config file, not
 Redis. For schedule NAME and the run id R of one of its slots (``sched-NAME-SLOT``):
@@ -207,6 +208,10 @@ def queue_lanes(queue: str) -> list[str]:
 
 def lane_map(queue: str) -> str:
     return f"{PREFIX}:lanes:{queue}"
+
+
+def run_priority(run_id: str) -> str:
+    return f"{PREFIX}:run:{{{run_id}}}:priority"
 
 
 # Schedules (fanout beat): see the module docstring.

@@ -44,6 +44,9 @@ class Transport(Protocol):
     def publish(self, deliveries: Sequence[Delivery]) -> None:
         """Put each delivery on its stage's queue."""
 
+    def set_priority(self, run_id: str, priority: int) -> None:
+        """The run's weight in the fair share of every stage queue, before it publishes."""
+
     def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
         """Take up to ``count`` raw messages off ``queue`` to run in a batch, recorded as
         claimed by this worker until ``release``; [] where the broker cannot. ``share``: the
@@ -106,6 +109,9 @@ class RedisTransport:
                     pipe.execute()
         if len(pipe):
             pipe.execute()
+
+    def set_priority(self, run_id: str, priority: int) -> None:
+        self.redis.set(keys.run_priority(run_id), priority, ex=self.ttl_s)
 
     def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
         owner = self.owner()
@@ -183,11 +189,11 @@ class RedisTransport:
 
 def _lane_keys(queue: str, run_id: str | None = None) -> dict[str, str]:
     """The key names ``lua/publish.lua`` and ``lua/claim.lua`` take for ``queue``'s lanes
-    (and ``run_id``'s hash, where its priority is)."""
+    (and ``run_id``'s priority)."""
     named = {f"lane{n}": lane for n, lane in enumerate(keys.queue_lanes(queue))}
     named.update(queue=queue, map=keys.lane_map(queue))
     if run_id is not None:
-        named["run"] = keys.RunKeys.of(run_id).run
+        named["priority"] = keys.run_priority(run_id)
     return named
 
 
@@ -215,6 +221,9 @@ class KombuTransport:
                     content_encoding="utf-8", delivery_mode=2,
                     declare=[self._queue(delivery.queue)], retry=True,
                 )
+
+    def set_priority(self, run_id: str, priority: int) -> None:
+        return None  # RabbitMQ's queues stay FIFO
 
     def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
         return []

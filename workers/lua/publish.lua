@@ -1,8 +1,8 @@
 -- Push one run's messages on a stage queue, in that run's lane: a lane of its own while an
 -- empty one is left, so the claims (claim.lua) and Celery's consumer can take the runs in turn.
--- KEYS: map, run, lane0, lane1, lane2, lane3, lane4, lane5, lane6, lane7, lane8, lane9
+-- KEYS: map, priority, lane0, lane1, lane2, lane3, lane4, lane5, lane6, lane7, lane8, lane9
 --   map: the queue's lane map (run:LANE -> run id, weight:LANE, credit:LANE);
---   run: the run's hash (its field "priority" is the lane's weight, 1 when unset);
+--   priority: the run's priority, the lane's weight (1 when unset);
 --   lane0..lane9: the queue's lanes, kombu's priority steps (lane0 is kombu's own list)
 -- ARGV: [1] run id, [2] ttl_s of the map, [3..] the messages (at most a few thousand)
 -- The run keeps the lane it has; else it takes the first empty lane (lane 0 on a quiet
@@ -27,7 +27,7 @@ if lane == nil then
   if lane == nil then
     lane = shortest_lane
   else
-    local weight = tonumber(redis.call('HGET', KEYS[2], 'priority')) or 1
+    local weight = tonumber(redis.call('GET', KEYS[2])) or 1
     redis.call('HSET', KEYS[1], 'run:' .. lane, ARGV[1], 'weight:' .. lane, weight,
                'credit:' .. lane, 0)
   end
