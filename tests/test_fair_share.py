@@ -4,10 +4,11 @@ priority steps of the queue; claims take from every lane, weighted by the runs' 
 and Celery's consumer pops the lanes in a random order. Real Redis, real worker processes.
 
 The issue's figure (a 500-leaf run beside a 60,000-leaf backfill on 2 workers) is the
-``fairshare`` benchmark; here the same shape scaled down 15x (4,000 + 100 leaves, 2 worker
-processes of 4 threads, a 10 ms sleep leaf), with counts asserted, not times: the small run
-ends while the backfill still has most of its leaves to run. On FIFO queues it ended after
-the backfill's last leaf.
+``fairshare`` benchmark; here the backfill is scaled down 15x and the small run 5x (4,000 +
+100 leaves, 2 worker processes of 4 threads, a 10 ms sleep leaf, so no machine runs the
+backfill before the small run starts), with counts asserted, not times: the small run ends
+while the backfill still has at least half its leaves to run. On main's FIFO queues the
+same test saw the small run end after the backfill's last leaf (4,000 of 4,000).
 """
 
 from __future__ import annotations
