@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 SUITES = ("harvest", "pools", "enqueue", "memory", "loop", "ratelimit", "flower",
-          "vendor")
+          "vendor", "fairshare")
 LOAD_WARNING = 0.5  # load average per core above which other work is likely to skew figures
 
 
@@ -71,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks import report
         from benchmarks.core import Context, SuiteResult, run_suite
         from benchmarks.enqueue import enqueue
+        from benchmarks.fairshare import fairshare
         from benchmarks.flower_memory import flower_memory
         from benchmarks.harvest import harvest, pools
         from benchmarks.loop import loop
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         registry = {"harvest": harvest, "pools": pools, "enqueue": enqueue, "memory": memory,
                     "loop": loop, "ratelimit": ratelimit, "flower": flower_memory,
-                    "vendor": vendor}
+                    "vendor": vendor, "fairshare": fairshare}
         machine = report.machine()
         code_at_start = report.code_state()
         cores = os.cpu_count() or 1

@@ -16,7 +16,7 @@ from producers import flower as flower_cli
 from producers.config_file import config_path
 from producers.errors import CliError, UsageError
 from producers.supervisor import supervise_workers
-from producers.trigger import load_configured_pipelines
+from producers.trigger import MAX_PRIORITY, load_configured_pipelines
 from workers import embedded_redis
 from workers.connections import (
     check_reachable,
@@ -46,6 +46,14 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _priority(text: str) -> int:
+    """A run's priority: 1 to ``trigger.MAX_PRIORITY``."""
+    value = _positive_int(text)
+    if value > MAX_PRIORITY:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_PRIORITY}, got {value}")
     return value
 
 
@@ -160,6 +168,10 @@ def build_parser() -> Parser:
                           "package.module:function (default: none)")
     run.add_argument("--per-item", action="store_true",
                      help="with --kill-switch: check it after every item, not every batch")
+    run.add_argument("--priority", type=_priority, default=None, metavar="N",
+                     help="the run's weight, 1 to 100, when runs share a stage's workers: "
+                          "it gets N items run for each item of a priority-1 run (default: "
+                          "1; runs of equal priority take turns)")
     _add_wait_options(run, "print the run id and return")
 
     status = sub.add_parser("status", help="the recent runs, or one run (--watch: live)")

@@ -182,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             params[key] = value
-    run_id = start_run(args.pipeline, params, roots=roots, root_stage=root_stage, **batch)
+    run_id = start_run(args.pipeline, params, roots=roots, root_stage=root_stage,
+                       priority=args.priority, **batch)
     console = make_console(stderr=True)
     if not args.wait:
         print(run_id)

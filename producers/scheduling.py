@@ -9,6 +9,7 @@ given time::
     enabled = true               # default true
     batch_size = 2               # optional: the roots run as a batch map, 2 at a time...
     kill_switch = "any_failed"   # ...stopped when this trips (policy/kill_switch.py's parse)
+    priority = 3                 # optional: its runs' weight when runs share a stage (1-100)
 
 A pipeline whose root items are data (no roots function, or other roots than it lists) gets
 them as ``items = [...]`` or ``items_file = "repos.json"`` (relative to the config file; a
@@ -43,7 +44,7 @@ from producers.config_file import (
     section,
 )
 from producers.items import read_items
-from producers.trigger import load_configured_pipelines, root_stage_of
+from producers.trigger import check_priority, load_configured_pipelines, root_stage_of
 from workers.api import Pipeline, get_pipeline
 from workers.policy import kill_switch
 from workers.settings import ConfigError, env_int
@@ -55,7 +56,7 @@ DEFAULT_GRACE_S = 3600
 DEFAULT_LEASE_S = 30
 NAME_RE = re.compile(r"[a-z0-9_-]+")
 KEYS = ("cron", "every_s", "tz", "pipeline", "params", "enabled", "batch_size", "kill_switch",
-        "items", "items_file", "root_stage")
+        "items", "items_file", "root_stage", "priority")
 _STAMP = "%Y%m%dT%H%M%SZ"
 _MAX_SLOTS = 10_000  # slots_between never walks further (a stalled beat replays at most this)
 
@@ -74,6 +75,7 @@ class Schedule:
     items: tuple[Any, ...] | None = None  # the root items, given in the config file...
     items_file: str | None = None  # ...or in this file (absolute), read at each fire
     root_stage: str | None = None  # where they go (default: trigger.root_stage_of)
+    priority: int | None = None  # its runs' weight in the fair share (trigger.start_run)
 
     def run_options(self, defaults: RunDefaults | None = None) -> dict[str, Any]:
         """``start_run``'s other options for this schedule's runs: its root items, if it
@@ -89,6 +91,8 @@ class Schedule:
             options["root_stage"] = self.root_stage
         switch = None if self.kill_switch is None else kill_switch.parse(self.kill_switch)
         options.update((defaults or RunDefaults()).fill(self.batch_size, switch))
+        if self.priority is not None:
+            options["priority"] = self.priority
         return options
 
     @property
@@ -233,9 +237,16 @@ def parse_schedule(name: str, table: Any, source: str = "config",
         check_batch_options(batch_size, switch)
     except ValueError as exc:
         raise bad(str(exc)) from None
+    priority = table.get("priority")
+    if priority is not None:
+        try:
+            check_priority(priority)
+        except ConfigError as exc:
+            raise bad(str(exc)) from None
     return Schedule(name=name, pipeline=pipeline, cron=cron, every_s=every_s, tz=tz,
                     params=params, enabled=enabled, batch_size=batch_size, kill_switch=switch,
-                    items=items, items_file=items_file, root_stage=root_stage)
+                    items=items, items_file=items_file, root_stage=root_stage,
+                    priority=priority)
 
 
 def _roots(

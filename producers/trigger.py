@@ -85,15 +85,21 @@ def start_run(
     batch_size: int | None = None,
     kill_switch: Switch | None = None,
     per_item: bool = False,
+    priority: int | None = None,
 ) -> str:
     """Start a run and return its id. Root items come from the pipeline's roots function,
     or are given (``roots``, Prefect's ``task.map(items)``) for ``root_stage`` (by default
     ``root_stage_of``'s choice). They are published only after the run exists. With a
     ``run_id`` that exists already (a schedule slot fired twice), nothing more happens.
     ``batch_size``: the roots are a batch map (prefecto's ``BatchTask``) with an optional
-    ``kill_switch``, checked after every batch and, with ``per_item``, after every item."""
+    ``kill_switch``, checked after every batch and, with ``per_item``, after every item.
+    ``priority``: the run's weight in the fair share of the workers between runs on the same
+    stage (``check_priority``; 1 by default): a run of priority 3 gets 3 items run for each
+    item of a priority-1 run waiting beside it."""
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+    if priority is not None:
+        check_priority(priority)
     load_configured_pipelines()
     pipeline = get_pipeline(pipeline_name)
     if pipeline.check_params:
@@ -124,15 +130,36 @@ def start_run(
     svc = services()
     if batch_size is not None:
         if svc.ledger.runs.create(run_id, pipeline.name, params, stage.name, [], hold=True):
+            _set_priority(run_id, priority)
             spec = None if kill_switch is None else to_spec(kill_switch)
             batch_maps.start(svc, stage, run_id, run_id, list(roots), batch_size, spec,
                              per_item, as_roots=True)
         return run_id
     entries = [(d.item_id, d.payload) for d in deliveries]
     if svc.ledger.runs.create(run_id, pipeline.name, params, stage.name, entries):
+        _set_priority(run_id, priority)
         # Should this process die here, the reaper publishes the roots from the ledger.
         svc.transport.publish(deliveries)
     return run_id
+
+
+MAX_PRIORITY = 100
+
+
+def check_priority(priority: object) -> int:
+    """A run's priority: a whole number from 1 to ``MAX_PRIORITY`` (else ConfigError)."""
+    if isinstance(priority, bool) or not isinstance(priority, int) \
+            or not 1 <= priority <= MAX_PRIORITY:
+        raise ConfigError(f"priority must be a whole number from 1 to {MAX_PRIORITY}, "
+                          f"got {priority!r}")
+    return priority
+
+
+def _set_priority(run_id: str, priority: int | None) -> None:
+    """Written before anything of the run is published: the run's lane on each stage queue
+    takes it as its weight (``lua/publish.lua``)."""
+    if priority is not None and priority != 1:
+        services().transport.set_priority(run_id, priority)
 
 
 def stage_order(pipeline: Pipeline, root_stage: str | None = None) -> list[str]:

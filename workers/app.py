@@ -101,14 +101,17 @@ class BrokerAMQP(AMQP):
     Connection = BrokerConnection
 
 
-def transport_options(visibility_timeout_s: int) -> dict[str, int]:
+def transport_options(visibility_timeout_s: int) -> dict[str, Any]:
     """Redis transport options. kombu sweeps for expired unacked messages every
     interval x throttle seconds (100 s by default); sweep a few times per visibility
-    timeout instead, so a killed worker's messages come back soon after it expires."""
+    timeout instead, so a killed worker's messages come back soon after it expires. A stage
+    queue's lanes are kombu's priority steps (``keys.LANES``): Celery consumes each, and
+    Flower, which reads these options, counts each in the queue's length."""
     return {
         "visibility_timeout": visibility_timeout_s,
         "unacked_restore_interval": max(1, min(10, visibility_timeout_s // 3)),
         "unacked_restore_throttle": 1,
+        "priority_steps": list(range(keys.LANES)),
     }
 
 

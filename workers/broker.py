@@ -21,15 +21,21 @@ kombu's pool for a channel's commands (acks, publishes, task events) holds 10 co
 then raises "Too many connections": a worker of 256 threads acking at once lost its consumer.
 Here it is sized by the transport option ``max_connections`` (the worker sets it from its
 threads, ``app.size_pools``) and waits for a free connection instead.
+
+A stage queue is several lists, one lane per run waiting (kombu's priority steps,
+``transport.py``). kombu's BRPOP names them in step order, so lane 0 would always be served
+first: here each BRPOP names them in a fresh random order, so the messages Celery consumes
+one at a time come from every waiting run alike, as the claims do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 import weakref
 from collections.abc import Sequence
 from queue import Empty
-from time import time
+from time import monotonic, time
 from typing import Any
 
 import redis
@@ -170,6 +176,22 @@ class Channel(kombu_redis.Channel):
             with contextlib.suppress(Empty, *self.connection_errors):
                 self._brpop_read()
         super().close()
+
+    def _brpop_start(self, timeout: Any = None) -> None:
+        # kombu 5.7's own, with the lanes (priority steps) in a random order each time.
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        lanes = random.sample(self.priority_steps, len(self.priority_steps))
+        keys_ = [self._q_for_pri(queue, pri) for pri in lanes for queue in queues]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]  # kombu declares it None
+        command_args = ["BRPOP", *keys_, timeout or 0]
+        if self.global_keyprefix:
+            command_args = self.client._prefix_args(command_args)
+        self.client.connection.send_command(*command_args)
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.7's own, but the popped item is checked before it is delivered.

@@ -73,6 +73,16 @@ Broker side (kombu's own keys): one list per stage queue, named ``fanout.PIPELIN
 - ``fanout:claimers:QUEUE``   hash: claimed message -> the worker id that claimed it: put back
                               when that worker dies, never while it lives
 
+Fair share between runs (``transport.py``, ``lua/publish.lua``, ``lua/claim.lua``): a stage
+queue is ``LANES`` lists, kombu's priority steps of it, so Celery consumes every one and Flower
+counts them all; each run waiting on the queue has a lane of its own while lanes last:
+- ``QUEUE``, ``QUEUE\x06\x161`` .. ``QUEUE\x06\x169``  lists: lane 0 (kombu's list) to lane 9
+- ``fanout:lanes:QUEUE``      hash: ``run:LANE`` -> the run whose messages wait in lane LANE,
+                              ``weight:LANE`` -> its priority, ``credit:LANE`` -> the weighted
+                              round-robin's running credit of the lane (``Settings.ledger_ttl_s``)
+- ``fanout:run:{R}:priority``  string: run R's priority, its lanes' weight (1 when unset), on
+                              the broker's Redis (``Settings.ledger_ttl_s``)
+
 Schedules (``fanout beat``, ``producers/beat.py``); their configuration is the config file, not
 Redis. For schedule NAME and the run id R of one of its slots (``sched-NAME-SLOT``):
 - ``fanout:schedule:slot:R``  string: ``claimed TOKEN`` while one beat triggers the slot
@@ -178,6 +188,30 @@ def worker_reaping(worker_id: str) -> str:
 
 def queue_name(pipeline: str, stage: str) -> str:
     return f"{PREFIX}.{pipeline}.{stage}"
+
+
+# Fair share between runs: a stage queue's lanes (see the module docstring).
+#: Lanes per stage queue: kombu's priority steps 0..9 (``app.transport_options`` sets them).
+LANES = 10
+#: kombu's separator between a queue's name and its priority step.
+LANE_SEP = "\x06\x16"
+
+
+def queue_lane(queue: str, lane: int) -> str:
+    """Lane ``lane`` of ``queue``: kombu's name for priority step ``lane`` (0: the queue)."""
+    return f"{queue}{LANE_SEP}{lane}" if lane else queue
+
+
+def queue_lanes(queue: str) -> list[str]:
+    return [queue_lane(queue, lane) for lane in range(LANES)]
+
+
+def lane_map(queue: str) -> str:
+    return f"{PREFIX}:lanes:{queue}"
+
+
+def run_priority(run_id: str) -> str:
+    return f"{PREFIX}:run:{{{run_id}}}:priority"
 
 
 # Schedules (fanout beat): see the module docstring.

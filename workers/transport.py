@@ -6,6 +6,14 @@ messages for batched consumption (``lua/claim.lua``: each claim names its worker
 back when that worker dies, ``lua/restore_claimed.lua``), and queue depths. ``KombuTransport``
 serves any other broker (RabbitMQ) through kombu's own producer with the same headers and
 body, and has no claims. Nothing above this module reads a queue's raw layout.
+
+Fair share between runs (Redis only): a stage queue is ``keys.LANES`` lists, kombu's own
+priority steps of it, so Celery's consumer pops from all of them and Flower counts them all.
+Each run publishes into a lane of its own while one is free (``lua/publish.lua``), and a
+claim takes from every lane that waits, weighted by its run's priority (``lua/claim.lua``):
+a 500-item run queued behind a 60,000-item one is run beside it, not after it. One run alone
+uses lane 0, kombu's plain list, as before. A message put back (a dead worker's claim, a
+batch given back) goes to lane 0, at the consuming end. On RabbitMQ queues stay FIFO.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ _PUBLISH_CHUNK = 1000
 class Transport(Protocol):
     def publish(self, deliveries: Sequence[Delivery]) -> None:
         """Put each delivery on its stage's queue."""
+
+    def set_priority(self, run_id: str, priority: int) -> None:
+        """The run's weight in the fair share of every stage queue, before it publishes."""
 
     def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
         """Take up to ``count`` raw messages off ``queue`` to run in a batch, recorded as
@@ -78,29 +89,35 @@ class RedisTransport:
         self._owed: list[tuple[str, list[str], bool]] = []
         self._owed_lock = threading.Lock()
         self._claim = scripts.load("claim")
+        self._publish = scripts.load("publish")
         self._restore = scripts.load("restore_claimed")
         self._give_back = scripts.load("give_back")
 
     def publish(self, deliveries: Sequence[Delivery]) -> None:
-        by_queue: dict[str, list[str]] = defaultdict(list)
+        by_lane: dict[tuple[str, str], list[str]] = defaultdict(list)
         for delivery in deliveries:
-            by_queue[delivery.task].append(encode_redis(delivery))
+            by_lane[(delivery.queue, delivery.run_id)].append(encode_redis(delivery))
         pipe = self.redis.pipeline(transaction=False)
-        for task, messages in by_queue.items():
-            queue = keys.queue_name(*task.split(".", 1))
+        for (queue, run_id), messages in by_lane.items():
+            lane_keys = _lane_keys(queue, run_id)
             for start in range(0, len(messages), _PUBLISH_CHUNK):
-                # kombu consumes with BRPOP, so LPUSH keeps FIFO order.
-                pipe.lpush(queue, *messages[start : start + _PUBLISH_CHUNK])
+                # In the run's lane (lua/publish.lua), LPUSHed: kombu consumes with BRPOP.
+                self._publish(self.redis, lane_keys,
+                              [run_id, self.ttl_s, *messages[start : start + _PUBLISH_CHUNK]],
+                              pipe=pipe)
                 if len(pipe) >= 8:
                     pipe.execute()
         if len(pipe):
             pipe.execute()
 
+    def set_priority(self, run_id: str, priority: int) -> None:
+        self.redis.set(keys.run_priority(run_id), priority, ex=self.ttl_s)
+
     def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
-        keys_ = {"queue": queue, "claimed": keys.claimed(queue),
-                 "claimers": keys.claimers(queue), "workers": keys.WORKERS}
         owner = self.owner()
-        keys_["worker_queues"] = keys.worker_queues(owner)
+        keys_ = {**_lane_keys(queue), "claimed": keys.claimed(queue),
+                 "claimers": keys.claimers(queue), "workers": keys.WORKERS,
+                 "worker_queues": keys.worker_queues(owner)}
         taken = self._claim(self.redis, keys_, [count, owner, self.ttl_s, share])
         return [str(m) for m in taken]
 
@@ -164,9 +181,20 @@ class RedisTransport:
 
     def queue_depth(self, queue: str) -> int:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.llen(queue)
+        for lane in keys.queue_lanes(queue):  # read first: a claim moves lane -> claimed
+            pipe.llen(lane)
         pipe.zcard(keys.claimed(queue))
         return sum(int(n) for n in pipe.execute())
+
+
+def _lane_keys(queue: str, run_id: str | None = None) -> dict[str, str]:
+    """The key names ``lua/publish.lua`` and ``lua/claim.lua`` take for ``queue``'s lanes
+    (and ``run_id``'s priority)."""
+    named = {f"lane{n}": lane for n, lane in enumerate(keys.queue_lanes(queue))}
+    named.update(queue=queue, map=keys.lane_map(queue))
+    if run_id is not None:
+        named["priority"] = keys.run_priority(run_id)
+    return named
 
 
 class KombuTransport:
@@ -193,6 +221,9 @@ class KombuTransport:
                     content_encoding="utf-8", delivery_mode=2,
                     declare=[self._queue(delivery.queue)], retry=True,
                 )
+
+    def set_priority(self, run_id: str, priority: int) -> None:
+        return None  # RabbitMQ's queues stay FIFO
 
     def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
         return []
