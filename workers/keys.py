@@ -140,12 +140,13 @@ class LimitKeys:
     tat: str
     backoff: str
     slots: str
+    sent: str  # when the last async call went out (limit_send.lua)
 
     @classmethod
     def of(cls, name: str) -> LimitKeys:
         base = f"{PREFIX}:limit:{{{name}}}"
         return cls(config=base, tat=f"{base}:tat", backoff=f"{base}:backoff",
-                   slots=f"{base}:slots")
+                   slots=f"{base}:slots", sent=f"{base}:sent")
 
 
 def cache(task_name: str, key: str) -> str:

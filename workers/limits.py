@@ -18,12 +18,14 @@ import math
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import redis
+import redis.asyncio as aioredis
 
 from workers import scripts
 from workers.keys import LIMITS_INDEX, LimitKeys
@@ -70,6 +72,19 @@ class LimitConfig:
     concurrency: int | None = None
 
 
+#: The async send check (``lua/limit_send.lua``) spaces calls at least this many intervals of
+#: the rate apart. A vendor counting R calls in any second sees at most (1 + D) / gap + 1 of
+#: them when the calls go out up to D late after their check: with a gap of 1.04 / R that is
+#: R while D <= 1.04 (R - 1) / R - 1, about 30 ms at R = 100. Turns are handed out 1.05
+#: intervals apart (HEADROOM, throttle.py), so the check rarely holds an on-time call, and has
+#: a little room to catch up after a late one.
+SEND_GAP = 1.04
+#: An answer of the send check that reached the loop more than this after Redis gave it is not
+#: used (the loop was busy: the engine's Redis calls run on it, and other processes share the
+#: cores): the call asks again. 25 of the 30 ms above; the rest for the way to the vendor.
+LATE_S = 0.025
+
+
 class Permit(NamedTuple):
     allowed: bool
     wait_s: float  # 0 when allowed; otherwise how long until a request could pass
@@ -86,6 +101,11 @@ class Limits:
         self._backoff = scripts.load("limit_backoff")
         self._slot_acquire = scripts.load("limit_slot_acquire")
         self._slot_renew = scripts.load("limit_slot_renew")
+        self._send = scripts.load("limit_send")
+        # Per event loop: its asyncio client (``acquire_async`` and the other ``*_async``).
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopRedis | None] \
+            = weakref.WeakKeyDictionary()
+        self.late_turns = 0  # send checks ``acquire_async`` did not use (answered late)
 
     # --- configuration ---
     def set_limit(
@@ -126,7 +146,7 @@ class Limits:
         keys = _keys(name)
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(keys.config)
-        pipe.delete(keys.tat, keys.backoff, keys.slots)
+        pipe.delete(keys.tat, keys.backoff, keys.slots, keys.sent)
         pipe.srem(LIMITS_INDEX, name)
         return bool(pipe.execute()[0])
 
@@ -160,14 +180,7 @@ class Limits:
         between calls (1.02: 2% slower than the rate, for jitter on the way to the vendor).
         With ``max_wait_s``, a turn at most that far off is reserved: the permit is allowed
         and its ``wait_s`` says how long to sleep before the call."""
-        if not _positive_int(cost):
-            raise ValueError(f"cost must be a whole number >= 1, got {cost!r}")
-        config = self._config(name)
-        if config.rate is not None and cost > config.burst:
-            raise ValueError(f"cost {cost} exceeds the burst {config.burst} of limit {name!r}: "
-                             "it could never pass")
-        interval_s = config.rate.emission_interval_s * headroom if config.rate else 0.0
-        args = [interval_s, config.burst, cost, max_wait_s]
+        args = _gcra_args(self._config(name), cost, headroom, max_wait_s)
         allowed, wait_s = self._gcra(self.redis, _keys(name), args)
         return Permit(bool(int(allowed)), float(wait_s))
 
@@ -195,21 +208,137 @@ class Limits:
         return Permit(True, 0.0)
 
     async def acquire_async(
-        self, name: str, *, max_wait_s: float, cost: int = 1, headroom: float = 1.0
+        self, name: str, *, max_wait_s: float, cost: int = 1, headroom: float = 1.0,
+        config: LimitConfig | None = None,
     ) -> Permit:
-        """``acquire`` for an event loop: its Redis calls run in the loop's executor and its
-        waits are ``asyncio.sleep``, so the loop's other calls go on meanwhile."""
-        permit = await asyncio.to_thread(self.try_acquire, name, cost, headroom=headroom,
-                                         max_wait_s=max_wait_s)
-        if not (permit.allowed and permit.wait_s > 0):
-            return permit
-        await asyncio.sleep(permit.wait_s)
-        held_s = await asyncio.to_thread(self.pushed_back_s, name)
-        if held_s > max_wait_s:
-            return Permit(False, held_s)
-        if held_s > 0:
-            await asyncio.sleep(held_s)
-        return Permit(True, 0.0)
+        """``acquire`` for an event loop, on the loop's own Redis client (no executor thread):
+        the loop's other calls go on while this one waits for its turn.
+
+        A turn is a moment on Redis's clock, but the loop wakes a sleeper late whenever it is
+        busy, and a call that goes out late lands next to the calls whose turns come after it
+        (#20: up to 125 calls in a second at a 100/s limit). So after sleeping until its turn
+        the call asks once more, just before it goes (``lua/limit_send.lua``): it passes only
+        when ``SEND_GAP`` intervals have gone by since the last call that passed, and while
+        the limit is not pushed back; otherwise it waits out the gap (or takes a new turn after
+        the push-back, so the calls it held go out spaced, not all at once when it ends). An
+        answer that reached the loop more than ``LATE_S`` after Redis gave it is not used (the
+        loop was busy: the call would go out late): the call asks again.
+        ``config``: the limit's configuration when the caller has it (saves a round trip)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        config = config or await self._config_async(name)
+
+        def budget_s() -> float:
+            return max(0.0, max_wait_s - (loop.time() - started))
+
+        gap_s = 0.0
+        if config.rate is not None and config.burst == 1:
+            gap_s = config.rate.emission_interval_s * SEND_GAP * cost
+        while True:
+            permit = await self._try_acquire_async(name, config, cost, headroom, budget_s())
+            answered = loop.time()
+            if not permit.allowed:
+                return permit
+            if permit.wait_s > 0:
+                await asyncio.sleep(answered + permit.wait_s - loop.time())
+            while True:
+                go, wait_s, pushed = await self._send_check(name, gap_s)
+                if go:
+                    late_s = self._late_s(wait_s)
+                    if late_s <= LATE_S:
+                        return Permit(True, 0.0)
+                    self.late_turns += 1
+                    continue
+                if wait_s > budget_s():
+                    return Permit(False, wait_s)
+                await asyncio.sleep(wait_s)
+                if pushed:
+                    break  # a new turn, after the push-back
+
+    async def _send_check(self, name: str, gap_s: float) -> tuple[bool, float, bool]:
+        """(go, then: the server's time; else: seconds to wait, pushed back?)"""
+        answer = await self._run_async(self._send, _keys(name), [gap_s])
+        if int(answer[0]):
+            return True, float(answer[1]), False
+        return False, float(answer[1]), bool(int(answer[2]))
+
+    def _late_s(self, server_now: float) -> float:
+        """How long ago, at most, Redis answered at ``server_now``: this loop's clock less
+        Redis's is taken as the smallest difference seen yet (an answer that reached the loop
+        at once), so the time the request waited for the loop before it went out (harmless:
+        the answer is still fresh) does not count, only the time the answer waited for it."""
+        aio = self._aio()
+        offset = asyncio.get_running_loop().time() - server_now
+        if aio is None:
+            return 0.0
+        aio.clock_offset[0] = min(aio.clock_offset[0], offset)
+        return offset - aio.clock_offset[0]
+
+    async def _try_acquire_async(
+        self, name: str, config: LimitConfig, cost: int, headroom: float, max_wait_s: float
+    ) -> Permit:
+        args = _gcra_args(config, cost, headroom, max_wait_s)
+        allowed, wait_s = await self._run_async(self._gcra, _keys(name), args)
+        return Permit(bool(int(allowed)), float(wait_s))
+
+    async def pushed_back_s_async(self, name: str) -> float:
+        """``pushed_back_s`` on the loop's client."""
+        aio = self._aio()
+        if aio is None:
+            return await asyncio.to_thread(self.pushed_back_s, name)
+        pipe = aio.client.pipeline(transaction=False)
+        pipe.time()
+        pipe.get(_keys(name).backoff)
+        (seconds, micros), until = await pipe.execute()
+        return max(0.0, float(until or 0) - (seconds + micros / 1e6))
+
+    async def push_back_async(self, name: str, until_s_from_now: float) -> float:
+        """``push_back`` on the loop's client."""
+        _check_push_back(until_s_from_now)
+        return float(await self._run_async(self._backoff, _keys(name), [until_s_from_now]))
+
+    async def get_async(self, name: str) -> LimitConfig | None:
+        """``get`` on the loop's client."""
+        aio = self._aio()
+        if aio is None:
+            return await asyncio.to_thread(self.get, name)
+        return _parse_config(name, await aio.client.hgetall(_keys(name).config))
+
+    async def acquire_slot_async(self, name: str, holder_id: str, lease_s: float,
+                                 config: LimitConfig | None = None) -> bool:
+        """``acquire_slot`` on the loop's client."""
+        config = config or await self._config_async(name)
+        if config.concurrency is None:
+            raise ValueError(f"limit {name!r} has no concurrency slots")
+        _check_lease(holder_id, lease_s)
+        args = [holder_id, lease_s, config.concurrency]
+        return bool(int(await self._run_async(self._slot_acquire, _keys(name), args)))
+
+    async def _config_async(self, name: str) -> LimitConfig:
+        config = await self.get_async(name)
+        if config is None:
+            raise UnknownLimit(name)
+        return config
+
+    def _aio(self) -> _LoopRedis | None:
+        """The running loop's asyncio twin of ``self.redis`` (None: a connection kind it
+        cannot copy, such as TLS; the calls then run in the loop's executor)."""
+        loop = asyncio.get_running_loop()
+        found = self._loops.get(loop)
+        if found is None:
+            client = _async_twin(self.redis)
+            found = self._loops[loop] = None if client is None else \
+                _LoopRedis(client, {}, [math.inf])
+        return found
+
+    async def _run_async(self, script: scripts.Script, keys: LimitKeys, args: list[Any]) -> Any:
+        aio = self._aio()
+        if aio is None:
+            return await asyncio.to_thread(script, self.redis, keys, args)
+        registered = aio.scripts.get(script.name)
+        if registered is None:
+            registered = aio.scripts[script.name] = aio.client.register_script(script.source)
+        return await registered(keys=[str(getattr(keys, k)) for k in script.keys], args=args)
 
     def pushed_back_s(self, name: str) -> float:
         """Seconds until a push-back in force ends (0: none), on Redis server time."""
@@ -223,9 +352,7 @@ class Limits:
         """Let nothing through the limit for ``until_s_from_now`` (a vendor's Retry-After), for
         every worker. A shorter push-back never shortens one in force. Returns the seconds until
         the limit opens again."""
-        if not (isinstance(until_s_from_now, int | float) and math.isfinite(until_s_from_now)
-                and until_s_from_now >= 0):
-            raise ValueError(f"until_s_from_now must be seconds >= 0, got {until_s_from_now!r}")
+        _check_push_back(until_s_from_now)
         return float(self._backoff(self.redis, _keys(name), [until_s_from_now]))
 
     # --- concurrency ---
@@ -342,6 +469,54 @@ def _parse_config(name: str, fields: dict[Any, Any]) -> LimitConfig | None:
         int(text.get("burst", 1)),
         int(text["concurrency"]) if "concurrency" in text else None,
     )
+
+
+def _gcra_args(config: LimitConfig, cost: int, headroom: float, max_wait_s: float) -> list[Any]:
+    """``limit_gcra.lua``'s ARGV for one acquire (ValueError for a cost that never passes)."""
+    if not _positive_int(cost):
+        raise ValueError(f"cost must be a whole number >= 1, got {cost!r}")
+    if config.rate is not None and cost > config.burst:
+        raise ValueError(f"cost {cost} exceeds the burst {config.burst} of limit "
+                         f"{config.name!r}: it could never pass")
+    interval_s = config.rate.emission_interval_s * headroom if config.rate else 0.0
+    return [interval_s, config.burst, cost, max_wait_s]
+
+
+def _check_push_back(until_s_from_now: float) -> None:
+    if not (isinstance(until_s_from_now, int | float) and math.isfinite(until_s_from_now)
+            and until_s_from_now >= 0):
+        raise ValueError(f"until_s_from_now must be seconds >= 0, got {until_s_from_now!r}")
+
+
+class _LoopRedis(NamedTuple):
+    client: aioredis.Redis
+    scripts: dict[str, Any]  # script name -> its AsyncScript on this client
+    clock_offset: list[float]  # [the loop's clock less Redis's, the smallest seen]
+
+
+#: Connections of a loop's asyncio client: its calls in flight (a claimed batch: 64) wait
+#: their turn for one (a round trip each) instead of failing with "Too many connections".
+_LOOP_CONNECTIONS = 16
+
+
+def _async_twin(client: redis.Redis) -> aioredis.Redis | None:
+    """An asyncio client to the same Redis as ``client`` (plain TCP or a Unix socket)."""
+    pool = client.connection_pool
+    kwargs = pool.connection_kwargs
+    common: dict[str, Any] = {
+        k: kwargs[k] for k in ("db", "username", "password", "socket_timeout",
+                               "socket_connect_timeout") if kwargs.get(k) is not None}
+    if pool.connection_class is redis.UnixDomainSocketConnection:
+        kind: Any = aioredis.UnixDomainSocketConnection
+        common["path"] = kwargs["path"]
+    elif pool.connection_class is redis.Connection:
+        kind = aioredis.Connection
+        common.update(host=kwargs.get("host", "localhost"), port=kwargs.get("port", 6379))
+    else:
+        return None
+    return aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool(
+        connection_class=kind, max_connections=_LOOP_CONNECTIONS, timeout=30,
+        decode_responses=True, **common))
 
 
 def _check_lease(holder_id: str, lease_s: float) -> None:

@@ -10,8 +10,9 @@ for minutes. ``push_back`` is the vendor's own 429/503: nothing passes the limit
 Retry-After, for every worker, once. A limit nobody has set does not limit.
 
 ``hold_async`` is the same for a call on an event loop (``async def`` stages): its Redis calls
-run in the loop's executor and its waits are ``asyncio.sleep``, so a call waiting for its
-turn never blocks the other calls in flight. The calls of one loop waiting for a concurrency
+go through the loop's own asyncio client and its waits are ``asyncio.sleep``, so a call waiting
+for its turn never blocks the other calls in flight, and goes out on its turn
+(``Limits.acquire_async``). The calls of one loop waiting for a concurrency
 slot queue at a local gate as wide as the limit (no process can hold more of its slots), so
 a thousand calls in flight do not poll Redis for five slots.
 """
@@ -98,16 +99,26 @@ class Throttle:
         return config
 
     def enter(self, name: str, holder: str) -> Lease | None:
-        """Take what one call needs from the limit (a slot stays held: ``leave``)."""
-        config = self.take(name)
-        if config is None or config.concurrency is None:
+        """Take what one call needs from the limit (a slot stays held: ``leave``): the slot
+        first, then the rate's turn (a turn taken before a wait for a slot would go late)."""
+        config = self.config(name)
+        if config is None:
+            return None
+        if config.concurrency is None:
+            self.take(name)
             return None
         deadline = self.clock() + self.short_wait_s
         while not self.limits.acquire_slot(name, holder, self.lease_s):
             if self.clock() >= deadline:
                 raise Throttled(self.short_wait_s, f"limit {name}: every slot is taken")
             time.sleep(_SLOT_POLL_S)
-        return Lease(name, holder, self.lease_s, self.limits.renew_slot)
+        lease = Lease(name, holder, self.lease_s, self.limits.renew_slot)
+        try:
+            self.take(name)
+        except BaseException:
+            self.leave(lease)
+            raise
+        return lease
 
     def leave(self, lease: Lease | None) -> None:
         if lease is not None:
@@ -130,10 +141,10 @@ class Throttle:
     # -- on an event loop -----------------------------------------------------------------
 
     async def config_async(self, name: str) -> LimitConfig | None:
-        """``config``, read off the loop when it is due."""
+        """``config``, read on the loop's Redis client when it is due."""
         cached = self._configs.get(name)
         if cached is None or self.clock() - cached[0] > _CONFIG_TTL_S:
-            found = await asyncio.to_thread(self.limits.get, name)
+            found = await self.limits.get_async(name)
             cached = self._configs[name] = (self.clock(), found)
         return cached[1]
 
@@ -142,16 +153,25 @@ class Throttle:
         config = await self.config_async(name)
         if config is None:
             return None
-        permit = await self.limits.acquire_async(name, max_wait_s=self.short_wait_s,
-                                                 headroom=HEADROOM)
-        if not permit.allowed:
-            raise Throttled(permit.wait_s, f"rate limit {name}: wait {permit.wait_s:.2f}s")
+        await self._take_async(name, config)
         return config
 
+    async def _take_async(self, name: str, config: LimitConfig) -> None:
+        permit = await self.limits.acquire_async(name, max_wait_s=self.short_wait_s,
+                                                 headroom=HEADROOM, config=config)
+        if not permit.allowed:
+            raise Throttled(permit.wait_s, f"rate limit {name}: wait {permit.wait_s:.2f}s")
+
     async def enter_async(self, name: str, holder: str) -> Turn:
-        """``enter`` without blocking the loop. Give the turn back with ``leave_turn``."""
-        config = await self.take_async(name)
-        if config is None or config.concurrency is None:
+        """``enter`` without blocking the loop. Give the turn back with ``leave_turn``.
+
+        The slot comes first, then the rate's turn: a call that took its turn and then waited
+        for a slot would go out late and land next to the calls after it."""
+        config = await self.config_async(name)
+        if config is None:
+            return Turn(None, None)
+        if config.concurrency is None:
+            await self._take_async(name, config)
             return Turn(None, None)
         deadline = self.clock() + self.short_wait_s
         gate = self._gate(name, config.concurrency)
@@ -159,16 +179,22 @@ class Throttle:
             await asyncio.wait_for(gate.acquire(), self.short_wait_s)
         except TimeoutError:
             raise Throttled(self.short_wait_s, f"limit {name}: every slot is taken") from None
+        lease = None
         try:
-            while not await asyncio.to_thread(self.limits.acquire_slot, name, holder,
-                                              self.lease_s):
+            while not await self.limits.acquire_slot_async(name, holder, self.lease_s, config):
                 if self.clock() >= deadline:
                     raise Throttled(self.short_wait_s, f"limit {name}: every slot is taken")
                 await asyncio.sleep(_SLOT_POLL_S)
+            lease = Lease(name, holder, self.lease_s, self.limits.renew_slot)
+            await self._take_async(name, config)
         except BaseException:
-            gate.release()
+            try:
+                if lease is not None:
+                    await asyncio.to_thread(self.leave, lease)
+            finally:
+                gate.release()
             raise
-        return Turn(Lease(name, holder, self.lease_s, self.limits.renew_slot), gate)
+        return Turn(lease, gate)
 
     def leave_turn(self, turn: Turn) -> None:
         """Give back the slot (one short Redis call) and the place at the gate."""
@@ -190,7 +216,8 @@ class Throttle:
                 turn.gate.release()
 
     async def push_back_async(self, name: str, retry_after_s: float) -> None:
-        await asyncio.to_thread(self.push_back, name, retry_after_s)
+        if await self.config_async(name) is not None:
+            await self.limits.push_back_async(name, retry_after_s)
 
     def _gate(self, name: str, concurrency: int) -> asyncio.Semaphore:
         """This loop's gate of the limit, as wide as its slots (made anew when they change)."""
