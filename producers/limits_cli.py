@@ -26,14 +26,16 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
                               "or both)")
     set_.add_argument("name", metavar="NAME",
                       help="the limit's name, as stages give it (limits=[NAME]) or "
-                           "rate_limit(NAME) calls it")
+                           "rate_limit(NAME) calls it; used per key (per_key(NAME, ...), "
+                           "limit=(NAME, key)), it is the template every key gets")
     set_.add_argument("--rate", default=None, metavar="RATE",
                       help="calls per period, e.g. 60/h, 10/s, 100/15m (default: no rate)")
     set_.add_argument("--burst", type=int, default=None, metavar="N",
                       help="with --rate: calls that may pass at once (default: 1)")
     set_.add_argument("--concurrency", type=int, default=None, metavar="N",
                       help="calls in flight at most (default: no bound)")
-    list_ = actions.add_parser("list", help="every limit, its use and its current wait")
+    list_ = actions.add_parser("list", help="every limit, its use and its current wait (a "
+                               "limit used per key: each key in use, under it)")
     list_.add_argument("--json", action="store_true", help="print them as JSON")
     delete = actions.add_parser("delete", help="remove a limit")
     delete.add_argument("name", metavar="NAME", help="the limit's name")
@@ -63,13 +65,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
     for config in limits.list_limits():
         try:
             status = limits.status(config.name)
+            keys = [{"key": key, **_use(limits.status((config.name, key)))}
+                    for key in limits.keys_in_use(config.name)]
         except UnknownLimit:  # deleted meanwhile
             continue
         rows.append({
             "name": config.name, "rate": str(config.rate) if config.rate else None,
             "burst": config.burst if config.rate else None,
-            "concurrency": config.concurrency, "in_use": int(status["in_use"]),
-            "wait_s": status["wait_s"],
+            "concurrency": config.concurrency, **_use(status), "keys": keys,
         })
     if args.json:
         print(json.dumps(rows))
@@ -80,8 +83,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
     for row in rows:
         table.add_row(*(str(row[k] if row[k] is not None else "-") for k in
                         ("name", "rate", "burst", "concurrency", "in_use", "wait_s")))
+        for key in row["keys"]:  # a limit used per key: each key in use, under it
+            table.add_row(f"  key {key['key']}", "", "", "", str(key["in_use"]),
+                          str(key["wait_s"]))
     console.print(table)
     return 0
+
+
+def _use(status: dict[str, float]) -> dict[str, Any]:
+    return {"in_use": int(status["in_use"]), "wait_s": status["wait_s"]}
 
 
 def _apply(console: Console) -> int:

@@ -6,3 +6,12 @@ for ``celery -A workers``. The layers, top down (each imports only from below it
 ``looping`` -> ``transport``/``ledger``/``message``/``dead_letters``/``sinks``/``http`` ->
 ``ids``/``keys``/``scripts``/``outcome``/``settings``/``connections``.
 """
+
+
+def __getattr__(name: str) -> object:
+    """``from workers import per_key``, imported only when asked for."""
+    if name == "per_key":
+        from workers.limits import per_key
+
+        return per_key
+    raise AttributeError(f"module 'workers' has no attribute {name!r}")

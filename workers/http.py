@@ -36,6 +36,7 @@ from tenacity import (
 from workers.event_loop import max_in_flight
 from workers.http_async_transport import AsyncKeepAliveTransport
 from workers.http_transport import Call, KeepAliveTransport, plain_get
+from workers.limits import LimitRef
 from workers.policy.retry import RetryAfter
 from workers.settings import get_settings
 from workers.throttle import throttle
@@ -225,7 +226,7 @@ def _wait_s(state: RetryCallState, backoff: wait_exponential_jitter) -> float:
     return wait
 
 
-def _json_of(response: httpx.Response, url: str, limit: str | None) -> Any:
+def _json_of(response: httpx.Response, url: str, limit: LimitRef | None) -> Any:
     """The answer's JSON, or a ``VendorHTTPError`` (status, body excerpt, Retry-After)."""
     if response.status_code >= 400:
         raise VendorHTTPError(response.status_code, url, response.text,
@@ -233,7 +234,7 @@ def _json_of(response: httpx.Response, url: str, limit: str | None) -> Any:
     return response.json()
 
 
-def _pushes_back(error: Exception, limit: str | None) -> float | None:
+def _pushes_back(error: Exception, limit: LimitRef | None) -> float | None:
     """The Retry-After of a 429 or 503 on a call through ``limit``, or None."""
     if (limit and isinstance(error, VendorHTTPError) and error.retry_after_s is not None
             and error.status in (429, 503)):
@@ -260,13 +261,14 @@ def request_json(
     backoff_initial_s: float = 0.2,
     backoff_max_s: float = 10.0,
     client: httpx.Client | None = None,
-    limit: str | None = None,
+    limit: LimitRef | None = None,
     **kwargs: Any,
 ) -> Any:
     """Call the vendor and return its JSON, retrying what is worth retrying. ``kwargs`` are
     httpx.Request's (params, json, headers, content). ``limit``: a global limit every try
-    goes through (``throttle.py``); the vendor's 429/503 Retry-After pushes it back for every
-    worker, and a long wait raises ``Throttled`` (the engine runs the item again later)."""
+    goes through (``throttle.py``), by name or ``(name, key)`` for one key of a limit used per
+    key; the vendor's 429/503 Retry-After pushes it (that key only) back for every worker,
+    and a long wait raises ``Throttled`` (the engine runs the item again later)."""
     def attempt() -> Any:
         if limit is None:
             response = _counted_send(method, url, client, **kwargs)
@@ -311,7 +313,7 @@ async def request_json_async(
     backoff_initial_s: float = 0.2,
     backoff_max_s: float = 10.0,
     client: httpx.AsyncClient | None = None,
-    limit: str | None = None,
+    limit: LimitRef | None = None,
     **kwargs: Any,
 ) -> Any:
     """``request_json`` for an ``async def`` stage: the same retries (tenacity's

@@ -46,8 +46,71 @@ def check_name(name: str) -> str:
     return name
 
 
-def _keys(name: str) -> LimitKeys:
-    return LimitKeys.of(check_name(name))
+#: A limit as a call names it: its name, or (name, key) for one key of a limit used per key.
+LimitRef = str | tuple[str, str | int]
+#: The longest key (an account id, a token's id): it is part of Redis key names.
+MAX_KEY_CHARS = 200
+#: A key of a limit used per key stays in use (listed, its state kept) this long after its
+#: last call; then its state expires and it leaves the index, so keys never pile up.
+KEY_IDLE_S = 600.0
+
+
+def resolve(ref: LimitRef) -> tuple[str, str | None]:
+    """(name, key) of a limit reference, checked: ValueError with the reason."""
+    if isinstance(ref, str):
+        return check_name(ref), None
+    if isinstance(ref, tuple) and len(ref) == 2:
+        return check_name(ref[0]), check_key(ref[0], ref[1])
+    raise ValueError(f"a limit is a name or (name, key), got {ref!r}")
+
+
+def check_key(name: str, key: object) -> str:
+    """A key of limit ``name`` as text: text or a whole number, not empty, not too long."""
+    if isinstance(key, bool) or not isinstance(key, str | int):
+        raise ValueError(f"limit {name!r}: a key must be text or a whole number, got {key!r}")
+    text = str(key)
+    if not text:
+        raise ValueError(f"limit {name!r}: a key must not be empty")
+    if len(text) > MAX_KEY_CHARS:
+        raise ValueError(f"limit {name!r}: a key must be at most {MAX_KEY_CHARS} characters, "
+                         f"got {len(text)}")
+    return text
+
+
+def label(ref: LimitRef) -> str:
+    """How messages name a limit: ``vendor-token`` or ``vendor-token[acct-1]``."""
+    name, key = resolve(ref)
+    return name if key is None else f"{name}[{key}]"
+
+
+def _keys(ref: LimitRef) -> LimitKeys:
+    return LimitKeys.of(*resolve(ref))
+
+
+def _key_args(ref: LimitRef) -> list[Any]:
+    """The scripts' last two ARGV: the key ('' when not per key) and how long it stays in use."""
+    return [resolve(ref)[1] or "", KEY_IDLE_S]
+
+
+@dataclass(frozen=True)
+class PerKey:
+    """A stage's limit used per key: each item goes through ``(name, key_of(item))``."""
+
+    name: str
+    key_of: Callable[[Any], str | int]
+
+    def ref(self, item: Any) -> LimitRef:
+        return (self.name, check_key(self.name, self.key_of(item)))
+
+
+def per_key(name: str, key_of: Callable[[Any], str | int]) -> PerKey:
+    """``@flow.stage(..., limits=[per_key("vendor-token", lambda item: item["token"])])``: each
+    key gets its own rate, push-back and slots from the limit ``name`` (its template), created
+    on first use and expiring when idle."""
+    if not callable(key_of):
+        raise ValueError(f"per_key({name!r}, ...): the key must be a function of the item, "
+                         f"got {key_of!r}")
+    return PerKey(check_name(name), key_of)
 
 
 class UnknownLimit(LookupError):
@@ -144,17 +207,27 @@ class Limits:
     def delete_limit(self, name: str) -> bool:
         """Remove a limit's configuration and state. False when there was no such limit."""
         keys = _keys(name)
+        in_use = [_text(k) for k in self.redis.zrange(keys.keys, 0, -1)]  # type: ignore[arg-type]
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(keys.config)
-        pipe.delete(keys.tat, keys.backoff, keys.slots, keys.sent)
+        for each in [keys, *(LimitKeys.of(name, k) for k in in_use)]:
+            pipe.delete(each.tat, each.backoff, each.slots, each.sent, each.aimd)
+        pipe.delete(keys.keys)
         pipe.srem(LIMITS_INDEX, name)
         return bool(pipe.execute()[0])
 
-    def status(self, name: str) -> dict[str, float]:
+    def keys_in_use(self, name: str) -> list[str]:
+        """The keys of limit ``name`` used in the last ``KEY_IDLE_S`` (server time), sorted."""
+        keys = _keys(name)
+        seconds, micros = self.redis.time()
+        found = self.redis.zrangebyscore(keys.keys, f"({seconds + micros / 1e6:.6f}", "+inf")
+        return sorted(_text(k) for k in found)  # type: ignore[arg-type]
+
+    def status(self, ref: LimitRef) -> dict[str, float]:
         """What ``fanout limits list`` shows: slots in use, and the seconds until the next
         call could pass (the rate's wait, or a push-back in force), on Redis server time."""
-        config = self._config(name)
-        keys = _keys(name)
+        config = self._config(resolve(ref)[0])
+        keys = _keys(ref)
         pipe = self.redis.pipeline(transaction=False)
         pipe.time()
         pipe.get(keys.tat)
@@ -173,20 +246,21 @@ class Limits:
 
     # --- rate and push-back ---
     def try_acquire(
-        self, name: str, cost: int = 1, *, headroom: float = 1.0, max_wait_s: float = 0.0
+        self, name: LimitRef, cost: int = 1, *, headroom: float = 1.0, max_wait_s: float = 0.0
     ) -> Permit:
         """Take ``cost`` from the limit's rate now, or learn how long to wait. A limit without
         a rate only refuses while it is pushed back. ``headroom`` stretches the interval
         between calls (1.02: 2% slower than the rate, for jitter on the way to the vendor).
         With ``max_wait_s``, a turn at most that far off is reserved: the permit is allowed
         and its ``wait_s`` says how long to sleep before the call."""
-        args = _gcra_args(self._config(name), cost, headroom, max_wait_s)
+        args = _gcra_args(self._config(resolve(name)[0]), cost, headroom, max_wait_s) \
+            + _key_args(name)
         allowed, wait_s = self._gcra(self.redis, _keys(name), args)
         return Permit(bool(int(allowed)), float(wait_s))
 
     def acquire(
         self,
-        name: str,
+        name: LimitRef,
         *,
         max_wait_s: float,
         cost: int = 1,
@@ -208,7 +282,7 @@ class Limits:
         return Permit(True, 0.0)
 
     async def acquire_async(
-        self, name: str, *, max_wait_s: float, cost: int = 1, headroom: float = 1.0,
+        self, name: LimitRef, *, max_wait_s: float, cost: int = 1, headroom: float = 1.0,
         config: LimitConfig | None = None,
     ) -> Permit:
         """``acquire`` for an event loop, on the loop's own Redis client (no executor thread):
@@ -226,7 +300,7 @@ class Limits:
         ``config``: the limit's configuration when the caller has it (saves a round trip)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        config = config or await self._config_async(name)
+        config = config or await self._config_async(resolve(name)[0])
 
         def budget_s() -> float:
             return max(0.0, max_wait_s - (loop.time() - started))
@@ -241,6 +315,9 @@ class Limits:
                 return permit
             if permit.wait_s > 0:
                 await asyncio.sleep(answered + permit.wait_s - loop.time())
+            # The turn has come: the check may hold it up to max_wait_s more (a turn given up
+            # for a short wait at the check would be a call the vendor never sees).
+            started = loop.time()
             while True:
                 go, wait_s, pushed = await self._send_check(name, gap_s)
                 if go:
@@ -248,6 +325,9 @@ class Limits:
                     if late_s <= LATE_S:
                         return Permit(True, 0.0)
                     self.late_turns += 1
+                    if self.late_turns % 100 == 0:
+                        log.info("%d send checks of this process answered too late for the "
+                                 "loop (busy), asked again", self.late_turns)
                     continue
                 if wait_s > budget_s():
                     return Permit(False, wait_s)
@@ -255,7 +335,7 @@ class Limits:
                 if pushed:
                     break  # a new turn, after the push-back
 
-    async def _send_check(self, name: str, gap_s: float) -> tuple[bool, float, bool]:
+    async def _send_check(self, name: LimitRef, gap_s: float) -> tuple[bool, float, bool]:
         """(go, then: the server's time; else: seconds to wait, pushed back?)"""
         answer = await self._run_async(self._send, _keys(name), [gap_s])
         if int(answer[0]):
@@ -275,13 +355,13 @@ class Limits:
         return offset - aio.clock_offset[0]
 
     async def _try_acquire_async(
-        self, name: str, config: LimitConfig, cost: int, headroom: float, max_wait_s: float
+        self, name: LimitRef, config: LimitConfig, cost: int, headroom: float, max_wait_s: float
     ) -> Permit:
-        args = _gcra_args(config, cost, headroom, max_wait_s)
+        args = _gcra_args(config, cost, headroom, max_wait_s) + _key_args(name)
         allowed, wait_s = await self._run_async(self._gcra, _keys(name), args)
         return Permit(bool(int(allowed)), float(wait_s))
 
-    async def pushed_back_s_async(self, name: str) -> float:
+    async def pushed_back_s_async(self, name: LimitRef) -> float:
         """``pushed_back_s`` on the loop's client."""
         aio = self._aio()
         if aio is None:
@@ -292,10 +372,11 @@ class Limits:
         (seconds, micros), until = await pipe.execute()
         return max(0.0, float(until or 0) - (seconds + micros / 1e6))
 
-    async def push_back_async(self, name: str, until_s_from_now: float) -> float:
+    async def push_back_async(self, name: LimitRef, until_s_from_now: float) -> float:
         """``push_back`` on the loop's client."""
         _check_push_back(until_s_from_now)
-        return float(await self._run_async(self._backoff, _keys(name), [until_s_from_now]))
+        args = [until_s_from_now, *_key_args(name)]
+        return float(await self._run_async(self._backoff, _keys(name), args))
 
     async def get_async(self, name: str) -> LimitConfig | None:
         """``get`` on the loop's client."""
@@ -304,14 +385,14 @@ class Limits:
             return await asyncio.to_thread(self.get, name)
         return _parse_config(name, await aio.client.hgetall(_keys(name).config))
 
-    async def acquire_slot_async(self, name: str, holder_id: str, lease_s: float,
+    async def acquire_slot_async(self, name: LimitRef, holder_id: str, lease_s: float,
                                  config: LimitConfig | None = None) -> bool:
         """``acquire_slot`` on the loop's client."""
-        config = config or await self._config_async(name)
+        config = config or await self._config_async(resolve(name)[0])
         if config.concurrency is None:
-            raise ValueError(f"limit {name!r} has no concurrency slots")
+            raise ValueError(f"limit {label(name)!r} has no concurrency slots")
         _check_lease(holder_id, lease_s)
-        args = [holder_id, lease_s, config.concurrency]
+        args = [holder_id, lease_s, config.concurrency, *_key_args(name)]
         return bool(int(await self._run_async(self._slot_acquire, _keys(name), args)))
 
     async def _config_async(self, name: str) -> LimitConfig:
@@ -340,7 +421,7 @@ class Limits:
             registered = aio.scripts[script.name] = aio.client.register_script(script.source)
         return await registered(keys=[str(getattr(keys, k)) for k in script.keys], args=args)
 
-    def pushed_back_s(self, name: str) -> float:
+    def pushed_back_s(self, name: LimitRef) -> float:
         """Seconds until a push-back in force ends (0: none), on Redis server time."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.time()
@@ -348,39 +429,40 @@ class Limits:
         (seconds, micros), until = pipe.execute()
         return max(0.0, float(until or 0) - (seconds + micros / 1e6))
 
-    def push_back(self, name: str, until_s_from_now: float) -> float:
+    def push_back(self, name: LimitRef, until_s_from_now: float) -> float:
         """Let nothing through the limit for ``until_s_from_now`` (a vendor's Retry-After), for
         every worker. A shorter push-back never shortens one in force. Returns the seconds until
         the limit opens again."""
         _check_push_back(until_s_from_now)
-        return float(self._backoff(self.redis, _keys(name), [until_s_from_now]))
+        args = [until_s_from_now, *_key_args(name)]
+        return float(self._backoff(self.redis, _keys(name), args))
 
     # --- concurrency ---
-    def acquire_slot(self, name: str, holder_id: str, lease_s: float) -> bool:
+    def acquire_slot(self, name: LimitRef, holder_id: str, lease_s: float) -> bool:
         """Take a slot for ``holder_id`` until ``lease_s`` from now; False when all are taken."""
-        config = self._config(name)
+        config = self._config(resolve(name)[0])
         if config.concurrency is None:
-            raise ValueError(f"limit {name!r} has no concurrency slots")
+            raise ValueError(f"limit {label(name)!r} has no concurrency slots")
         _check_lease(holder_id, lease_s)
-        args = [holder_id, lease_s, config.concurrency]
+        args = [holder_id, lease_s, config.concurrency, *_key_args(name)]
         return bool(int(self._slot_acquire(self.redis, _keys(name), args)))
 
-    def renew_slot(self, name: str, holder_id: str, lease_s: float) -> bool:
+    def renew_slot(self, name: LimitRef, holder_id: str, lease_s: float) -> bool:
         """Extend a live lease to ``lease_s`` from now; False when it has expired (or was never
         taken): the holder no longer has a slot."""
         _check_lease(holder_id, lease_s)
         return bool(int(self._slot_renew(self.redis, _keys(name), [holder_id, lease_s])))
 
-    def release_slot(self, name: str, holder_id: str) -> bool:
+    def release_slot(self, name: LimitRef, holder_id: str) -> bool:
         """Give the slot back; False when the holder had none (its lease had expired)."""
         return bool(self.redis.zrem(_keys(name).slots, holder_id))
 
     @contextmanager
-    def slot(self, name: str, holder_id: str, lease_s: float) -> Iterator[Lease]:
+    def slot(self, name: LimitRef, holder_id: str, lease_s: float) -> Iterator[Lease]:
         """Hold a slot while the body runs: renewed in a background thread every third of
         ``lease_s``, released on every exit. Raises SlotUnavailable when all are taken."""
         if not self.acquire_slot(name, holder_id, lease_s):
-            raise SlotUnavailable(name)
+            raise SlotUnavailable(label(name))
         lease = Lease(name, holder_id, lease_s, self.renew_slot)
         try:
             yield lease
@@ -391,7 +473,7 @@ class Limits:
             except redis.RedisError as exc:
                 # The lease ends by itself; failing the body's work over it would be worse.
                 log.warning("could not release slot of limit %s for %s (its lease will "
-                            "expire): %s", name, holder_id, exc)
+                            "expire): %s", label(name), holder_id, exc)
 
     def _config(self, name: str) -> LimitConfig:
         config = self.get(name)
@@ -405,15 +487,15 @@ class Lease:
     renewal found the lease expired (the process stalled longer than ``lease_s``)."""
 
     def __init__(
-        self, name: str, holder_id: str, lease_s: float,
-        renew: Callable[[str, str, float], bool],
+        self, name: LimitRef, holder_id: str, lease_s: float,
+        renew: Callable[[LimitRef, str, float], bool],
     ) -> None:
         self.name, self.holder_id, self.lease_s = name, holder_id, lease_s
         self._renew = renew
         self._stopped = threading.Event()
         self._lost = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, name=f"lease-{name}-{holder_id}", daemon=True
+            target=self._run, name=f"lease-{label(name)}-{holder_id}", daemon=True
         )
         self._thread.start()
 

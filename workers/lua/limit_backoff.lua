@@ -1,13 +1,17 @@
 -- Push a limit back: nothing passes before now + ARGV[1] (server time), for every worker that
 -- shares the limit (a vendor's 429 with Retry-After). A push-back ending sooner than the one
 -- in force changes nothing, so many workers seeing the same 429 push it back once.
--- KEYS: backoff
+-- KEYS: backoff, keys
 --   backoff: string, nothing passes before this time (epoch seconds)
--- ARGV: [1] seconds from now
+--   keys: sorted set, the template's keys in use (_limit_key_touch.lua)
+-- ARGV: [1] seconds from now, [2] the key of a limit used per key ('' or none: not per key),
+--       [3] seconds a key stays in use after its last call
 -- Returns the seconds from now until the limit opens again (a string; see limit_gcra.lua).
+-- INCLUDE: _limit_key_touch
 local backoff = KEYS[1]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+touch_key(KEYS[2], ARGV[2], now, math.max(tonumber(ARGV[3] or 0), tonumber(ARGV[1])))
 local not_before = now + tonumber(ARGV[1])
 local current = tonumber(redis.call('GET', backoff) or 0)
 if current >= not_before then return string.format('%.6f', current - now) end
