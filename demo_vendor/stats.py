@@ -120,23 +120,52 @@ _SECONDS = 3600  # one-second rows kept for ``per_second``
 NO_KEY = "-"  # the key of requests without ``Authorization: Bearer <token>``
 
 
+class PerSecond:
+    """Counters per whole monotonic second, the last ``_SECONDS`` seconds that saw any."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.rows: dict[int, list[int]] = {}
+
+    def row(self, now: float) -> list[int]:
+        second = math.floor(now)
+        row = self.rows.get(second)
+        if row is None:
+            row = self.rows[second] = [0] * self.width
+            if len(self.rows) > _SECONDS:  # dicts keep insertion order: drop the oldest
+                del self.rows[next(iter(self.rows))]
+        return row
+
+    def snapshot(self) -> list[list[int]]:
+        return [[second, *row] for second, row in sorted(self.rows.items())]
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+
 class KeyStats:
-    """One API key's requests, its 429s and its busiest one-second window (arrivals, 429s
-    included, as the global ``max_rps_1s``)."""
+    """One API key's requests, its 429s, its busiest one-second window (arrivals, 429s
+    included, as the global ``max_rps_1s``) and its [second, arrived, 429s] series."""
 
     def __init__(self) -> None:
         self.requests = 0
         self.sent_429 = 0
         self.max_rps_1s = 0
         self._arrivals = SlidingWindow()
+        self.seconds = PerSecond(2)
 
     def arrived(self, now: float) -> None:
         self.requests += 1
         self.max_rps_1s = max(self.max_rps_1s, self._arrivals.add(now))
+        self.seconds.row(now)[0] += 1
 
-    def snapshot(self) -> dict[str, int]:
+    def refused(self, arrived_at: float) -> None:
+        self.sent_429 += 1
+        self.seconds.row(arrived_at)[1] += 1
+
+    def snapshot(self) -> dict[str, object]:
         return {"requests": self.requests, "sent_429": self.sent_429,
-                "max_rps_1s": self.max_rps_1s}
+                "max_rps_1s": self.max_rps_1s, "per_second": self.seconds.snapshot()}
 
 
 class Stats:
@@ -166,8 +195,8 @@ class Stats:
         self.retry_after_until: float | None = None
         self.recent: deque[float] = deque(maxlen=_RECENT)  # arrival times, for tests
         self.by_key: dict[str, KeyStats] = {}
-        # whole monotonic second of arrival -> [arrived, served (any answer but a 429), 429s]
-        self.seconds: dict[int, list[int]] = {}
+        # per second of arrival: [arrived, served (any answer but a 429), 429s]
+        self.seconds = PerSecond(3)
 
     def arrived(
         self, now: float, endpoint: str | None, path_key: str, key: str = NO_KEY
@@ -178,7 +207,7 @@ class Stats:
         if key_stats is None:
             key_stats = self.by_key[key] = KeyStats()
         key_stats.arrived(now)
-        self._second(now)[0] += 1
+        self.seconds.row(now)[0] += 1
         if endpoint is not None:
             self.by_endpoint[endpoint] += 1
         self.by_path[path_key] += 1
@@ -203,22 +232,13 @@ class Stats:
     def answered(self, status: int, arrived_at: float, key: str = NO_KEY) -> None:
         """The answer to a request that arrived at ``arrived_at`` (its second in the series)."""
         self.status[status] += 1
-        row = self._second(arrived_at)
+        row = self.seconds.row(arrived_at)
         if status == 429:
             row[2] += 1
             if key in self.by_key:
-                self.by_key[key].sent_429 += 1
+                self.by_key[key].refused(arrived_at)
         else:
             row[1] += 1
-
-    def _second(self, now: float) -> list[int]:
-        second = math.floor(now)
-        row = self.seconds.get(second)
-        if row is None:
-            row = self.seconds[second] = [0, 0, 0]
-            if len(self.seconds) > _SECONDS:  # dicts keep insertion order: drop the oldest
-                del self.seconds[next(iter(self.seconds))]
-        return row
 
     def finished(self) -> None:
         """The request is no longer in flight (answered, or cancelled at shutdown)."""
@@ -258,5 +278,5 @@ class Stats:
             "by_key": {key: stats.snapshot() for key, stats in sorted(self.by_key.items())},
             # [whole monotonic second, arrived, served, 429s], oldest first; a second in
             # which no request arrived has no row.
-            "per_second": [[second, *row] for second, row in sorted(self.seconds.items())],
+            "per_second": self.seconds.snapshot(),
         }

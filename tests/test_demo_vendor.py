@@ -576,9 +576,10 @@ def test_key_stats_and_per_second_on_given_times() -> None:
     stats.answered(404, 102.5)
     snapshot = stats.snapshot(103.0)
     assert snapshot["by_key"] == {
-        "-": {"requests": 1, "sent_429": 0, "max_rps_1s": 1},
-        "tok-a": {"requests": 10, "sent_429": 3, "max_rps_1s": 10},
-        "tok-b": {"requests": 10, "sent_429": 0, "max_rps_1s": 5},
+        "-": {"requests": 1, "sent_429": 0, "max_rps_1s": 1, "per_second": [[102, 1, 0]]},
+        "tok-a": {"requests": 10, "sent_429": 3, "max_rps_1s": 10, "per_second": [[100, 10, 3]]},
+        "tok-b": {"requests": 10, "sent_429": 0, "max_rps_1s": 5,
+                  "per_second": [[100, 5, 0], [101, 5, 0]]},
     }
     # the global window saw tok-a's ten and tok-b's five of [100, 101) together
     assert (snapshot["total"], snapshot["max_rps_1s"], snapshot["sent_429"]) == (21, 15, 3)
@@ -620,7 +621,9 @@ def test_key_rate_limit(start: Callable[..., Vendor]) -> None:
     assert [get("tok-a").status_code for _ in range(5)] == [200] * 5
     stats = v.stats()
     assert stats["sent_429"] == sum(s["sent_429"] for s in stats["by_key"].values()) == 6
-    assert stats["by_key"]["tok-e"] == {"requests": 1, "sent_429": 1, "max_rps_1s": 1}
+    tok_e = stats["by_key"]["tok-e"]
+    assert (tok_e["requests"], tok_e["sent_429"], tok_e["max_rps_1s"]) == (1, 1, 1)
+    assert [row[1:] for row in tok_e["per_second"]] == [[1, 1]]
     # The per-second series adds up to the totals.
     rows = stats["per_second"]
     assert [row[0] for row in rows] == sorted({row[0] for row in rows})
