@@ -931,3 +931,21 @@ def test_main_returns_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     assert vendor_main([]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "Traceback" not in err
+
+
+def test_fanout_calls_carry_their_token(start: Callable[..., Vendor]) -> None:
+    """What the per-key benchmark relies on: fanout's HTTP client (sync and async) sends a
+    call's own headers, and the vendor counts the call under its bearer token."""
+    from workers.http import VendorHTTPError, request_json, request_json_async
+
+    v = start("--key-rate-limit-rps", "0.2")
+    auth = {"Authorization": "Bearer tok-acct-001"}
+    assert request_json("GET", f"{v.url}/fib/4", headers=auth, retries=0)["value"] == 3
+    with pytest.raises(VendorHTTPError) as refused:
+        asyncio.run(request_json_async("GET", f"{v.url}/fib/4", headers=auth, retries=0))
+    assert refused.value.status == 429
+    # Without the header: the key "-", which has its own allowance.
+    assert asyncio.run(request_json_async("GET", f"{v.url}/fib/5", retries=0))["value"] == 5
+    assert {k: (s["requests"], s["sent_429"]) for k, s in v.stats()["by_key"].items()} == {
+        "-": (1, 0), "tok-acct-001": (2, 1),
+    }
