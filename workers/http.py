@@ -135,9 +135,15 @@ def _send(method: str, url: str, client: httpx.Client | None, **kwargs: Any) -> 
     way = _thread_http()
     if way.proxied is not None:
         return way.proxied.request(method, url, **kwargs)
-    call = _plain_call(method, url, kwargs) or \
-        Call.of(httpx.Request(method, url, headers=_HEADERS, **kwargs))
+    call = _plain_call(method, url, kwargs) or Call.of(_request(method, url, kwargs))
     return way.transport.send(call, way.timeout)
+
+
+def _request(method: str, url: str, kwargs: dict[str, Any]) -> httpx.Request:
+    """httpx's request, the call's own ``headers`` (e.g. Authorization) over fanout's."""
+    headers = httpx.Headers(_HEADERS)
+    headers.update(kwargs.get("headers") or {})  # replaces a name whatever its case
+    return httpx.Request(method, url, **{**kwargs, "headers": headers})
 
 
 def _plain_call(method: str, url: str, kwargs: dict[str, Any]) -> Call | None:
@@ -197,7 +203,7 @@ async def _counted_send_async(
         return await way.proxied.request(method, url, **kwargs)
     call = _plain_call(method, url, kwargs)
     if call is None:
-        request = httpx.Request(method, url, headers=_HEADERS, **kwargs)
+        request = _request(method, url, kwargs)
         await request.aread()  # a streamed body may be async
         call = Call.of(request)
     return await way.transport.send(call, way.timeout)
