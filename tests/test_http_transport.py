@@ -442,3 +442,10 @@ def test_plain_gets_are_the_demo_vendor_calls() -> None:
                          {"day": "2026-01-31"}),
                         ("https://api.example.com/repos/pydantic/pydantic", {})]:
         assert http_transport.plain_get(url, params, _HEADERS) is not None
+
+
+@pytest.mark.parametrize("path", ["/.", "/..", "/a/./b", "/a/../b", "/a/."])
+def test_a_path_with_dot_segments_is_left_to_httpx(path: str) -> None:
+    """httpx removes dot segments (``/a/./b`` goes out as ``/a/b``): the fast path must not
+    send them as they stand (hypothesis found ``/.`` sent as ``GET /.``)."""
+    assert http_transport.plain_get(f"http://127.0.0.1:8765{path}", None, _HEADERS) is None

@@ -106,6 +106,8 @@ def plain_get(
     if match is None:
         return None
     scheme, host, port_text, path = match.groups()
+    if path and any(segment in (".", "..") for segment in path.split("/")):
+        return None  # httpx removes dot segments ("/a/./b" is "/a/b")
     default_port = 443 if scheme == "https" else 80
     port = int(port_text) if port_text else default_port
     if port_text and (port == default_port or not 0 < port < 65536 or port_text[0] == "0"):
