@@ -1,4 +1,9 @@
-"""Rate-limited harvest: wall time against the bound ``requests / rate`` (DESIGN: <= 1.10x, zero
+"""Rate-limited harvests, three cases: a fixed global rate (below), limits per API token
+(``ratelimit_keys.py``) and a rate that finds an unannounced limit (``ratelimit_auto.py``).
+``FANOUT_BENCH_RATELIMIT_CASES`` (comma-separated ``fixed``, ``keys``, ``auto``; default all)
+runs only some of them.
+
+Fixed rate: wall time against the bound ``requests / rate`` (DESIGN: <= 1.10x, zero
 429s served, the vendor's highest one-second rate <= the limit, 3 or more worker processes).
 
 The demo vendor answers at 0 ms and refuses (429 + Retry-After) anything above its own
@@ -18,8 +23,10 @@ number.
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -50,7 +57,44 @@ FULL = Case(100, Shape(5, 10, 30))  # 1 + 5 + 1,500 = 1,506 requests: 15.06 s at
 QUICK = Case(50, Shape(2, 5, 20))  # 1 + 2 + 200 = 203 requests: 4.06 s at 50/s
 
 
+CASES_ENV = "FANOUT_BENCH_RATELIMIT_CASES"
+CASES = ("fixed", "keys", "auto")
+
+
 def ratelimit(ctx: Context) -> SuiteResult:
+    from benchmarks.ratelimit_auto import auto_rate
+    from benchmarks.ratelimit_keys import per_key
+
+    chosen = [c.strip() for c in os.environ.get(CASES_ENV, ",".join(CASES)).split(",")
+              if c.strip()]
+    unknown = sorted(set(chosen) - set(CASES))
+    if unknown:
+        raise BenchmarkError(f"{CASES_ENV}: unknown case(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(CASES)})")
+    result = SuiteResult("ratelimit")
+    # The fixed case's settings and figures stay at the top level, as before the other cases.
+    more: dict[str, Callable[[Context], tuple[dict[str, Any], dict[str, Any], Table]]] = {
+        "keys": per_key, "auto": auto_rate}
+    for name in chosen:
+        try:
+            if name == "fixed":
+                fixed = fixed_rate(ctx)
+                result.settings.update(fixed.settings)
+                result.figures.update(fixed.figures)
+                result.tables += fixed.tables
+                continue
+            settings, figures, table = more[name](ctx)
+        except Exception as exc:  # one broken case must not take the others' figures down
+            ctx.console.print_exception(max_frames=5)
+            result.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            continue
+        result.settings[name] = settings
+        result.figures[name] = figures
+        result.tables.append(table)
+    return result
+
+
+def fixed_rate(ctx: Context) -> SuiteResult:
     from workers.connections import get_redis
     from workers.limits import Limits
     from workers.pipelines.demo import VENDOR_LIMIT

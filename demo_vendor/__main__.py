@@ -68,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rate-limit-rps", type=float, default=defaults.rate_limit_rps,
                    help="requests per second before 429s; 0: no limit (default: "
                         "%(default)s)")
+    s.add_argument("--key-rate-limit-rps", type=float, default=defaults.key_rate_limit_rps,
+                   help="requests per second per API key (the Authorization: Bearer token) "
+                        "before 429s; 0: no limit (default: %(default)s)")
+    s.add_argument(
+        "--rate-limit-headers",
+        action="store_true",
+        help="announce the limits: RateLimit-Limit/-Remaining/-Reset and "
+        "X-RateLimit-Remaining/-Reset on every answer (default: only 429 + Retry-After)",
+    )
+    s.add_argument(
+        "--account-tokens",
+        action="store_true",
+        help="give each account of the listing its API token, tok-<account id>",
+    )
     s.add_argument(
         "--retry-after-integer",
         action="store_true",
@@ -108,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="the Retry-After of --burst-429's responses (default: %(default)s)",
     )
+    s.add_argument(
+        "--burst-key",
+        metavar="TOKEN",
+        help="--burst-429 answers only this API key's requests (default: any)",
+    )
     s.add_argument("--report-polls", type=int, default=defaults.report_polls,
                    help="polls before an async report is ready (default: %(default)s)")
     s.add_argument("--metrics", default=",".join(defaults.metrics),
@@ -130,13 +149,19 @@ def config_from_args(args: argparse.Namespace) -> VendorConfig:
             "error_rate": args.error_rate,
             "error_times": args.error_times,
             "rate_limit_rps": args.rate_limit_rps,
+            "key_rate_limit_rps": args.key_rate_limit_rps,
+            "rate_limit_headers": args.rate_limit_headers,
+            "account_tokens": args.account_tokens,
             "retry_after_integer": args.retry_after_integer,
             "stall_rate": args.stall_rate,
             "stall_ms": args.stall_ms,
             "stall_paths": args.stall_path,
             "report_polls": args.report_polls,
             "not_found_paths": args.not_found_path,
-            "burst_429": {"count": args.burst_429, "retry_after_s": args.burst_retry_after},
+            "burst_429": {
+                "count": args.burst_429, "retry_after_s": args.burst_retry_after,
+                **({"key": args.burst_key} if args.burst_key is not None else {}),
+            },
         }
     )
     return config

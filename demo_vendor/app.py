@@ -1,10 +1,11 @@
 """Routing, endpoint handlers and fault injection for the demo vendor.
 
 Per non-admin request the order is fixed (tests rely on it):
-count arrival -> rate limit (429: a ``burst_429`` first, then the own rate limit)
--> latency -> 404 (unknown route, ``not_found_paths``) -> stall -> injected 500
--> handler.
-Admin endpoints (``/_admin/...``) skip all of it and are never counted.
+count arrival -> rate limit (429: a ``burst_429`` first, then the global ``rate_limit_rps``
+and the API key's ``key_rate_limit_rps`` together) -> latency -> 404 (unknown route,
+``not_found_paths``) -> stall -> injected 500 -> handler.
+A request's API key is the token of its ``Authorization: Bearer <token>`` header, "-"
+without one. Admin endpoints (``/_admin/...``) skip all of it and are never counted.
 """
 
 from __future__ import annotations
@@ -22,11 +23,18 @@ from urllib.parse import unquote
 from . import data
 from .config import ConfigError, VendorConfig
 from .http import HttpServer, Listener, Request, Response
-from .stats import RateLimiter, Stats
+from .stats import NO_KEY, RateLimiter, Stats
 
 MAX_LIMIT = 100
 SERVERS: tuple[str, ...] = ("builtin", "aiohttp")  # HTTP layers; the first is the default
 _DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _api_key(request: Request) -> str:
+    """The token of ``Authorization: Bearer <token>``, or "-" without a bearer token."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else NO_KEY
 
 
 class HttpError(Exception):
@@ -103,6 +111,7 @@ class VendorApp:
         self.config = config if config is not None else VendorConfig()
         self.stats = Stats()
         self.limiter = RateLimiter()
+        self.key_limiters: dict[str, RateLimiter] = {}
         self.fault_hits: Counter[str] = Counter()  # injected 500s per path key
         self.report_polls: Counter[str] = Counter()
         self.reports: dict[str, tuple[str, str]] = {}  # id -> (account, day)
@@ -115,6 +124,7 @@ class VendorApp:
         """
         self.stats.reset()
         self.limiter.reset()
+        self.key_limiters.clear()
         self.fault_hits.clear()
         self.report_polls.clear()
 
@@ -129,12 +139,17 @@ class VendorApp:
         if route is not None and route.endpoint == "metrics":
             # Per-day key so tests can count fetches of each metric-day.
             key = f"{request.path}?day={request.query.get('day', '')}"
+        api_key = _api_key(request)
         now = time.monotonic()
         stats = self.stats
-        stats.arrived(now, route.endpoint if route else None, key)
+        stats.arrived(now, route.endpoint if route else None, key, api_key)
         try:
-            response = await self._pipeline(request, route, args, method_ok, key, now)
-            stats.answered(response.status)
+            response = self._rate_limit(api_key, now)
+            quota = self._quota_headers(api_key, now)
+            if response is None:
+                response = await self._pipeline(request, route, args, method_ok, key)
+            response.headers.extend(quota)
+            stats.answered(response.status, now, api_key)
         finally:
             stats.finished()
         return response
@@ -150,6 +165,62 @@ class VendorApp:
             path_matched = True
         return None, [], not path_matched
 
+    def _rate_limit(self, api_key: str, now: float) -> Response | None:
+        """A 429 for a request arriving at ``now``, or None if every limit admits it."""
+        cfg = self.config
+        burst = cfg.burst_429
+        count = int(burst["count"])
+        if count > 0 and burst.get("key", api_key) == api_key:
+            burst["count"] = count - 1
+            seconds = float(burst["retry_after_s"])
+            if cfg.retry_after_integer:
+                return self._too_many_requests(str(math.ceil(seconds)))
+            # As configured: "2", "1.5", "0.25".
+            return self._too_many_requests(f"{seconds:.2f}".rstrip("0").rstrip("."))
+        key_limiter = self._key_limiter(api_key) if cfg.key_rate_limit_rps > 0 else None
+        # Both asked before either counts the request: one refused uses no capacity of either.
+        waits = [w for w in (
+            self.limiter.wait(cfg.rate_limit_rps, now),
+            key_limiter.wait(cfg.key_rate_limit_rps, now) if key_limiter else None,
+        ) if w is not None]
+        if waits:
+            wait = max(waits)
+            if cfg.retry_after_integer:
+                return self._too_many_requests(str(max(1, math.ceil(wait))))
+            # Decimal seconds; never "0.00", which would invite a hot retry loop.
+            return self._too_many_requests(f"{max(wait, 0.01):.2f}")
+        if cfg.rate_limit_rps > 0:
+            self.limiter.admit(now)
+        if key_limiter is not None:
+            key_limiter.admit(now)
+        return None
+
+    def _key_limiter(self, api_key: str) -> RateLimiter:
+        limiter = self.key_limiters.get(api_key)
+        if limiter is None:
+            limiter = self.key_limiters[api_key] = RateLimiter()
+        return limiter
+
+    def _quota_headers(self, api_key: str, now: float) -> list[tuple[str, str]]:
+        """With ``rate_limit_headers`` on, the quota left under the tighter limit in force
+        (fewer remaining; the key's on a tie), after this request: RateLimit-* (IETF draft)
+        and X-RateLimit-*, Reset in whole seconds from now, rounded up."""
+        cfg = self.config
+        if not cfg.rate_limit_headers:
+            return []
+        quotas = []
+        if cfg.key_rate_limit_rps > 0:
+            quotas.append(self._key_limiter(api_key).quota(cfg.key_rate_limit_rps, now))
+        if cfg.rate_limit_rps > 0:
+            quotas.append(self.limiter.quota(cfg.rate_limit_rps, now))
+        if not quotas:
+            return []
+        limit, remaining, reset_s = min(quotas, key=lambda q: q[1])
+        reset = str(math.ceil(reset_s - 1e-9))
+        return [("RateLimit-Limit", str(limit)), ("RateLimit-Remaining", str(remaining)),
+                ("RateLimit-Reset", reset), ("X-RateLimit-Remaining", str(remaining)),
+                ("X-RateLimit-Reset", reset)]
+
     async def _pipeline(
         self,
         request: Request,
@@ -157,23 +228,8 @@ class VendorApp:
         args: list[str],
         method_ok: bool,
         key: str,
-        now: float,
     ) -> Response:
         cfg = self.config
-        burst = cfg.burst_429
-        if burst["count"] > 0:
-            burst["count"] -= 1
-            seconds = burst["retry_after_s"]
-            if cfg.retry_after_integer:
-                return self._too_many_requests(str(math.ceil(seconds)))
-            # As configured: "2", "1.5", "0.25".
-            return self._too_many_requests(f"{seconds:.2f}".rstrip("0").rstrip("."))
-        wait = self.limiter.check(cfg.rate_limit_rps, now)
-        if wait is not None:
-            if cfg.retry_after_integer:
-                return self._too_many_requests(str(max(1, math.ceil(wait))))
-            # Decimal seconds; never "0.00", which would invite a hot retry loop.
-            return self._too_many_requests(f"{max(wait, 0.01):.2f}")
         if cfg.latency_ms > 0:
             await asyncio.sleep(cfg.latency_ms / 1000)
         if route is None:
@@ -242,7 +298,8 @@ class VendorApp:
         return account
 
     def list_accounts(self, request: Request, args: list[str]) -> Response:
-        return Response(200, {"accounts": data.accounts(self.config.accounts)})
+        cfg = self.config
+        return Response(200, {"accounts": data.accounts(cfg.accounts, cfg.account_tokens)})
 
     def list_services(self, request: Request, args: list[str]) -> Response:
         cfg = self.config

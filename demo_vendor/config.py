@@ -79,15 +79,23 @@ def _path_keys(name: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _burst(name: str, value: object) -> dict[str, float]:
-    if not isinstance(value, dict) or not value.keys() <= {"count", "retry_after_s"}:
-        raise ConfigError(f'{name} must be an object {{"count": N, "retry_after_s": S}}')
+def _burst(name: str, value: object) -> dict[str, float | str]:
+    if not isinstance(value, dict) or not value.keys() <= {"count", "retry_after_s", "key"}:
+        raise ConfigError(
+            f'{name} must be an object {{"count": N, "retry_after_s": S[, "key": TOKEN]}}'
+        )
     if "count" not in value:
         raise ConfigError(f"{name} needs a count")
-    return {
+    burst: dict[str, float | str] = {
         "count": _int(f"{name}.count", value["count"]),
         "retry_after_s": _float(f"{name}.retry_after_s", value.get("retry_after_s", 1.0)),
     }
+    if "key" in value:  # only that API key's requests get the burst
+        key = value["key"]
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{name}.key must be a non-empty string")
+        burst["key"] = key
+    return burst
 
 
 _Validator = Callable[[str, object], object]
@@ -102,6 +110,9 @@ _VALIDATORS: dict[str, _Validator] = {
     "error_rate": lambda n, v: _float(n, v, maximum=1.0),
     "error_times": _int,
     "rate_limit_rps": _float,
+    "key_rate_limit_rps": _float,
+    "rate_limit_headers": _bool,
+    "account_tokens": _bool,
     "retry_after_integer": _bool,
     "stall_rate": lambda n, v: _float(n, v, maximum=1.0),
     "stall_ms": _float,
@@ -128,6 +139,13 @@ class VendorConfig:
     error_rate: float = 0.0
     error_times: int = 0
     rate_limit_rps: float = 0.0
+    # the same limit for each API key (``Authorization: Bearer <token>``; no token: key "-")
+    key_rate_limit_rps: float = 0.0
+    # off: a limit is unannounced (nothing but the 429 and its Retry-After); on: every answer
+    # carries RateLimit-Limit/-Remaining/-Reset and X-RateLimit-Remaining/-Reset (delta seconds)
+    rate_limit_headers: bool = False
+    # the accounts listing gives each account its API token, "tok-<account id>"
+    account_tokens: bool = False
     retry_after_integer: bool = False
     stall_rate: float = 0.0
     stall_ms: float = 30_000.0
@@ -138,9 +156,12 @@ class VendorConfig:
     fail_paths: dict[str, int] = field(default_factory=dict)
     # path keys answered 404 {"error": "not found"} for as long as they are listed
     not_found_paths: tuple[str, ...] = ()
-    # the next `count` non-admin requests get 429 + Retry-After: retry_after_s;
-    # count goes down as they are sent, setting the knob again starts a new burst.
-    burst_429: dict[str, float] = field(default_factory=lambda: {"count": 0, "retry_after_s": 1.0})
+    # the next `count` non-admin requests (of API key `key` only, if given) get 429 +
+    # Retry-After: retry_after_s; count goes down as they are sent, setting the knob again
+    # starts a new burst.
+    burst_429: dict[str, float | str] = field(
+        default_factory=lambda: {"count": 0, "retry_after_s": 1.0}
+    )
 
     def __post_init__(self) -> None:
         # Route constructor arguments through the same checks as updates.

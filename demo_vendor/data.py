@@ -47,9 +47,18 @@ def service_ids(count: int) -> list[str]:
     return [service_id(i) for i in range(1, count + 1)]
 
 
-def accounts(count: int) -> list[dict[str, str]]:
-    """The ``/accounts`` listing for ``count`` accounts."""
-    return [{"id": account_id(i), "name": f"Account {i}"} for i in range(1, count + 1)]
+def account_token(account: str) -> str:
+    """The API token of an account, as the listing gives it with ``account_tokens`` on."""
+    return f"tok-{account}"
+
+
+def accounts(count: int, tokens: bool = False) -> list[dict[str, str]]:
+    """The ``/accounts`` listing for ``count`` accounts, with each one's token if ``tokens``."""
+    listing = [{"id": account_id(i), "name": f"Account {i}"} for i in range(1, count + 1)]
+    if tokens:
+        for account in listing:
+            account["token"] = account_token(account["id"])
+    return listing
 
 
 def _parse_numbered(value: str, prefix: str, count: int) -> int | None:

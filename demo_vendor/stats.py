@@ -50,6 +50,9 @@ class SlidingWindow:
     def oldest(self) -> float | None:
         return self._times[0] if self._times else None
 
+    def newest(self) -> float | None:
+        return self._times[-1] if self._times else None
+
     def clear(self) -> None:
         self._times.clear()
 
@@ -76,14 +79,36 @@ class RateLimiter:
 
     def check(self, rate: float, now: float) -> float | None:
         """Admit a request (None) or return seconds until a slot frees."""
+        wait = self.wait(rate, now)
+        if wait is None and rate > 0:
+            self.admit(now)
+        return wait
+
+    def wait(self, rate: float, now: float) -> float | None:
+        """None if a request at ``now`` would be admitted, else seconds until a slot frees;
+        uses no capacity (``admit`` does), so two limits can be asked before either counts."""
         if rate <= 0:
             return None
         self._configure(rate)
         if self._window.count(now) < self._limit:
-            self._window.add(now)
             return None
+        return self._until_slot(now)
+
+    def admit(self, now: float) -> None:
+        self._window.add(now)
+
+    def quota(self, rate: float, now: float) -> tuple[int, int, float]:
+        """(limit, remaining, seconds until the window has no request of now left: the quota
+        is whole again) for the ``RateLimit-*`` headers."""
+        self._configure(rate)
+        remaining = max(self._limit - self._window.count(now), 0)
+        newest = self._window.newest()
+        reset = 0.0 if newest is None else max(newest + self._window.span - now, 0.0)
+        return self._limit, remaining, reset
+
+    def _until_slot(self, now: float) -> float:
         oldest = self._window.oldest()
-        assert oldest is not None  # the window is full, so not empty
+        assert oldest is not None  # only asked of a window that holds requests
         return max(oldest + self._window.span - now, 0.0)
 
     def reset(self) -> None:
@@ -91,6 +116,56 @@ class RateLimiter:
 
 
 _RECENT = 5000  # arrival times kept for ``recent_arrivals``
+_SECONDS = 3600  # one-second rows kept for ``per_second``
+NO_KEY = "-"  # the key of requests without ``Authorization: Bearer <token>``
+
+
+class PerSecond:
+    """Counters per whole monotonic second, the last ``_SECONDS`` seconds that saw any."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.rows: dict[int, list[int]] = {}
+
+    def row(self, now: float) -> list[int]:
+        second = math.floor(now)
+        row = self.rows.get(second)
+        if row is None:
+            row = self.rows[second] = [0] * self.width
+            if len(self.rows) > _SECONDS:  # dicts keep insertion order: drop the oldest
+                del self.rows[next(iter(self.rows))]
+        return row
+
+    def snapshot(self) -> list[list[int]]:
+        return [[second, *row] for second, row in sorted(self.rows.items())]
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+
+class KeyStats:
+    """One API key's requests, its 429s, its busiest one-second window (arrivals, 429s
+    included, as the global ``max_rps_1s``) and its [second, arrived, 429s] series."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.sent_429 = 0
+        self.max_rps_1s = 0
+        self._arrivals = SlidingWindow()
+        self.seconds = PerSecond(2)
+
+    def arrived(self, now: float) -> None:
+        self.requests += 1
+        self.max_rps_1s = max(self.max_rps_1s, self._arrivals.add(now))
+        self.seconds.row(now)[0] += 1
+
+    def refused(self, arrived_at: float) -> None:
+        self.sent_429 += 1
+        self.seconds.row(arrived_at)[1] += 1
+
+    def snapshot(self) -> dict[str, object]:
+        return {"requests": self.requests, "sent_429": self.sent_429,
+                "max_rps_1s": self.max_rps_1s, "per_second": self.seconds.snapshot()}
 
 
 class Stats:
@@ -119,10 +194,20 @@ class Stats:
         self.last_429_at: float | None = None
         self.retry_after_until: float | None = None
         self.recent: deque[float] = deque(maxlen=_RECENT)  # arrival times, for tests
+        self.by_key: dict[str, KeyStats] = {}
+        # per second of arrival: [arrived, served (any answer but a 429), 429s]
+        self.seconds = PerSecond(3)
 
-    def arrived(self, now: float, endpoint: str | None, path_key: str) -> None:
+    def arrived(
+        self, now: float, endpoint: str | None, path_key: str, key: str = NO_KEY
+    ) -> None:
         """Count a non-admin request as it arrives (before any 429/latency)."""
         self.total += 1
+        key_stats = self.by_key.get(key)
+        if key_stats is None:
+            key_stats = self.by_key[key] = KeyStats()
+        key_stats.arrived(now)
+        self.seconds.row(now)[0] += 1
         if endpoint is not None:
             self.by_endpoint[endpoint] += 1
         self.by_path[path_key] += 1
@@ -144,8 +229,16 @@ class Stats:
         if self.retry_after_until is None or until > self.retry_after_until:
             self.retry_after_until = until
 
-    def answered(self, status: int) -> None:
+    def answered(self, status: int, arrived_at: float, key: str = NO_KEY) -> None:
+        """The answer to a request that arrived at ``arrived_at`` (its second in the series)."""
         self.status[status] += 1
+        row = self.seconds.row(arrived_at)
+        if status == 429:
+            row[2] += 1
+            if key in self.by_key:
+                self.by_key[key].refused(arrived_at)
+        else:
+            row[1] += 1
 
     def finished(self) -> None:
         """The request is no longer in flight (answered, or cancelled at shutdown)."""
@@ -163,6 +256,8 @@ class Stats:
         self.last_429_at = None
         self.retry_after_until = None
         self.recent.clear()
+        self.by_key.clear()
+        self.seconds.clear()
 
     def snapshot(self, now: float) -> dict[str, object]:
         return {
@@ -180,4 +275,8 @@ class Stats:
             "retry_after_until": self.retry_after_until,
             "monotonic_now": now,
             "recent_arrivals": list(self.recent),
+            "by_key": {key: stats.snapshot() for key, stats in sorted(self.by_key.items())},
+            # [whole monotonic second, arrived, served, 429s], oldest first; a second in
+            # which no request arrived has no row.
+            "per_second": self.seconds.snapshot(),
         }

@@ -561,6 +561,167 @@ def test_rate_limit_sequential(start: Callable[..., Vendor]) -> None:
     assert all(v.get("/_admin/stats").status_code == 200 for _ in range(20))
 
 
+def test_key_stats_and_per_second_on_given_times() -> None:
+    """Per API key: requests, 429s and the busiest one-second window, mirroring the global
+    one; the per-second series counts arrivals, answers other than 429 and 429s by the
+    whole second each request arrived in."""
+    stats = Stats()
+    # tok-a: ten in 0.9 s, the last three refused; tok-b: ten 0.2 s apart; in time order
+    events = sorted([(100 + i / 10, "tok-a", 200 if i < 7 else 429) for i in range(10)]
+                    + [(100 + i / 5, "tok-b", 200) for i in range(10)])
+    for at, token, status in events:
+        stats.arrived(at, "fib", "/fib/1", token)
+        stats.answered(status, at, token)
+    stats.arrived(102.5, "fib", "/fib/1")  # no token: key "-"
+    stats.answered(404, 102.5)
+    snapshot = stats.snapshot(103.0)
+    assert snapshot["by_key"] == {
+        "-": {"requests": 1, "sent_429": 0, "max_rps_1s": 1, "per_second": [[102, 1, 0]]},
+        "tok-a": {"requests": 10, "sent_429": 3, "max_rps_1s": 10, "per_second": [[100, 10, 3]]},
+        "tok-b": {"requests": 10, "sent_429": 0, "max_rps_1s": 5,
+                  "per_second": [[100, 5, 0], [101, 5, 0]]},
+    }
+    # the global window saw tok-a's ten and tok-b's five of [100, 101) together
+    assert (snapshot["total"], snapshot["max_rps_1s"], snapshot["sent_429"]) == (21, 15, 3)
+    assert snapshot["per_second"] == [[100, 15, 12, 3], [101, 5, 5, 0], [102, 1, 1, 0]]
+    stats.reset()
+    assert stats.snapshot(104.0)["by_key"] == {} and stats.snapshot(104.0)["per_second"] == []
+
+
+def test_key_rate_limit(start: Callable[..., Vendor]) -> None:
+    # One request per 5 s for each API key; the global limit is off.
+    v = start("--key-rate-limit-rps", "0.2")
+
+    def get(token: str | None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return v.get("/fib/3", headers=headers)
+
+    codes = [get(token).status_code for token in ("tok-a", "tok-a", "tok-b", None, "tok-b")]
+    assert codes == [200, 429, 200, 200, 429]
+    refused = get("tok-a")
+    assert refused.status_code == 429 and 4 < float(refused.headers["retry-after"]) <= 5
+    # Unannounced: nothing about the limit on any answer but the 429's Retry-After.
+    told = [name for name in refused.headers if "ratelimit" in name.lower()]
+    assert told == []
+    # Not a bearer token, or an empty one: the key "-", whose one request is spent.
+    assert v.get("/fib/3", headers={"Authorization": "Basic dTpw"}).status_code == 429
+    assert v.get("/fib/3", headers={"Authorization": "Bearer"}).status_code == 429
+    assert v.get("/fib/3", headers={"Authorization": "bearer tok-c"}).status_code == 200
+    by_key = v.stats()["by_key"]
+    assert {key: (s["requests"], s["sent_429"]) for key, s in by_key.items()} == {
+        "-": (3, 2), "tok-a": (3, 2), "tok-b": (2, 1), "tok-c": (1, 0),
+    }
+    assert by_key["tok-c"]["max_rps_1s"] == 1
+    assert all(1 <= s["max_rps_1s"] <= s["requests"] for s in by_key.values())
+    # Changed at runtime; with the global limit on too, a request must pass both.
+    v.configure(key_rate_limit_rps=2, rate_limit_rps=0.2)
+    assert get("tok-d").status_code == 200
+    assert get("tok-e").status_code == 429  # global: one per 5 s
+    v.configure(rate_limit_rps=0, key_rate_limit_rps=0)
+    assert [get("tok-a").status_code for _ in range(5)] == [200] * 5
+    stats = v.stats()
+    assert stats["sent_429"] == sum(s["sent_429"] for s in stats["by_key"].values()) == 6
+    tok_e = stats["by_key"]["tok-e"]
+    assert (tok_e["requests"], tok_e["sent_429"], tok_e["max_rps_1s"]) == (1, 1, 1)
+    assert [row[1:] for row in tok_e["per_second"]] == [[1, 1]]
+    # The per-second series adds up to the totals.
+    rows = stats["per_second"]
+    assert [row[0] for row in rows] == sorted({row[0] for row in rows})
+    assert sum(row[1] for row in rows) == stats["total"] == 16
+    assert (sum(row[2] for row in rows), sum(row[3] for row in rows)) == (10, 6)
+
+
+@BOTH_SERVERS
+def test_key_rate_limit_burst(start: Callable[..., Vendor]) -> None:
+    """30 requests at once on each of 3 tokens against 10 per second per token: each
+    token's first 10 always pass, and the vendor counts each token's 429s exactly."""
+    v = start("--key-rate-limit-rps", "10")
+    tokens = ("tok-acct-001", "tok-acct-002", "tok-acct-003")
+
+    async def burst() -> list[tuple[str, httpx.Response]]:
+        limits = httpx.Limits(max_connections=90, max_keepalive_connections=90)
+        async with httpx.AsyncClient(base_url=v.url, limits=limits, timeout=10) as client:
+            async def one(token: str) -> tuple[str, httpx.Response]:
+                return token, await client.get("/fib/5", headers={"Authorization":
+                                                                   f"Bearer {token}"})
+            return list(await asyncio.gather(*(one(t) for t in tokens for _ in range(30))))
+
+    answers = asyncio.run(burst())
+    by_key = v.stats()["by_key"]
+    assert set(by_key) == set(tokens)
+    for token in tokens:
+        codes = [r.status_code for t, r in answers if t == token]
+        assert len(codes) == 30 and set(codes) <= {200, 429}
+        assert codes.count(200) >= 10
+        assert by_key[token]["requests"] == 30
+        assert by_key[token]["sent_429"] == codes.count(429)
+
+
+def test_rate_limit_headers(start: Callable[..., Vendor]) -> None:
+    # Global: one request per 100 s; per key: 3 a second. The headers tell the tighter one.
+    v = start("--rate-limit-rps", "0.01", "--key-rate-limit-rps", "3", "--rate-limit-headers")
+    names = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset",
+             "x-ratelimit-remaining", "x-ratelimit-reset")
+
+    def quota(r: httpx.Response) -> dict[str, str]:
+        return {name: r.headers[name] for name in names if name in r.headers}
+
+    first = v.get("/fib/1")
+    assert first.status_code == 200
+    told = quota(first)
+    assert (told["ratelimit-limit"], told["ratelimit-remaining"]) == ("1", "0")
+    assert 90 < int(told["ratelimit-reset"]) <= 100  # the window is 100 s long
+    assert told["x-ratelimit-remaining"] == "0"
+    assert told["x-ratelimit-reset"] == told["ratelimit-reset"]
+    refused = v.get("/fib/1")
+    assert refused.status_code == 429 and "retry-after" in refused.headers
+    assert quota(refused)["ratelimit-remaining"] == "0"
+    # The global limit off: the key's. A fresh token has 3 a second, this one used.
+    v.configure(rate_limit_rps=0)
+    fresh = v.get("/fib/1", headers={"Authorization": "Bearer tok-b"})
+    assert quota(fresh) == {"ratelimit-limit": "3", "ratelimit-remaining": "2",
+                            "ratelimit-reset": "1", "x-ratelimit-remaining": "2",
+                            "x-ratelimit-reset": "1"}
+    # Headers on, but no limit in force; then a limit, but headers off: nothing is told.
+    v.configure(key_rate_limit_rps=0)
+    assert quota(v.get("/fib/1")) == {}
+    v.configure(key_rate_limit_rps=3, rate_limit_headers=False)
+    assert quota(v.get("/fib/1", headers={"Authorization": "Bearer tok-c"})) == {}
+    # Errors carry them as well: a 404 passed the limits and used a request.
+    v.configure(rate_limit_headers=True)
+    missing = v.get("/nope", headers={"Authorization": "Bearer tok-d"})
+    assert missing.status_code == 404 and quota(missing)["ratelimit-remaining"] == "2"
+
+
+def test_account_tokens_and_key_burst(start: Callable[..., Vendor]) -> None:
+    v = start("--accounts", "2", "--account-tokens", "--burst-429", "2",
+              "--burst-retry-after", "3", "--burst-key", "tok-acct-002")
+    assert v.get("/accounts").json()["accounts"] == [
+        {"id": "acct-001", "name": "Account 1", "token": "tok-acct-001"},
+        {"id": "acct-002", "name": "Account 2", "token": "tok-acct-002"},
+    ]
+    cfg = v.get("/_admin/config").json()
+    assert cfg["account_tokens"] is True
+    assert cfg["burst_429"] == {"count": 2, "retry_after_s": 3.0, "key": "tok-acct-002"}
+
+    def get(token: str) -> httpx.Response:
+        return v.get("/fib/2", headers={"Authorization": f"Bearer {token}"})
+
+    # Only that key's requests are refused; the other key passes between them.
+    codes = [get(t).status_code for t in ("tok-acct-001", "tok-acct-002", "tok-acct-001",
+                                          "tok-acct-002", "tok-acct-002")]
+    assert codes == [200, 429, 200, 429, 200]
+    assert v.get("/_admin/config").json()["burst_429"]["count"] == 0
+    assert {k: s["sent_429"] for k, s in v.stats()["by_key"].items()} == {
+        "-": 0, "tok-acct-001": 0, "tok-acct-002": 2,
+    }
+    # Setting the knob without a key: any request again.
+    v.configure(burst_429={"count": 1, "retry_after_s": 1}, account_tokens=False)
+    assert get("tok-acct-001").status_code == 429
+    assert v.get("/_admin/config").json()["burst_429"] == {"count": 0, "retry_after_s": 1.0}
+    assert "token" not in v.get("/accounts").json()["accounts"][0]
+
+
 @BOTH_SERVERS
 def test_rate_limit_burst(start: Callable[..., Vendor]) -> None:
     v = start("--rate-limit-rps", "50")
@@ -641,6 +802,8 @@ def test_admin_reset_and_config(start: Callable[..., Vendor]) -> None:
         "last_429_at": None,
         "retry_after_until": None,
         "recent_arrivals": [],
+        "by_key": {},
+        "per_second": [],
     }
     before = v.get("/_admin/config").json()
     bad_updates: list[dict[str, object]] = [
@@ -659,6 +822,11 @@ def test_admin_reset_and_config(start: Callable[..., Vendor]) -> None:
         {"burst_429": {"count": -1}},
         {"burst_429": {"count": 1, "retry_after_s": -1}},
         {"burst_429": {"count": 1, "seconds": 1}},
+        {"burst_429": {"count": 1, "key": ""}},
+        {"burst_429": {"count": 1, "key": 7}},
+        {"key_rate_limit_rps": -1},
+        {"rate_limit_headers": 1},
+        {"account_tokens": "yes"},
         {"services": 10, "error_rate": 1.5},  # all-or-nothing
     ]
     for bad in bad_updates:
@@ -739,6 +907,8 @@ def test_ready_file_and_sigint(tmp_path: Path, server: str) -> None:
         ["--port", "abc"],
         ["--no-such-option"],
         ["--metrics", ","],
+        ["--key-rate-limit-rps", "-1"],
+        ["--burst-429", "1", "--burst-key", ""],
     ],
 )
 def test_cli_bad_input(args: list[str]) -> None:
@@ -761,3 +931,21 @@ def test_main_returns_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     assert vendor_main([]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "Traceback" not in err
+
+
+def test_fanout_calls_carry_their_token(start: Callable[..., Vendor]) -> None:
+    """What the per-key benchmark relies on: fanout's HTTP client (sync and async) sends a
+    call's own headers, and the vendor counts the call under its bearer token."""
+    from workers.http import VendorHTTPError, request_json, request_json_async
+
+    v = start("--key-rate-limit-rps", "0.2")
+    auth = {"Authorization": "Bearer tok-acct-001"}
+    assert request_json("GET", f"{v.url}/fib/4", headers=auth, retries=0)["value"] == 3
+    with pytest.raises(VendorHTTPError) as refused:
+        asyncio.run(request_json_async("GET", f"{v.url}/fib/4", headers=auth, retries=0))
+    assert refused.value.status == 429
+    # Without the header: the key "-", which has its own allowance.
+    assert asyncio.run(request_json_async("GET", f"{v.url}/fib/5", retries=0))["value"] == 5
+    assert {k: (s["requests"], s["sent_429"]) for k, s in v.stats()["by_key"].items()} == {
+        "-": (1, 0), "tok-acct-001": (2, 1),
+    }

@@ -112,9 +112,10 @@ def test_limits_commands(redis_url: str) -> None:
     assert fanout("set", "db", "--concurrency", "4").returncode == 0
     listed = json.loads(fanout("list", "--json").stdout)
     assert listed == [
-        {"name": "db", "rate": None, "burst": None, "concurrency": 4, "in_use": 0, "wait_s": 0.0},
+        {"name": "db", "rate": None, "burst": None, "concurrency": 4, "in_use": 0, "wait_s": 0.0,
+         "keys": []},
         {"name": "github-api", "rate": "60/h", "burst": 3, "concurrency": None, "in_use": 0,
-         "wait_s": 0.0},
+         "wait_s": 0.0, "keys": []},
     ]
     bad = fanout("set", "x", "--rate", "60/fortnight")
     assert bad.returncode == 2 and bad.stderr.startswith("fanout: error: bad rate '60/fortnight'")
@@ -143,9 +144,9 @@ def test_limits_apply_creates_or_replaces_the_config_files_limits(
     listed = json.loads(fanout("list", "--json", config=config).stdout)
     assert listed == [  # vendor-a replaced: its concurrency 9 is gone
         {"name": "vendor-a", "rate": "50/s", "burst": 5, "concurrency": None, "in_use": 0,
-         "wait_s": 0.0},
+         "wait_s": 0.0, "keys": []},
         {"name": "vendor-b", "rate": None, "burst": None, "concurrency": 3, "in_use": 0,
-         "wait_s": 0.0},
+         "wait_s": 0.0, "keys": []},
     ]
 
     # A bad limit is one line, and nothing of the file is applied.

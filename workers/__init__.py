@@ -6,3 +6,8 @@ for ``celery -A workers``. The layers, top down (each imports only from below it
 ``looping`` -> ``transport``/``ledger``/``message``/``dead_letters``/``sinks``/``http`` ->
 ``ids``/``keys``/``scripts``/``outcome``/``settings``/``connections``.
 """
+
+
+from workers.limits import per_key  # ``from workers import per_key`` (builds nothing)
+
+__all__ = ["per_key"]

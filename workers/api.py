@@ -19,6 +19,7 @@ from typing import Any
 from workers import keys
 from workers.context import StageContext
 from workers.hooks import Hook, StageResult
+from workers.limits import per_key
 from workers.looping import DEFAULT_MAX_ITERATIONS, Loop, LoopLimitExceeded, LoopState
 from workers.options import OptionGroup
 from workers.options import validate as validate_options
@@ -47,6 +48,7 @@ __all__ = [
     "find_stage",
     "get_pipeline",
     "load_pipelines",
+    "per_key",
     "rate_limit",
     "rate_limit_async",
 ]
@@ -161,7 +163,8 @@ class Pipeline:
           by attempt, or ``exponential(base_s, factor, max_s)``), each delay varied by +/-
           ``retry_jitter`` (a fraction), only for ``retry_on`` exception types and when
           ``retry_if(exc)`` is true; a ``PermanentError`` (or a vendor 4xx) never retries;
-        - ``limits=[NAME, ...]``: global limits each item goes through;
+        - ``limits=[NAME, ...]``: global limits each item goes through (``per_key(NAME,
+          key_of)``: the item's key of the limit);
         - caching (seed 004): ``cache="inputs"`` or ``cache_key=fn(ctx, item)``, kept
           ``cache_ttl_s``; a run with ``refresh_cache=True`` in its params overwrites it;
         - the options a pipeline's or the stage's own hooks declare (``Hook.OPTIONS``).

@@ -36,6 +36,7 @@ from tenacity import (
 from workers.event_loop import max_in_flight
 from workers.http_async_transport import AsyncKeepAliveTransport
 from workers.http_transport import Call, KeepAliveTransport, plain_get
+from workers.limits import LimitRef
 from workers.policy.retry import RetryAfter
 from workers.settings import get_settings
 from workers.throttle import throttle
@@ -134,9 +135,15 @@ def _send(method: str, url: str, client: httpx.Client | None, **kwargs: Any) -> 
     way = _thread_http()
     if way.proxied is not None:
         return way.proxied.request(method, url, **kwargs)
-    call = _plain_call(method, url, kwargs) or \
-        Call.of(httpx.Request(method, url, headers=_HEADERS, **kwargs))
+    call = _plain_call(method, url, kwargs) or Call.of(_request(method, url, kwargs))
     return way.transport.send(call, way.timeout)
+
+
+def _request(method: str, url: str, kwargs: dict[str, Any]) -> httpx.Request:
+    """httpx's request, the call's own ``headers`` (e.g. Authorization) over fanout's."""
+    headers = httpx.Headers(_HEADERS)
+    headers.update(kwargs.get("headers") or {})  # replaces a name whatever its case
+    return httpx.Request(method, url, **{**kwargs, "headers": headers})
 
 
 def _plain_call(method: str, url: str, kwargs: dict[str, Any]) -> Call | None:
@@ -204,7 +211,7 @@ async def _counted_send_async(
         return await way.proxied.request(method, url, **kwargs)
     call = _plain_call(method, url, kwargs)
     if call is None:
-        request = httpx.Request(method, url, headers=_HEADERS, **kwargs)
+        request = _request(method, url, kwargs)
         await request.aread()  # a streamed body may be async
         call = Call.of(request)
     return await way.transport.send(call, way.timeout)
@@ -233,7 +240,7 @@ def _wait_s(state: RetryCallState, backoff: wait_exponential_jitter) -> float:
     return wait
 
 
-def _json_of(response: httpx.Response, url: str, limit: str | None) -> Any:
+def _json_of(response: httpx.Response, url: str, limit: LimitRef | None) -> Any:
     """The answer's JSON, or a ``VendorHTTPError`` (status, body excerpt, Retry-After)."""
     if response.status_code >= 400:
         raise VendorHTTPError(response.status_code, url, response.text,
@@ -241,7 +248,7 @@ def _json_of(response: httpx.Response, url: str, limit: str | None) -> Any:
     return response.json()
 
 
-def _pushes_back(error: Exception, limit: str | None) -> float | None:
+def _pushes_back(error: Exception, limit: LimitRef | None) -> float | None:
     """The Retry-After of a 429 or 503 on a call through ``limit``, or None."""
     if (limit and isinstance(error, VendorHTTPError) and error.retry_after_s is not None
             and error.status in (429, 503)):
@@ -268,13 +275,14 @@ def request_json(
     backoff_initial_s: float = 0.2,
     backoff_max_s: float = 10.0,
     client: httpx.Client | None = None,
-    limit: str | None = None,
+    limit: LimitRef | None = None,
     **kwargs: Any,
 ) -> Any:
     """Call the vendor and return its JSON, retrying what is worth retrying. ``kwargs`` are
     httpx.Request's (params, json, headers, content). ``limit``: a global limit every try
-    goes through (``throttle.py``); the vendor's 429/503 Retry-After pushes it back for every
-    worker, and a long wait raises ``Throttled`` (the engine runs the item again later)."""
+    goes through (``throttle.py``), by name or ``(name, key)`` for one key of a limit used per
+    key; the vendor's 429/503 Retry-After pushes it (that key only) back for every worker,
+    and a long wait raises ``Throttled`` (the engine runs the item again later)."""
     def attempt() -> Any:
         if limit is None:
             response = _counted_send(method, url, client, **kwargs)
@@ -285,12 +293,13 @@ def request_json(
                 _thread_http().prepare(url)
             with throttle().hold(limit):
                 response = _counted_send(method, url, client, **kwargs)
+            if response.status_code not in (429, 503):
+                throttle().answered(limit, response.headers)
         try:
             return _json_of(response, url, limit)
         except VendorHTTPError as error:
-            wait_s = _pushes_back(error, limit)
-            if limit and wait_s is not None:
-                throttle().push_back(limit, wait_s)
+            if limit and error.status in (429, 503):
+                throttle().refused(limit, _pushes_back(error, limit))
             raise
 
     # The first try runs bare: tenacity's set-up was a tenth of a successful call's CPU.
@@ -319,7 +328,7 @@ async def request_json_async(
     backoff_initial_s: float = 0.2,
     backoff_max_s: float = 10.0,
     client: httpx.AsyncClient | None = None,
-    limit: str | None = None,
+    limit: LimitRef | None = None,
     **kwargs: Any,
 ) -> Any:
     """``request_json`` for an ``async def`` stage: the same retries (tenacity's
@@ -333,12 +342,13 @@ async def request_json_async(
         else:
             async with throttle().hold_async(limit):
                 response = await _counted_send_async(method, url, client, **kwargs)
+            if response.status_code not in (429, 503):
+                await throttle().answered_async(limit, response.headers)
         try:
             return _json_of(response, url, limit)
         except VendorHTTPError as error:
-            wait_s = _pushes_back(error, limit)
-            if limit and wait_s is not None:
-                await throttle().push_back_async(limit, wait_s)
+            if limit and error.status in (429, 503):
+                await throttle().refused_async(limit, _pushes_back(error, limit))
             raise
 
     try:  # bare first try, as in request_json

@@ -144,18 +144,26 @@ class RunKeys:
 
 @dataclass(frozen=True, slots=True)
 class LimitKeys:
-    """The keys of one limit, named as the ``limit_*.lua`` scripts name them."""
+    """The keys of one limit, or of one key of a limit used per key (``limits.py``), named as
+    the ``limit_*.lua`` scripts name them. A key's state sits beside its template's
+    configuration (one hash slot: ``{name}``); ``keys`` is the template's index of keys in
+    use (key -> when it goes idle)."""
 
     config: str
     tat: str
     backoff: str
     slots: str
+    sent: str  # when the last async call went out (limit_send.lua)
+    aimd: str  # a rate = "auto" limit's current rate (limit_aimd.lua)
+    keys: str
 
     @classmethod
-    def of(cls, name: str) -> LimitKeys:
-        base = f"{PREFIX}:limit:{{{name}}}"
-        return cls(config=base, tat=f"{base}:tat", backoff=f"{base}:backoff",
-                   slots=f"{base}:slots")
+    def of(cls, name: str, key: str | None = None) -> LimitKeys:
+        config = f"{PREFIX}:limit:{{{name}}}"
+        base = config if key is None else f"{config}:key:{key}"
+        return cls(config=config, tat=f"{base}:tat", backoff=f"{base}:backoff",
+                   slots=f"{base}:slots", sent=f"{base}:sent", aimd=f"{base}:aimd",
+                   keys=f"{config}:keys")
 
 
 def cache(task_name: str, key: str) -> str:

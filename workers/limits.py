@@ -18,15 +18,18 @@ import math
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import redis
+import redis.asyncio as aioredis
 
 from workers import scripts
 from workers.keys import LIMITS_INDEX, LimitKeys
+from workers.policy import aimd
 from workers.policy.gcra import Rate
 
 log = logging.getLogger("fanout.limits")
@@ -44,8 +47,71 @@ def check_name(name: str) -> str:
     return name
 
 
-def _keys(name: str) -> LimitKeys:
-    return LimitKeys.of(check_name(name))
+#: A limit as a call names it: its name, or (name, key) for one key of a limit used per key.
+LimitRef = str | tuple[str, str | int]
+#: The longest key (an account id, a token's id): it is part of Redis key names.
+MAX_KEY_CHARS = 200
+#: A key of a limit used per key stays in use (listed, its state kept) this long after its
+#: last call; then its state expires and it leaves the index, so keys never pile up.
+KEY_IDLE_S = 600.0
+
+
+def resolve(ref: LimitRef) -> tuple[str, str | None]:
+    """(name, key) of a limit reference, checked: ValueError with the reason."""
+    if isinstance(ref, str):
+        return check_name(ref), None
+    if isinstance(ref, tuple) and len(ref) == 2:
+        return check_name(ref[0]), check_key(ref[0], ref[1])
+    raise ValueError(f"a limit is a name or (name, key), got {ref!r}")
+
+
+def check_key(name: str, key: object) -> str:
+    """A key of limit ``name`` as text: text or a whole number, not empty, not too long."""
+    if isinstance(key, bool) or not isinstance(key, str | int):
+        raise ValueError(f"limit {name!r}: a key must be text or a whole number, got {key!r}")
+    text = str(key)
+    if not text:
+        raise ValueError(f"limit {name!r}: a key must not be empty")
+    if len(text) > MAX_KEY_CHARS:
+        raise ValueError(f"limit {name!r}: a key must be at most {MAX_KEY_CHARS} characters, "
+                         f"got {len(text)}")
+    return text
+
+
+def label(ref: LimitRef) -> str:
+    """How messages name a limit: ``vendor-token`` or ``vendor-token[acct-1]``."""
+    name, key = resolve(ref)
+    return name if key is None else f"{name}[{key}]"
+
+
+def _keys(ref: LimitRef) -> LimitKeys:
+    return LimitKeys.of(*resolve(ref))
+
+
+def _key_args(ref: LimitRef) -> list[Any]:
+    """The scripts' last two ARGV: the key ('' when not per key) and how long it stays in use."""
+    return [resolve(ref)[1] or "", KEY_IDLE_S]
+
+
+@dataclass(frozen=True)
+class PerKey:
+    """A stage's limit used per key: each item goes through ``(name, key_of(item))``."""
+
+    name: str
+    key_of: Callable[[Any], str | int]
+
+    def ref(self, item: Any) -> LimitRef:
+        return (self.name, check_key(self.name, self.key_of(item)))
+
+
+def per_key(name: str, key_of: Callable[[Any], str | int]) -> PerKey:
+    """``@flow.stage(..., limits=[per_key("vendor-token", lambda item: item["token"])])``: each
+    key gets its own rate, push-back and slots from the limit ``name`` (its template), created
+    on first use and expiring when idle."""
+    if not callable(key_of):
+        raise ValueError(f"per_key({name!r}, ...): the key must be a function of the item, "
+                         f"got {key_of!r}")
+    return PerKey(check_name(name), key_of)
 
 
 class UnknownLimit(LookupError):
@@ -63,11 +129,56 @@ class SlotUnavailable(Exception):
 
 
 @dataclass(frozen=True)
+class AutoRate:
+    """``rate = "auto"``: the rate is found by AIMD (``policy/aimd.py``) between these."""
+
+    floor: Rate
+    ceiling: Rate
+
+    def aimd_args(self) -> list[float]:
+        """``lua/_limit_aimd.lua``'s parameters (P), in its order."""
+        return [aimd.START_RATE, 1 / self.floor.emission_interval_s,
+                1 / self.ceiling.emission_interval_s, aimd.SLOW_START_GAIN, aimd.STEP,
+                aimd.SLOW_START_CUT, aimd.CUT, aimd.CUT_WINDOW_S, KEY_IDLE_S]
+
+    @property
+    def start_rate(self) -> float:
+        return aimd.start(1 / self.floor.emission_interval_s,
+                          1 / self.ceiling.emission_interval_s).rate
+
+
+@dataclass(frozen=True)
 class LimitConfig:
     name: str
     rate: Rate | None = None
     burst: int = 1
     concurrency: int | None = None
+    auto: AutoRate | None = None  # rate = "auto" (then ``rate`` is None)
+
+    @property
+    def has_rate(self) -> bool:
+        return self.rate is not None or self.auto is not None
+
+    def describe_rate(self) -> str | None:
+        if self.auto is not None:
+            return "auto"
+        return str(self.rate) if self.rate is not None else None
+
+
+#: The async send check (``lua/limit_send.lua``) spaces calls at least this many intervals of
+#: the rate apart. A vendor counting R calls in any second sees at most (1 + D) / gap + 1 of
+#: them when the calls go out up to D late after their check: with a gap of 1.04 / R that is
+#: R while D <= 1.04 (R - 1) / R - 1, about 30 ms at R = 100. Turns are handed out 1.05
+#: intervals apart (HEADROOM, throttle.py), so the check rarely holds an on-time call, and has
+#: a little room to catch up after a late one.
+SEND_GAP = 1.04
+#: The same for an auto limit, whose turns are one interval apart (no headroom): spaced like
+#: them, and 1% closer, so the check does not hold back calls that come on time.
+AUTO_SEND_GAP = 0.99
+#: An answer of the send check that reached the loop more than this after Redis gave it is not
+#: used (the loop was busy: the engine's Redis calls run on it, and other processes share the
+#: cores): the call asks again. 25 of the 30 ms above; the rest for the way to the vendor.
+LATE_S = 0.025
 
 
 class Permit(NamedTuple):
@@ -86,6 +197,11 @@ class Limits:
         self._backoff = scripts.load("limit_backoff")
         self._slot_acquire = scripts.load("limit_slot_acquire")
         self._slot_renew = scripts.load("limit_slot_renew")
+        self._send = scripts.load("limit_send")
+        # Per event loop: its asyncio client (``acquire_async`` and the other ``*_async``).
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopRedis | None] \
+            = weakref.WeakKeyDictionary()
+        self.late_turns = 0  # send checks ``acquire_async`` did not use (answered late)
 
     # --- configuration ---
     def set_limit(
@@ -94,17 +210,24 @@ class Limits:
         rate: str | Rate | None = None,
         burst: int | None = None,
         concurrency: int | None = None,
+        *,
+        ceiling: str | Rate | None = None,
+        floor: str | Rate | None = None,
     ) -> LimitConfig:
-        """Create or replace a limit: afterwards it has exactly the parts given."""
-        config = make_config(name, rate, burst, concurrency)
+        """Create or replace a limit: afterwards it has exactly the parts given. ``rate="auto"``
+        finds the vendor's limit by itself (AIMD, ``policy/aimd.py``), between ``floor`` and
+        ``ceiling``; a rate found so far starts again."""
+        config = make_config(name, rate, burst, concurrency, ceiling=ceiling, floor=floor)
         fields: list[str | int] = []
-        if config.rate is not None:
-            fields += ["rate", str(config.rate), "burst", config.burst]
+        if config.has_rate:
+            fields += ["rate", str(config.describe_rate()), "burst", config.burst]
+        if config.auto is not None:
+            fields += ["floor", str(config.auto.floor), "ceiling", str(config.auto.ceiling)]
         if config.concurrency is not None:
             fields += ["concurrency", config.concurrency]
         keys = _keys(name)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(keys.config)
+        pipe.delete(keys.config, keys.aimd)
         pipe.hset(keys.config, items=fields)
         pipe.sadd(LIMITS_INDEX, name)
         pipe.execute()
@@ -124,65 +247,79 @@ class Limits:
     def delete_limit(self, name: str) -> bool:
         """Remove a limit's configuration and state. False when there was no such limit."""
         keys = _keys(name)
+        in_use = [_text(k) for k in self.redis.zrange(keys.keys, 0, -1)]  # type: ignore[arg-type]
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(keys.config)
-        pipe.delete(keys.tat, keys.backoff, keys.slots)
+        for each in [keys, *(LimitKeys.of(name, k) for k in in_use)]:
+            pipe.delete(each.tat, each.backoff, each.slots, each.sent, each.aimd)
+        pipe.delete(keys.keys)
         pipe.srem(LIMITS_INDEX, name)
         return bool(pipe.execute()[0])
 
-    def status(self, name: str) -> dict[str, float]:
-        """What ``fanout limits list`` shows: slots in use, and the seconds until the next
-        call could pass (the rate's wait, or a push-back in force), on Redis server time."""
-        config = self._config(name)
+    def keys_in_use(self, name: str) -> list[str]:
+        """The keys of limit ``name`` used in the last ``KEY_IDLE_S`` (server time), sorted."""
         keys = _keys(name)
+        seconds, micros = self.redis.time()
+        found = self.redis.zrangebyscore(keys.keys, f"({seconds + micros / 1e6:.6f}", "+inf")
+        return sorted(_text(k) for k in found)  # type: ignore[arg-type]
+
+    def status(self, ref: LimitRef) -> dict[str, float]:
+        """What ``fanout limits list`` shows: slots in use, and the seconds until the next
+        call could pass (the rate's wait, or a push-back in force), on Redis server time; an
+        auto limit's current rate too (``rate_now``, calls per second)."""
+        config = self._config(resolve(ref)[0])
+        keys = _keys(ref)
         pipe = self.redis.pipeline(transaction=False)
         pipe.time()
         pipe.get(keys.tat)
         pipe.get(keys.backoff)
         pipe.zrange(keys.slots, 0, -1, withscores=True)
-        (seconds, micros), tat, backoff, slots = pipe.execute()
+        pipe.hget(keys.aimd, "rate")
+        (seconds, micros), tat, backoff, slots, rate_now = pipe.execute()
         now = seconds + micros / 1e6
         wait_s = 0.0
-        if config.rate is not None and tat is not None:
-            interval_s = config.rate.emission_interval_s
+        found: dict[str, float] = {}
+        interval_s = config.rate.emission_interval_s if config.rate is not None else 0.0
+        if config.auto is not None:
+            found["rate_now"] = round(float(rate_now or config.auto.start_rate), 2)
+            interval_s = 1 / found["rate_now"]
+        if interval_s and tat is not None:
             wait_s = max(0.0, float(tat) - now - (config.burst - 1) * interval_s)
         if backoff is not None:
             wait_s = max(wait_s, float(backoff) - now)
         return {"in_use": float(sum(1 for _, expiry in slots if expiry > now)),
-                "wait_s": round(wait_s, 3)}
+                "wait_s": round(wait_s, 3), **found}
 
     # --- rate and push-back ---
     def try_acquire(
-        self, name: str, cost: int = 1, *, headroom: float = 1.0, max_wait_s: float = 0.0
+        self, name: LimitRef, cost: int = 1, *, headroom: float = 1.0, max_wait_s: float = 0.0,
+        successes: int = 0,
     ) -> Permit:
         """Take ``cost`` from the limit's rate now, or learn how long to wait. A limit without
         a rate only refuses while it is pushed back. ``headroom`` stretches the interval
         between calls (1.02: 2% slower than the rate, for jitter on the way to the vendor).
         With ``max_wait_s``, a turn at most that far off is reserved: the permit is allowed
-        and its ``wait_s`` says how long to sleep before the call."""
-        if not _positive_int(cost):
-            raise ValueError(f"cost must be a whole number >= 1, got {cost!r}")
-        config = self._config(name)
-        if config.rate is not None and cost > config.burst:
-            raise ValueError(f"cost {cost} exceeds the burst {config.burst} of limit {name!r}: "
-                             "it could never pass")
-        interval_s = config.rate.emission_interval_s * headroom if config.rate else 0.0
-        args = [interval_s, config.burst, cost, max_wait_s]
+        and its ``wait_s`` says how long to sleep before the call. ``successes``: an auto
+        limit's calls the vendor answered since the last report (they raise its rate first)."""
+        args = _gcra_args(self._config(resolve(name)[0]), cost, headroom, max_wait_s,
+                          name, successes)
         allowed, wait_s = self._gcra(self.redis, _keys(name), args)
         return Permit(bool(int(allowed)), float(wait_s))
 
     def acquire(
         self,
-        name: str,
+        name: LimitRef,
         *,
         max_wait_s: float,
         cost: int = 1,
         headroom: float = 1.0,
         sleep: Callable[[float], Any] = time.sleep,
+        successes: int = 0,
     ) -> Permit:
         """Take from the rate, reserving a turn at most ``max_wait_s`` off and sleeping until
         it; a longer wait is returned, not allowed (the caller re-enqueues the work)."""
-        permit = self.try_acquire(name, cost, headroom=headroom, max_wait_s=max_wait_s)
+        permit = self.try_acquire(name, cost, headroom=headroom, max_wait_s=max_wait_s,
+                                  successes=successes)
         if not (permit.allowed and permit.wait_s > 0):
             return permit
         sleep(permit.wait_s)
@@ -195,23 +332,152 @@ class Limits:
         return Permit(True, 0.0)
 
     async def acquire_async(
-        self, name: str, *, max_wait_s: float, cost: int = 1, headroom: float = 1.0
+        self, name: LimitRef, *, max_wait_s: float, cost: int = 1, headroom: float = 1.0,
+        config: LimitConfig | None = None, successes: int = 0,
     ) -> Permit:
-        """``acquire`` for an event loop: its Redis calls run in the loop's executor and its
-        waits are ``asyncio.sleep``, so the loop's other calls go on meanwhile."""
-        permit = await asyncio.to_thread(self.try_acquire, name, cost, headroom=headroom,
-                                         max_wait_s=max_wait_s)
-        if not (permit.allowed and permit.wait_s > 0):
-            return permit
-        await asyncio.sleep(permit.wait_s)
-        held_s = await asyncio.to_thread(self.pushed_back_s, name)
-        if held_s > max_wait_s:
-            return Permit(False, held_s)
-        if held_s > 0:
-            await asyncio.sleep(held_s)
-        return Permit(True, 0.0)
+        """``acquire`` for an event loop, on the loop's own Redis client (no executor thread):
+        the loop's other calls go on while this one waits for its turn.
 
-    def pushed_back_s(self, name: str) -> float:
+        A turn is a moment on Redis's clock, but the loop wakes a sleeper late whenever it is
+        busy, and a call that goes out late lands next to the calls whose turns come after it
+        (#20: up to 125 calls in a second at a 100/s limit). So after sleeping until its turn
+        the call asks once more, just before it goes (``lua/limit_send.lua``): it passes only
+        when ``SEND_GAP`` intervals have gone by since the last call that passed, and while
+        the limit is not pushed back; otherwise it waits out the gap (or takes a new turn after
+        the push-back, so the calls it held go out spaced, not all at once when it ends). An
+        answer that reached the loop more than ``LATE_S`` after Redis gave it is not used (the
+        loop was busy: the call would go out late): the call asks again.
+        ``config``: the limit's configuration when the caller has it (saves a round trip)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        config = config or await self._config_async(resolve(name)[0])
+
+        def budget_s() -> float:
+            return max(0.0, max_wait_s - (loop.time() - started))
+
+        gap: list[Any] = [0.0]
+        if config.rate is not None and config.burst == 1:
+            gap = [config.rate.emission_interval_s * SEND_GAP * cost]
+        if config.auto is not None and config.burst == 1:  # turns 1 / rate apart, no headroom
+            gap = [0.0, AUTO_SEND_GAP * cost, config.auto.start_rate]
+        while True:
+            permit = await self._try_acquire_async(name, config, cost, headroom, budget_s(),
+                                                   successes)
+            successes = 0
+            answered = loop.time()
+            if not permit.allowed:
+                return permit
+            if permit.wait_s > 0:
+                await asyncio.sleep(answered + permit.wait_s - loop.time())
+            # The turn has come: the check may hold it up to max_wait_s more (a turn given up
+            # for a short wait at the check would be a call the vendor never sees).
+            started = loop.time()
+            while True:
+                go, wait_s, pushed = await self._send_check(name, gap)
+                if go:
+                    late_s = self._late_s(wait_s)
+                    if late_s <= LATE_S:
+                        return Permit(True, 0.0)
+                    self.late_turns += 1
+                    if self.late_turns % 100 == 0:
+                        log.info("%d send checks of this process answered too late for the "
+                                 "loop (busy), asked again", self.late_turns)
+                    continue
+                if wait_s > budget_s():
+                    return Permit(False, wait_s)
+                await asyncio.sleep(wait_s)
+                if pushed:
+                    break  # a new turn, after the push-back
+
+    async def _send_check(self, name: LimitRef, gap: list[Any]) -> tuple[bool, float, bool]:
+        """(go, then: the server's time; else: seconds to wait, pushed back?)"""
+        answer = await self._run_async(self._send, _keys(name), gap)
+        if int(answer[0]):
+            return True, float(answer[1]), False
+        return False, float(answer[1]), bool(int(answer[2]))
+
+    def _late_s(self, server_now: float) -> float:
+        """How long ago, at most, Redis answered at ``server_now``: this loop's clock less
+        Redis's is taken as the smallest difference seen yet (an answer that reached the loop
+        at once), so the time the request waited for the loop before it went out (harmless:
+        the answer is still fresh) does not count, only the time the answer waited for it."""
+        aio = self._aio()
+        offset = asyncio.get_running_loop().time() - server_now
+        if aio is None:
+            return 0.0
+        aio.clock_offset[0] = min(aio.clock_offset[0], offset)
+        return offset - aio.clock_offset[0]
+
+    async def _try_acquire_async(
+        self, name: LimitRef, config: LimitConfig, cost: int, headroom: float, max_wait_s: float,
+        successes: int = 0,
+    ) -> Permit:
+        args = _gcra_args(config, cost, headroom, max_wait_s, name, successes)
+        allowed, wait_s = await self._run_async(self._gcra, _keys(name), args)
+        return Permit(bool(int(allowed)), float(wait_s))
+
+    async def pushed_back_s_async(self, name: LimitRef) -> float:
+        """``pushed_back_s`` on the loop's client."""
+        aio = self._aio()
+        if aio is None:
+            return await asyncio.to_thread(self.pushed_back_s, name)
+        pipe = aio.client.pipeline(transaction=False)
+        pipe.time()
+        pipe.get(_keys(name).backoff)
+        (seconds, micros), until = await pipe.execute()
+        return max(0.0, float(until or 0) - (seconds + micros / 1e6))
+
+    async def push_back_async(self, name: LimitRef, until_s_from_now: float,
+                              config: LimitConfig | None = None) -> float:
+        """``push_back`` on the loop's client."""
+        _check_push_back(until_s_from_now)
+        args = [until_s_from_now, *_key_args(name), *_cut_args(config)]
+        return float(await self._run_async(self._backoff, _keys(name), args))
+
+    async def get_async(self, name: str) -> LimitConfig | None:
+        """``get`` on the loop's client."""
+        aio = self._aio()
+        if aio is None:
+            return await asyncio.to_thread(self.get, name)
+        return _parse_config(name, await aio.client.hgetall(_keys(name).config))
+
+    async def acquire_slot_async(self, name: LimitRef, holder_id: str, lease_s: float,
+                                 config: LimitConfig | None = None) -> bool:
+        """``acquire_slot`` on the loop's client."""
+        config = config or await self._config_async(resolve(name)[0])
+        if config.concurrency is None:
+            raise ValueError(f"limit {label(name)!r} has no concurrency slots")
+        _check_lease(holder_id, lease_s)
+        args = [holder_id, lease_s, config.concurrency, *_key_args(name)]
+        return bool(int(await self._run_async(self._slot_acquire, _keys(name), args)))
+
+    async def _config_async(self, name: str) -> LimitConfig:
+        config = await self.get_async(name)
+        if config is None:
+            raise UnknownLimit(name)
+        return config
+
+    def _aio(self) -> _LoopRedis | None:
+        """The running loop's asyncio twin of ``self.redis`` (None: a connection kind it
+        cannot copy, such as TLS; the calls then run in the loop's executor)."""
+        loop = asyncio.get_running_loop()
+        found = self._loops.get(loop)
+        if found is None:
+            client = _async_twin(self.redis)
+            found = self._loops[loop] = None if client is None else \
+                _LoopRedis(client, {}, [math.inf])
+        return found
+
+    async def _run_async(self, script: scripts.Script, keys: LimitKeys, args: list[Any]) -> Any:
+        aio = self._aio()
+        if aio is None:
+            return await asyncio.to_thread(script, self.redis, keys, args)
+        registered = aio.scripts.get(script.name)
+        if registered is None:
+            registered = aio.scripts[script.name] = aio.client.register_script(script.source)
+        return await registered(keys=[str(getattr(keys, k)) for k in script.keys], args=args)
+
+    def pushed_back_s(self, name: LimitRef) -> float:
         """Seconds until a push-back in force ends (0: none), on Redis server time."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.time()
@@ -219,41 +485,41 @@ class Limits:
         (seconds, micros), until = pipe.execute()
         return max(0.0, float(until or 0) - (seconds + micros / 1e6))
 
-    def push_back(self, name: str, until_s_from_now: float) -> float:
+    def push_back(self, name: LimitRef, until_s_from_now: float,
+                  config: LimitConfig | None = None) -> float:
         """Let nothing through the limit for ``until_s_from_now`` (a vendor's Retry-After), for
         every worker. A shorter push-back never shortens one in force. Returns the seconds until
         the limit opens again."""
-        if not (isinstance(until_s_from_now, int | float) and math.isfinite(until_s_from_now)
-                and until_s_from_now >= 0):
-            raise ValueError(f"until_s_from_now must be seconds >= 0, got {until_s_from_now!r}")
-        return float(self._backoff(self.redis, _keys(name), [until_s_from_now]))
+        _check_push_back(until_s_from_now)
+        args = [until_s_from_now, *_key_args(name), *_cut_args(config)]
+        return float(self._backoff(self.redis, _keys(name), args))
 
     # --- concurrency ---
-    def acquire_slot(self, name: str, holder_id: str, lease_s: float) -> bool:
+    def acquire_slot(self, name: LimitRef, holder_id: str, lease_s: float) -> bool:
         """Take a slot for ``holder_id`` until ``lease_s`` from now; False when all are taken."""
-        config = self._config(name)
+        config = self._config(resolve(name)[0])
         if config.concurrency is None:
-            raise ValueError(f"limit {name!r} has no concurrency slots")
+            raise ValueError(f"limit {label(name)!r} has no concurrency slots")
         _check_lease(holder_id, lease_s)
-        args = [holder_id, lease_s, config.concurrency]
+        args = [holder_id, lease_s, config.concurrency, *_key_args(name)]
         return bool(int(self._slot_acquire(self.redis, _keys(name), args)))
 
-    def renew_slot(self, name: str, holder_id: str, lease_s: float) -> bool:
+    def renew_slot(self, name: LimitRef, holder_id: str, lease_s: float) -> bool:
         """Extend a live lease to ``lease_s`` from now; False when it has expired (or was never
         taken): the holder no longer has a slot."""
         _check_lease(holder_id, lease_s)
         return bool(int(self._slot_renew(self.redis, _keys(name), [holder_id, lease_s])))
 
-    def release_slot(self, name: str, holder_id: str) -> bool:
+    def release_slot(self, name: LimitRef, holder_id: str) -> bool:
         """Give the slot back; False when the holder had none (its lease had expired)."""
         return bool(self.redis.zrem(_keys(name).slots, holder_id))
 
     @contextmanager
-    def slot(self, name: str, holder_id: str, lease_s: float) -> Iterator[Lease]:
+    def slot(self, name: LimitRef, holder_id: str, lease_s: float) -> Iterator[Lease]:
         """Hold a slot while the body runs: renewed in a background thread every third of
         ``lease_s``, released on every exit. Raises SlotUnavailable when all are taken."""
         if not self.acquire_slot(name, holder_id, lease_s):
-            raise SlotUnavailable(name)
+            raise SlotUnavailable(label(name))
         lease = Lease(name, holder_id, lease_s, self.renew_slot)
         try:
             yield lease
@@ -264,7 +530,7 @@ class Limits:
             except redis.RedisError as exc:
                 # The lease ends by itself; failing the body's work over it would be worse.
                 log.warning("could not release slot of limit %s for %s (its lease will "
-                            "expire): %s", name, holder_id, exc)
+                            "expire): %s", label(name), holder_id, exc)
 
     def _config(self, name: str) -> LimitConfig:
         config = self.get(name)
@@ -278,15 +544,15 @@ class Lease:
     renewal found the lease expired (the process stalled longer than ``lease_s``)."""
 
     def __init__(
-        self, name: str, holder_id: str, lease_s: float,
-        renew: Callable[[str, str, float], bool],
+        self, name: LimitRef, holder_id: str, lease_s: float,
+        renew: Callable[[LimitRef, str, float], bool],
     ) -> None:
         self.name, self.holder_id, self.lease_s = name, holder_id, lease_s
         self._renew = renew
         self._stopped = threading.Event()
         self._lost = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, name=f"lease-{name}-{holder_id}", daemon=True
+            target=self._run, name=f"lease-{label(name)}-{holder_id}", daemon=True
         )
         self._thread.start()
 
@@ -312,10 +578,21 @@ class Lease:
 
 
 def make_config(
-    name: str, rate: str | Rate | None, burst: int | None, concurrency: int | None
+    name: str, rate: str | Rate | None, burst: int | None, concurrency: int | None, *,
+    ceiling: str | Rate | None = None, floor: str | Rate | None = None,
 ) -> LimitConfig:
     """A limit's configuration, checked (ValueError with the reason), without Redis."""
     check_name(name)
+    if rate == "auto":
+        auto = AutoRate(_bound(name, "floor", floor or aimd.DEFAULT_FLOOR),
+                        _bound(name, "ceiling", ceiling or aimd.DEFAULT_CEILING))
+        if auto.floor.emission_interval_s < auto.ceiling.emission_interval_s:
+            raise ValueError(f"limit {name!r}: the floor {auto.floor} is above the ceiling "
+                             f"{auto.ceiling}")
+        plain = make_config(name, "1/s", burst, concurrency)
+        return LimitConfig(name, None, plain.burst, plain.concurrency, auto)
+    if ceiling is not None or floor is not None:
+        raise ValueError(f"limit {name!r}: a ceiling or a floor needs rate 'auto'")
     parsed = Rate.parse(rate) if isinstance(rate, str) else rate
     if parsed is not None and not isinstance(parsed, Rate):
         raise ValueError(f"limit {name!r}: rate must be text like '60/h' or a Rate, got {rate!r}")
@@ -332,16 +609,88 @@ def make_config(
     return LimitConfig(name, parsed, burst or 1, concurrency)
 
 
+def _bound(name: str, what: str, value: str | Rate) -> Rate:
+    try:
+        return Rate.parse(value) if isinstance(value, str) else value
+    except ValueError as exc:
+        raise ValueError(f"limit {name!r}: {what}: {exc}") from None
+
+
 def _parse_config(name: str, fields: dict[Any, Any]) -> LimitConfig | None:
     if not fields:
         return None
     text = {_text(k): _text(v) for k, v in fields.items()}
+    auto = None
+    if text.get("rate") == "auto":
+        auto = AutoRate(Rate.parse(text["floor"]), Rate.parse(text["ceiling"]))
     return LimitConfig(
         name,
-        Rate.parse(text["rate"]) if "rate" in text else None,
+        Rate.parse(text["rate"]) if "rate" in text and auto is None else None,
         int(text.get("burst", 1)),
         int(text["concurrency"]) if "concurrency" in text else None,
+        auto,
     )
+
+
+def _gcra_args(
+    config: LimitConfig, cost: int, headroom: float, max_wait_s: float, ref: LimitRef,
+    successes: int = 0,
+) -> list[Any]:
+    """``limit_gcra.lua``'s ARGV for one acquire (ValueError for a cost that never passes)."""
+    if not _positive_int(cost):
+        raise ValueError(f"cost must be a whole number >= 1, got {cost!r}")
+    if config.has_rate and cost > config.burst:
+        raise ValueError(f"cost {cost} exceeds the burst {config.burst} of limit "
+                         f"{config.name!r}: it could never pass")
+    interval_s = config.rate.emission_interval_s * headroom if config.rate else 0.0
+    args = [interval_s, config.burst, cost, max_wait_s, *_key_args(ref)]
+    if config.auto is not None:  # 1 / the rate found so far (no headroom: policy/aimd.py)
+        args = [1.0, *args[1:], successes, *config.auto.aimd_args()]
+    return args
+
+
+def _cut_args(config: LimitConfig | None) -> list[Any]:
+    """``limit_backoff.lua``'s last ARGV: cut an auto limit's rate (a 429 or a 503)."""
+    if config is None or config.auto is None:
+        return []
+    return ["1", *config.auto.aimd_args()]
+
+
+def _check_push_back(until_s_from_now: float) -> None:
+    if not (isinstance(until_s_from_now, int | float) and math.isfinite(until_s_from_now)
+            and until_s_from_now >= 0):
+        raise ValueError(f"until_s_from_now must be seconds >= 0, got {until_s_from_now!r}")
+
+
+class _LoopRedis(NamedTuple):
+    client: aioredis.Redis
+    scripts: dict[str, Any]  # script name -> its AsyncScript on this client
+    clock_offset: list[float]  # [the loop's clock less Redis's, the smallest seen]
+
+
+#: Connections of a loop's asyncio client: its calls in flight (a claimed batch: 64) wait
+#: their turn for one (a round trip each) instead of failing with "Too many connections".
+_LOOP_CONNECTIONS = 16
+
+
+def _async_twin(client: redis.Redis) -> aioredis.Redis | None:
+    """An asyncio client to the same Redis as ``client`` (plain TCP or a Unix socket)."""
+    pool = client.connection_pool
+    kwargs = pool.connection_kwargs
+    common: dict[str, Any] = {
+        k: kwargs[k] for k in ("db", "username", "password", "socket_timeout",
+                               "socket_connect_timeout") if kwargs.get(k) is not None}
+    if pool.connection_class is redis.UnixDomainSocketConnection:
+        kind: Any = aioredis.UnixDomainSocketConnection
+        common["path"] = kwargs["path"]
+    elif pool.connection_class is redis.Connection:
+        kind = aioredis.Connection
+        common.update(host=kwargs.get("host", "localhost"), port=kwargs.get("port", 6379))
+    else:
+        return None
+    return aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool(
+        connection_class=kind, max_connections=_LOOP_CONNECTIONS, timeout=30,
+        decode_responses=True, **common))
 
 
 def _check_lease(holder_id: str, lease_s: float) -> None:

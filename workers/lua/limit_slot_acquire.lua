@@ -2,13 +2,17 @@
 -- time). Expired leases are dropped first, so a worker killed while holding a slot frees it
 -- when its lease ends. A holder that has a live slot already keeps it, its lease renewed
 -- (a redelivered task does not take a second slot).
--- KEYS: slots
+-- KEYS: slots, keys
 --   slots: sorted set, holder id -> lease expiry (epoch seconds)
--- ARGV: [1] holder id, [2] lease_s, [3] number of slots
+--   keys: sorted set, the template's keys in use (_limit_key_touch.lua)
+-- ARGV: [1] holder id, [2] lease_s, [3] number of slots, [4] the key of a limit used per key
+--       ('' or none: not per key), [5] seconds a key stays in use after its last call
 -- Returns 1 when the holder has a slot, 0 when every slot is taken.
+-- INCLUDE: _limit_key_touch
 local slots = KEYS[1]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+touch_key(KEYS[2], ARGV[4], now, math.max(tonumber(ARGV[5] or 0), tonumber(ARGV[2])))
 redis.call('ZREMRANGEBYSCORE', slots, '-inf', string.format('%.6f', now))
 if not redis.call('ZSCORE', slots, ARGV[1])
     and redis.call('ZCARD', slots) >= tonumber(ARGV[3]) then
