@@ -11,14 +11,16 @@ small warm-up harvest on two of the tokens. ``http_retries`` is 3: a 429 is sent
 Retry-After.
 
 Mid-run the vendor is told to answer the next request of one token (``tok-acct-002``) with a
-429 and Retry-After: 3 s (``burst_429`` with a key). fanout must push back that token alone: its
-requests stop for about 3 s while the other two tokens keep their 10/s.
+429 and Retry-After: 5 s (``burst_429`` with a key). fanout must push back that token alone: its
+requests stop for about 5 s while the other two tokens keep their 10/s.
 
 Figures: the aggregate rate at the vendor over the whole seconds from 2 s after the trigger to
 the push-back (target about 30/s; also from its first request to its last, pause included), the
 busiest one-second window of each token (target <= 10), the 429s the vendor's own limit sent
 (target 0-2; the injected one is counted apart), and each token's mean requests per second over
-the whole seconds of the push-back against the same number of seconds before it.
+the whole seconds of the push-back against its undisturbed rate (the whole seconds from 2 s
+after the trigger to the push-back): the others must keep 90% of theirs, the pushed-back token
+send at most 1 a second.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ CONFIG = WorkerConfig(3, "threads", 8)
 KEY_RATE = 10  # per token: the vendor's limit and fanout's template
 MAX_429 = 2  # target: 0-2 429s from the vendor's own limit
 PUSHED_TOKEN = "tok-acct-002"
-PUSH_BACK_S = 3.0
+PUSH_BACK_S = 5.0
 STEADY_FROM_S = 2.0  # the undisturbed rate is measured from here to the push-back
 
 
@@ -138,10 +140,9 @@ def _figures(
     arrivals = sorted(float(t) for t in stats["recent_arrivals"])[1:]  # the listing aside
     span_s = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else 0.0
     max_rps = {t: int(by_key[t]["max_rps_1s"]) for t in tokens}
-    # The whole seconds of the push-back, against as many seconds just before it.
+    # The whole seconds of the push-back, against the undisturbed ones before it.
     during = (pushed_at, pushed_at + PUSH_BACK_S)
-    count = len(seconds_between([[0, 0]], *during)) or 1
-    before = (float(int(pushed_at) - count), float(int(pushed_at)))
+    before = (started_at + STEADY_FROM_S, pushed_at)
     rates: dict[str, dict[str, float | None]] = {}
     for token in tokens:
         rows = by_key[token]["per_second"]
@@ -219,6 +220,7 @@ def _table(case: KeysCase, f: dict[str, Any]) -> Table:
         ["what", "value"], rows,
         caption=f"mid-run the vendor answered {PUSHED_TOKEN}'s next request 429 + Retry-After "
                 f"{PUSH_BACK_S:g} s; rates over the {len(push['seconds_during'])} whole "
-                "seconds after it and as many before (the vendor's per-second series)",
+                f"seconds after it and the {f['steady_seconds']} undisturbed ones before (the "
+                "vendor's per-key per-second series)",
     )
 
