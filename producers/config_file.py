@@ -19,8 +19,9 @@ directory, if it exists), with four sections::
     kill_switch = "failure_rate:20:0.5"   # ...stopped when this trips
     per_item = false             # check the switch after every item, not every batch
 
-A limit needs a rate, a concurrency, or both (``workers/limits.py`` checks them). A run's own
-``--batch-size``/``--kill-switch``/``--per-item`` (or a schedule's ``batch_size`` and
+A limit needs a rate, a concurrency, or both (``workers/limits.py`` checks them); ``rate =
+"auto"`` finds the vendor's limit, optionally between ``floor`` and ``ceiling`` rates. A run's
+own ``--batch-size``/``--kill-switch``/``--per-item`` (or a schedule's ``batch_size`` and
 ``kill_switch``) win over its pipeline's defaults, each on its own.
 
 Who reads what, and when: every process that loads pipelines applies ``[stages]`` once, when it
@@ -54,7 +55,7 @@ __all__ = [  # the reading of the file, kept importable from here
     "check_sections", "config_path", "config_stamp", "read_config", "section",
 ]
 
-LIMIT_KEYS = ("rate", "burst", "concurrency")
+LIMIT_KEYS = ("rate", "burst", "concurrency", "ceiling", "floor")
 RUN_KEYS = ("batch_size", "kill_switch", "per_item")
 
 
@@ -76,7 +77,8 @@ def parse_limits(data: Mapping[str, Any], source: str = "config") -> list[LimitC
                                   f"(known: {', '.join(LIMIT_KEYS)})")
         try:
             limits.append(make_config(name, table.get("rate"), table.get("burst"),
-                                      table.get("concurrency")))
+                                      table.get("concurrency"), ceiling=table.get("ceiling"),
+                                      floor=table.get("floor")))
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
     return limits

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from producers.config_file import config_path, load_limits
 from workers.connections import get_redis
-from workers.limits import Limits, UnknownLimit
+from workers.limits import LimitConfig, Limits, UnknownLimit
 from workers.settings import ConfigError
 
 
@@ -29,7 +29,12 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
                            "rate_limit(NAME) calls it; used per key (per_key(NAME, ...), "
                            "limit=(NAME, key)), it is the template every key gets")
     set_.add_argument("--rate", default=None, metavar="RATE",
-                      help="calls per period, e.g. 60/h, 10/s, 100/15m (default: no rate)")
+                      help="calls per period, e.g. 60/h, 10/s, 100/15m, or 'auto': found from "
+                           "the vendor's 429s (AIMD) (default: no rate)")
+    set_.add_argument("--ceiling", default=None, metavar="RATE",
+                      help="with --rate auto: the highest rate it tries (default: 1000/s)")
+    set_.add_argument("--floor", default=None, metavar="RATE",
+                      help="with --rate auto: the lowest rate it cuts to (default: 1/s)")
     set_.add_argument("--burst", type=int, default=None, metavar="N",
                       help="with --rate: calls that may pass at once (default: 1)")
     set_.add_argument("--concurrency", type=int, default=None, metavar="N",
@@ -50,8 +55,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     try:
         if args.limits_command == "set":
             config = limits.set_limit(args.name, rate=args.rate, burst=args.burst,
-                                      concurrency=args.concurrency)
-            described = _describe(config.rate, config.burst, config.concurrency)
+                                      concurrency=args.concurrency, ceiling=args.ceiling,
+                                      floor=args.floor)
+            described = _describe(config)
             console.print(f"limit {config.name}: {described}")
             return 0
         if args.limits_command == "delete":
@@ -69,10 +75,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
                     for key in limits.keys_in_use(config.name)]
         except UnknownLimit:  # deleted meanwhile
             continue
+        auto = {} if config.auto is None else {
+            "floor": str(config.auto.floor), "ceiling": str(config.auto.ceiling)}
         rows.append({
-            "name": config.name, "rate": str(config.rate) if config.rate else None,
-            "burst": config.burst if config.rate else None,
-            "concurrency": config.concurrency, **_use(status), "keys": keys,
+            "name": config.name, "rate": config.describe_rate(),
+            "burst": config.burst if config.has_rate else None,
+            "concurrency": config.concurrency, **auto, **_use(status), "keys": keys,
         })
     if args.json:
         print(json.dumps(rows))
@@ -81,17 +89,20 @@ def run(args: argparse.Namespace, console: Console) -> int:
     for column in ("name", "rate", "burst", "concurrency", "in use", "wait s"):
         table.add_column(column)
     for row in rows:
-        table.add_row(*(str(row[k] if row[k] is not None else "-") for k in
+        shown = {**row, "rate": f"auto, now {row['rate_now']}/s"} if "rate_now" in row else row
+        table.add_row(*(str(shown[k] if shown[k] is not None else "-") for k in
                         ("name", "rate", "burst", "concurrency", "in_use", "wait_s")))
         for key in row["keys"]:  # a limit used per key: each key in use, under it
-            table.add_row(f"  key {key['key']}", "", "", "", str(key["in_use"]),
+            now = f"now {key['rate_now']}/s" if "rate_now" in key else ""
+            table.add_row(f"  key {key['key']}", now, "", "", str(key["in_use"]),
                           str(key["wait_s"]))
     console.print(table)
     return 0
 
 
 def _use(status: dict[str, float]) -> dict[str, Any]:
-    return {"in_use": int(status["in_use"]), "wait_s": status["wait_s"]}
+    rate_now = {"rate_now": status["rate_now"]} if "rate_now" in status else {}
+    return {**rate_now, "in_use": int(status["in_use"]), "wait_s": status["wait_s"]}
 
 
 def _apply(console: Console) -> int:
@@ -102,16 +113,21 @@ def _apply(console: Console) -> int:
         raise ConfigError(f"no [limits.NAME] tables in {where}")
     limits = Limits(get_redis())
     for config in configs:
-        limits.set_limit(config.name, rate=config.rate,
-                         burst=config.burst if config.rate else None,
-                         concurrency=config.concurrency)
-        console.print(f"limit {config.name}: "
-                      f"{_describe(config.rate, config.burst, config.concurrency)}")
+        auto = config.auto
+        limits.set_limit(config.name, rate="auto" if auto is not None else config.rate,
+                         burst=config.burst if config.has_rate else None,
+                         concurrency=config.concurrency,
+                         ceiling=auto.ceiling if auto is not None else None,
+                         floor=auto.floor if auto is not None else None)
+        console.print(f"limit {config.name}: {_describe(config)}")
     return 0
 
 
-def _describe(rate: Any, burst: int, concurrency: int | None) -> str:
-    parts = [f"rate {rate}, burst {burst}"] if rate is not None else []
-    if concurrency is not None:
-        parts.append(f"concurrency {concurrency}")
+def _describe(config: LimitConfig) -> str:
+    parts = [f"rate {config.rate}, burst {config.burst}"] if config.rate is not None else []
+    if config.auto is not None:
+        parts = [f"rate auto ({config.auto.floor} to {config.auto.ceiling}), "
+                 f"burst {config.burst}"]
+    if config.concurrency is not None:
+        parts.append(f"concurrency {config.concurrency}")
     return "; ".join(parts)

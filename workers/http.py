@@ -285,12 +285,13 @@ def request_json(
                 _thread_http().prepare(url)
             with throttle().hold(limit):
                 response = _counted_send(method, url, client, **kwargs)
+            if response.status_code not in (429, 503):
+                throttle().answered(limit, response.headers)
         try:
             return _json_of(response, url, limit)
         except VendorHTTPError as error:
-            wait_s = _pushes_back(error, limit)
-            if limit and wait_s is not None:
-                throttle().push_back(limit, wait_s)
+            if limit and error.status in (429, 503):
+                throttle().refused(limit, _pushes_back(error, limit))
             raise
 
     # The first try runs bare: tenacity's set-up was a tenth of a successful call's CPU.
@@ -333,12 +334,13 @@ async def request_json_async(
         else:
             async with throttle().hold_async(limit):
                 response = await _counted_send_async(method, url, client, **kwargs)
+            if response.status_code not in (429, 503):
+                await throttle().answered_async(limit, response.headers)
         try:
             return _json_of(response, url, limit)
         except VendorHTTPError as error:
-            wait_s = _pushes_back(error, limit)
-            if limit and wait_s is not None:
-                await throttle().push_back_async(limit, wait_s)
+            if limit and error.status in (429, 503):
+                await throttle().refused_async(limit, _pushes_back(error, limit))
             raise
 
     try:  # bare first try, as in request_json

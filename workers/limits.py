@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 
 from workers import scripts
 from workers.keys import LIMITS_INDEX, LimitKeys
+from workers.policy import aimd
 from workers.policy.gcra import Rate
 
 log = logging.getLogger("fanout.limits")
@@ -128,11 +129,40 @@ class SlotUnavailable(Exception):
 
 
 @dataclass(frozen=True)
+class AutoRate:
+    """``rate = "auto"``: the rate is found by AIMD (``policy/aimd.py``) between these."""
+
+    floor: Rate
+    ceiling: Rate
+
+    def aimd_args(self) -> list[float]:
+        """``lua/_limit_aimd.lua``'s parameters (P), in its order."""
+        return [aimd.START_RATE, 1 / self.floor.emission_interval_s,
+                1 / self.ceiling.emission_interval_s, aimd.SLOW_START_GAIN, aimd.STEP,
+                aimd.SLOW_START_CUT, aimd.CUT, aimd.CUT_WINDOW_S, KEY_IDLE_S]
+
+    @property
+    def start_rate(self) -> float:
+        return aimd.start(1 / self.floor.emission_interval_s,
+                          1 / self.ceiling.emission_interval_s).rate
+
+
+@dataclass(frozen=True)
 class LimitConfig:
     name: str
     rate: Rate | None = None
     burst: int = 1
     concurrency: int | None = None
+    auto: AutoRate | None = None  # rate = "auto" (then ``rate`` is None)
+
+    @property
+    def has_rate(self) -> bool:
+        return self.rate is not None or self.auto is not None
+
+    def describe_rate(self) -> str | None:
+        if self.auto is not None:
+            return "auto"
+        return str(self.rate) if self.rate is not None else None
 
 
 #: The async send check (``lua/limit_send.lua``) spaces calls at least this many intervals of
@@ -177,17 +207,24 @@ class Limits:
         rate: str | Rate | None = None,
         burst: int | None = None,
         concurrency: int | None = None,
+        *,
+        ceiling: str | Rate | None = None,
+        floor: str | Rate | None = None,
     ) -> LimitConfig:
-        """Create or replace a limit: afterwards it has exactly the parts given."""
-        config = make_config(name, rate, burst, concurrency)
+        """Create or replace a limit: afterwards it has exactly the parts given. ``rate="auto"``
+        finds the vendor's limit by itself (AIMD, ``policy/aimd.py``), between ``floor`` and
+        ``ceiling``; a rate found so far starts again."""
+        config = make_config(name, rate, burst, concurrency, ceiling=ceiling, floor=floor)
         fields: list[str | int] = []
-        if config.rate is not None:
-            fields += ["rate", str(config.rate), "burst", config.burst]
+        if config.has_rate:
+            fields += ["rate", str(config.describe_rate()), "burst", config.burst]
+        if config.auto is not None:
+            fields += ["floor", str(config.auto.floor), "ceiling", str(config.auto.ceiling)]
         if config.concurrency is not None:
             fields += ["concurrency", config.concurrency]
         keys = _keys(name)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(keys.config)
+        pipe.delete(keys.config, keys.aimd)
         pipe.hset(keys.config, items=fields)
         pipe.sadd(LIMITS_INDEX, name)
         pipe.execute()
@@ -225,7 +262,8 @@ class Limits:
 
     def status(self, ref: LimitRef) -> dict[str, float]:
         """What ``fanout limits list`` shows: slots in use, and the seconds until the next
-        call could pass (the rate's wait, or a push-back in force), on Redis server time."""
+        call could pass (the rate's wait, or a push-back in force), on Redis server time; an
+        auto limit's current rate too (``rate_now``, calls per second)."""
         config = self._config(resolve(ref)[0])
         keys = _keys(ref)
         pipe = self.redis.pipeline(transaction=False)
@@ -233,28 +271,35 @@ class Limits:
         pipe.get(keys.tat)
         pipe.get(keys.backoff)
         pipe.zrange(keys.slots, 0, -1, withscores=True)
-        (seconds, micros), tat, backoff, slots = pipe.execute()
+        pipe.hget(keys.aimd, "rate")
+        (seconds, micros), tat, backoff, slots, rate_now = pipe.execute()
         now = seconds + micros / 1e6
         wait_s = 0.0
-        if config.rate is not None and tat is not None:
-            interval_s = config.rate.emission_interval_s
+        found: dict[str, float] = {}
+        interval_s = config.rate.emission_interval_s if config.rate is not None else 0.0
+        if config.auto is not None:
+            found["rate_now"] = round(float(rate_now or config.auto.start_rate), 2)
+            interval_s = 1 / found["rate_now"]
+        if interval_s and tat is not None:
             wait_s = max(0.0, float(tat) - now - (config.burst - 1) * interval_s)
         if backoff is not None:
             wait_s = max(wait_s, float(backoff) - now)
         return {"in_use": float(sum(1 for _, expiry in slots if expiry > now)),
-                "wait_s": round(wait_s, 3)}
+                "wait_s": round(wait_s, 3), **found}
 
     # --- rate and push-back ---
     def try_acquire(
-        self, name: LimitRef, cost: int = 1, *, headroom: float = 1.0, max_wait_s: float = 0.0
+        self, name: LimitRef, cost: int = 1, *, headroom: float = 1.0, max_wait_s: float = 0.0,
+        successes: int = 0,
     ) -> Permit:
         """Take ``cost`` from the limit's rate now, or learn how long to wait. A limit without
         a rate only refuses while it is pushed back. ``headroom`` stretches the interval
         between calls (1.02: 2% slower than the rate, for jitter on the way to the vendor).
         With ``max_wait_s``, a turn at most that far off is reserved: the permit is allowed
-        and its ``wait_s`` says how long to sleep before the call."""
-        args = _gcra_args(self._config(resolve(name)[0]), cost, headroom, max_wait_s) \
-            + _key_args(name)
+        and its ``wait_s`` says how long to sleep before the call. ``successes``: an auto
+        limit's calls the vendor answered since the last report (they raise its rate first)."""
+        args = _gcra_args(self._config(resolve(name)[0]), cost, headroom, max_wait_s,
+                          name, successes)
         allowed, wait_s = self._gcra(self.redis, _keys(name), args)
         return Permit(bool(int(allowed)), float(wait_s))
 
@@ -266,10 +311,12 @@ class Limits:
         cost: int = 1,
         headroom: float = 1.0,
         sleep: Callable[[float], Any] = time.sleep,
+        successes: int = 0,
     ) -> Permit:
         """Take from the rate, reserving a turn at most ``max_wait_s`` off and sleeping until
         it; a longer wait is returned, not allowed (the caller re-enqueues the work)."""
-        permit = self.try_acquire(name, cost, headroom=headroom, max_wait_s=max_wait_s)
+        permit = self.try_acquire(name, cost, headroom=headroom, max_wait_s=max_wait_s,
+                                  successes=successes)
         if not (permit.allowed and permit.wait_s > 0):
             return permit
         sleep(permit.wait_s)
@@ -283,7 +330,7 @@ class Limits:
 
     async def acquire_async(
         self, name: LimitRef, *, max_wait_s: float, cost: int = 1, headroom: float = 1.0,
-        config: LimitConfig | None = None,
+        config: LimitConfig | None = None, successes: int = 0,
     ) -> Permit:
         """``acquire`` for an event loop, on the loop's own Redis client (no executor thread):
         the loop's other calls go on while this one waits for its turn.
@@ -305,11 +352,15 @@ class Limits:
         def budget_s() -> float:
             return max(0.0, max_wait_s - (loop.time() - started))
 
-        gap_s = 0.0
+        gap: list[Any] = [0.0]
         if config.rate is not None and config.burst == 1:
-            gap_s = config.rate.emission_interval_s * SEND_GAP * cost
+            gap = [config.rate.emission_interval_s * SEND_GAP * cost]
+        if config.auto is not None and config.burst == 1:
+            gap = [0.0, SEND_GAP * cost, config.auto.start_rate]
         while True:
-            permit = await self._try_acquire_async(name, config, cost, headroom, budget_s())
+            permit = await self._try_acquire_async(name, config, cost, headroom, budget_s(),
+                                                   successes)
+            successes = 0
             answered = loop.time()
             if not permit.allowed:
                 return permit
@@ -319,7 +370,7 @@ class Limits:
             # for a short wait at the check would be a call the vendor never sees).
             started = loop.time()
             while True:
-                go, wait_s, pushed = await self._send_check(name, gap_s)
+                go, wait_s, pushed = await self._send_check(name, gap)
                 if go:
                     late_s = self._late_s(wait_s)
                     if late_s <= LATE_S:
@@ -335,9 +386,9 @@ class Limits:
                 if pushed:
                     break  # a new turn, after the push-back
 
-    async def _send_check(self, name: LimitRef, gap_s: float) -> tuple[bool, float, bool]:
+    async def _send_check(self, name: LimitRef, gap: list[Any]) -> tuple[bool, float, bool]:
         """(go, then: the server's time; else: seconds to wait, pushed back?)"""
-        answer = await self._run_async(self._send, _keys(name), [gap_s])
+        answer = await self._run_async(self._send, _keys(name), gap)
         if int(answer[0]):
             return True, float(answer[1]), False
         return False, float(answer[1]), bool(int(answer[2]))
@@ -355,9 +406,10 @@ class Limits:
         return offset - aio.clock_offset[0]
 
     async def _try_acquire_async(
-        self, name: LimitRef, config: LimitConfig, cost: int, headroom: float, max_wait_s: float
+        self, name: LimitRef, config: LimitConfig, cost: int, headroom: float, max_wait_s: float,
+        successes: int = 0,
     ) -> Permit:
-        args = _gcra_args(config, cost, headroom, max_wait_s) + _key_args(name)
+        args = _gcra_args(config, cost, headroom, max_wait_s, name, successes)
         allowed, wait_s = await self._run_async(self._gcra, _keys(name), args)
         return Permit(bool(int(allowed)), float(wait_s))
 
@@ -372,10 +424,11 @@ class Limits:
         (seconds, micros), until = await pipe.execute()
         return max(0.0, float(until or 0) - (seconds + micros / 1e6))
 
-    async def push_back_async(self, name: LimitRef, until_s_from_now: float) -> float:
+    async def push_back_async(self, name: LimitRef, until_s_from_now: float,
+                              config: LimitConfig | None = None) -> float:
         """``push_back`` on the loop's client."""
         _check_push_back(until_s_from_now)
-        args = [until_s_from_now, *_key_args(name)]
+        args = [until_s_from_now, *_key_args(name), *_cut_args(config)]
         return float(await self._run_async(self._backoff, _keys(name), args))
 
     async def get_async(self, name: str) -> LimitConfig | None:
@@ -429,12 +482,13 @@ class Limits:
         (seconds, micros), until = pipe.execute()
         return max(0.0, float(until or 0) - (seconds + micros / 1e6))
 
-    def push_back(self, name: LimitRef, until_s_from_now: float) -> float:
+    def push_back(self, name: LimitRef, until_s_from_now: float,
+                  config: LimitConfig | None = None) -> float:
         """Let nothing through the limit for ``until_s_from_now`` (a vendor's Retry-After), for
         every worker. A shorter push-back never shortens one in force. Returns the seconds until
         the limit opens again."""
         _check_push_back(until_s_from_now)
-        args = [until_s_from_now, *_key_args(name)]
+        args = [until_s_from_now, *_key_args(name), *_cut_args(config)]
         return float(self._backoff(self.redis, _keys(name), args))
 
     # --- concurrency ---
@@ -521,10 +575,21 @@ class Lease:
 
 
 def make_config(
-    name: str, rate: str | Rate | None, burst: int | None, concurrency: int | None
+    name: str, rate: str | Rate | None, burst: int | None, concurrency: int | None, *,
+    ceiling: str | Rate | None = None, floor: str | Rate | None = None,
 ) -> LimitConfig:
     """A limit's configuration, checked (ValueError with the reason), without Redis."""
     check_name(name)
+    if rate == "auto":
+        auto = AutoRate(_bound(name, "floor", floor or aimd.DEFAULT_FLOOR),
+                        _bound(name, "ceiling", ceiling or aimd.DEFAULT_CEILING))
+        if auto.floor.emission_interval_s < auto.ceiling.emission_interval_s:
+            raise ValueError(f"limit {name!r}: the floor {auto.floor} is above the ceiling "
+                             f"{auto.ceiling}")
+        plain = make_config(name, "1/s", burst, concurrency)
+        return LimitConfig(name, None, plain.burst, plain.concurrency, auto)
+    if ceiling is not None or floor is not None:
+        raise ValueError(f"limit {name!r}: a ceiling or a floor needs rate 'auto'")
     parsed = Rate.parse(rate) if isinstance(rate, str) else rate
     if parsed is not None and not isinstance(parsed, Rate):
         raise ValueError(f"limit {name!r}: rate must be text like '60/h' or a Rate, got {rate!r}")
@@ -541,27 +606,51 @@ def make_config(
     return LimitConfig(name, parsed, burst or 1, concurrency)
 
 
+def _bound(name: str, what: str, value: str | Rate) -> Rate:
+    try:
+        return Rate.parse(value) if isinstance(value, str) else value
+    except ValueError as exc:
+        raise ValueError(f"limit {name!r}: {what}: {exc}") from None
+
+
 def _parse_config(name: str, fields: dict[Any, Any]) -> LimitConfig | None:
     if not fields:
         return None
     text = {_text(k): _text(v) for k, v in fields.items()}
+    auto = None
+    if text.get("rate") == "auto":
+        auto = AutoRate(Rate.parse(text["floor"]), Rate.parse(text["ceiling"]))
     return LimitConfig(
         name,
-        Rate.parse(text["rate"]) if "rate" in text else None,
+        Rate.parse(text["rate"]) if "rate" in text and auto is None else None,
         int(text.get("burst", 1)),
         int(text["concurrency"]) if "concurrency" in text else None,
+        auto,
     )
 
 
-def _gcra_args(config: LimitConfig, cost: int, headroom: float, max_wait_s: float) -> list[Any]:
+def _gcra_args(
+    config: LimitConfig, cost: int, headroom: float, max_wait_s: float, ref: LimitRef,
+    successes: int = 0,
+) -> list[Any]:
     """``limit_gcra.lua``'s ARGV for one acquire (ValueError for a cost that never passes)."""
     if not _positive_int(cost):
         raise ValueError(f"cost must be a whole number >= 1, got {cost!r}")
-    if config.rate is not None and cost > config.burst:
+    if config.has_rate and cost > config.burst:
         raise ValueError(f"cost {cost} exceeds the burst {config.burst} of limit "
                          f"{config.name!r}: it could never pass")
     interval_s = config.rate.emission_interval_s * headroom if config.rate else 0.0
-    return [interval_s, config.burst, cost, max_wait_s]
+    args = [interval_s, config.burst, cost, max_wait_s, *_key_args(ref)]
+    if config.auto is not None:  # the interval is headroom / the rate found so far
+        args = [headroom, *args[1:], successes, *config.auto.aimd_args()]
+    return args
+
+
+def _cut_args(config: LimitConfig | None) -> list[Any]:
+    """``limit_backoff.lua``'s last ARGV: cut an auto limit's rate (a 429 or a 503)."""
+    if config is None or config.auto is None:
+        return []
+    return ["1", *config.auto.aimd_args()]
 
 
 def _check_push_back(until_s_from_now: float) -> None:

@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
@@ -78,6 +78,9 @@ class Throttle:
     ) -> None:
         self.limits = limits
         self.short_wait_s = short_wait_s
+        # An auto limit's successes not yet reported (at the next turn), per limit or key.
+        self._successes: dict[LimitRef, int] = {}
+        self._counts_lock = threading.Lock()
         #: The longest wait for a rate's turn on an event loop (default: ``short_wait_s``).
         self.async_wait_s = short_wait_s if async_wait_s is None else async_wait_s
         self.lease_s = lease_s
@@ -103,7 +106,8 @@ class Throttle:
         config = self.config(name)
         if config is None:
             return None
-        permit = self.limits.acquire(name, max_wait_s=self.short_wait_s, headroom=HEADROOM)
+        permit = self.limits.acquire(name, max_wait_s=self.short_wait_s, headroom=HEADROOM,
+                                     successes=self._reported(name, config))
         if not permit.allowed:
             raise Throttled(permit.wait_s, f"rate limit {label(name)}: wait {permit.wait_s:.2f}s")
         return config
@@ -144,9 +148,39 @@ class Throttle:
             self.leave(lease)
 
     def push_back(self, name: LimitRef, retry_after_s: float) -> None:
-        """The vendor said wait ``retry_after_s``: nobody passes ``name`` before then."""
-        if self.config(name) is not None:
-            self.limits.push_back(name, retry_after_s)
+        """The vendor said wait ``retry_after_s``: nobody passes ``name`` before then (an auto
+        limit's rate is cut too: ``refused``)."""
+        config = self.config(name)
+        if config is not None:
+            self.limits.push_back(name, retry_after_s, config)
+
+    def refused(self, name: LimitRef, retry_after_s: float | None) -> None:
+        """The vendor answered a call through ``name`` 429 or 503: push it back for the
+        Retry-After, and cut an auto limit's rate (with or without a Retry-After)."""
+        config = self.config(name)
+        if config is not None and (retry_after_s is not None or config.auto is not None):
+            self.limits.push_back(name, retry_after_s or 0.0, config)
+
+    def answered(self, name: LimitRef, headers: Mapping[str, str] | None = None) -> None:
+        """The vendor answered a call through ``name`` (anything but 429 or 503): an auto
+        limit counts it, to raise its rate at this process's next turn (no round trip of its
+        own), and a quota the vendor says is used up (``RateLimit-Remaining: 0``) pushes the
+        limit back until its reset."""
+        config = self._configs.get(resolve(name)[0], (0.0, None))[1]
+        if config is None or config.auto is None:
+            return
+        with self._counts_lock:
+            self._successes[name] = self._successes.get(name, 0) + 1
+        wait_s = quota_reset_s(headers) if headers is not None else None
+        if wait_s:
+            self.limits.push_back(name, wait_s)
+
+    def _reported(self, name: LimitRef, config: LimitConfig) -> int:
+        """The successes counted for ``name`` since the last report, now reported."""
+        if config.auto is None:
+            return 0
+        with self._counts_lock:
+            return self._successes.pop(name, 0)
 
     # -- on an event loop -----------------------------------------------------------------
 
@@ -169,7 +203,8 @@ class Throttle:
 
     async def _take_async(self, name: LimitRef, config: LimitConfig) -> None:
         permit = await self.limits.acquire_async(name, max_wait_s=self.async_wait_s,
-                                                 headroom=HEADROOM, config=config)
+                                                 headroom=HEADROOM, config=config,
+                                                 successes=self._reported(name, config))
         if not permit.allowed:
             raise Throttled(permit.wait_s, f"rate limit {label(name)}: wait {permit.wait_s:.2f}s")
 
@@ -228,8 +263,25 @@ class Throttle:
                 turn.gate.release()
 
     async def push_back_async(self, name: LimitRef, retry_after_s: float) -> None:
-        if await self.config_async(name) is not None:
-            await self.limits.push_back_async(name, retry_after_s)
+        config = await self.config_async(name)
+        if config is not None:
+            await self.limits.push_back_async(name, retry_after_s, config)
+
+    async def refused_async(self, name: LimitRef, retry_after_s: float | None) -> None:
+        """``refused`` on the loop's Redis client."""
+        config = await self.config_async(name)
+        if config is not None and (retry_after_s is not None or config.auto is not None):
+            await self.limits.push_back_async(name, retry_after_s or 0.0, config)
+
+    async def answered_async(self, name: LimitRef, headers: Mapping[str, str] | None) -> None:
+        """``answered`` on the loop's Redis client."""
+        config = self._configs.get(resolve(name)[0], (0.0, None))[1]
+        if config is None or config.auto is None:
+            return
+        self._successes[name] = self._successes.get(name, 0) + 1  # the loop's one thread
+        wait_s = quota_reset_s(headers) if headers is not None else None
+        if wait_s:
+            await self.limits.push_back_async(name, wait_s)
 
     def _gate(self, name: LimitRef, concurrency: int) -> asyncio.Semaphore:
         """This loop's gate of the limit, as wide as its slots (made anew when they change)."""
@@ -243,6 +295,26 @@ class Throttle:
         if found is None or found[0] != concurrency:
             found = self._gates[key] = (concurrency, asyncio.Semaphore(concurrency))
         return found[1]
+
+
+def quota_reset_s(headers: Mapping[str, str]) -> float | None:
+    """Seconds until the vendor's quota comes back when its headers say none is left
+    (``RateLimit-Remaining: 0`` with ``RateLimit-Reset``, IETF; or the ``X-RateLimit-*``
+    pair, whose reset may be an epoch time, as GitHub's), else None."""
+    for prefix in ("ratelimit-", "x-ratelimit-"):
+        remaining, reset = headers.get(prefix + "remaining"), headers.get(prefix + "reset")
+        if remaining is None or reset is None:
+            continue
+        try:
+            left, at = float(remaining), float(reset)
+        except ValueError:
+            continue
+        if left > 0:
+            return None
+        if at > 1e9:  # an epoch time, not seconds from now
+            at -= time.time()
+        return min(max(at, 0.0), 3600.0) or None
+    return None
 
 
 _HOLDERS = itertools.count()

@@ -78,11 +78,11 @@ class LimitHook(Hook):
 
     def after(self, ctx: StageContext, item: Any, result: StageResult) -> None:
         self._leave(ctx)
+        self.throttle.answered(self._ref(item))  # an auto limit's success
 
     def on_failure(
         self, ctx: StageContext, item: Any, exc: BaseException, *, final: bool
     ) -> None:
         self._leave(ctx)
-        if isinstance(exc, VendorHTTPError) and exc.status in (429, 503) \
-                and exc.retry_after_s is not None:
-            self.throttle.push_back(self._ref(item), exc.retry_after_s)
+        if isinstance(exc, VendorHTTPError) and exc.status in (429, 503):
+            self.throttle.refused(self._ref(item), exc.retry_after_s)

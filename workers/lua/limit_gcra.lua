@@ -3,17 +3,22 @@
 -- write are one atomic step, so every worker on every host shares one clock and one state.
 -- A caller willing to wait up to MAX_WAIT reserves its turn: it is allowed with the seconds to
 -- sleep first, so many waiting callers are spaced at the rate instead of racing for each turn.
--- KEYS: tat, backoff, keys
+-- KEYS: tat, backoff, keys, aimd
 --   tat: string, the limit's theoretical arrival time (epoch seconds); gone = idle
 --   backoff: string, nothing passes before this time (epoch seconds; limit_backoff.lua)
 --   keys: sorted set, the template's keys in use (_limit_key_touch.lua)
--- ARGV: [1] emission interval in seconds (0: the limit has no rate, only the push-back counts),
+--   aimd: hash, a rate = "auto" limit's current rate (_limit_aimd.lua)
+-- ARGV: [1] emission interval in seconds (0: the limit has no rate, only the push-back counts;
+--       an auto limit: in intervals of its current rate, i.e. the headroom),
 --       [2] burst (>= 1), [3] cost (1 <= cost <= burst), [4] max wait in seconds (0: now or
 --       not at all), [5] the key of a limit used per key ('' or none: not per key),
---       [6] seconds a key stays in use after its last call
+--       [6] seconds a key stays in use after its last call, [7] an auto limit: the calls
+--       answered since this process last reported ('' or none: not auto), [8-16] its AIMD
+--       parameters (_limit_aimd.lua)
 -- Returns {1, wait_s} when allowed (after sleeping wait_s, "0" for at once), {0, wait_s} when
 -- refused; wait_s is a string because Redis truncates Lua numbers to integers.
 -- INCLUDE: _limit_key_touch
+-- INCLUDE: _limit_aimd
 local tat_key, backoff = KEYS[1], KEYS[2]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
@@ -21,6 +26,13 @@ touch_key(KEYS[3], ARGV[5], now, tonumber(ARGV[6] or 0))
 local max_wait = tonumber(ARGV[4] or 0)
 local not_before = math.max(tonumber(redis.call('GET', backoff) or 0), now)
 local interval = tonumber(ARGV[1])
+if ARGV[7] and ARGV[7] ~= '' then
+  -- Successes raise the rate only while calls queue for their turns (the limit is what holds
+  -- them back): a rate the callers do not use proves nothing (RFC 7661's cwnd validation).
+  local queued = tonumber(redis.call('GET', tat_key) or 0) > now
+  interval = interval / aimd_grow(KEYS[4], queued and tonumber(ARGV[7]) or 0,
+                                  aimd_params(ARGV, 8))
+end
 if interval <= 0 then
   if not_before - now > max_wait then return {0, string.format('%.6f', not_before - now)} end
   return {1, string.format('%.6f', not_before - now)}
