@@ -55,9 +55,9 @@ def test_successes_grow_and_refusals_cut_the_shared_rate(
     assert (state["rate"], state["slow"]) == ("8.500000", "0")
     limits.push_back("vendor", 0, config)  # in the same second: no second cut
     assert aimd_state(redis_client, "vendor") == state
-    limits.try_acquire("vendor", successes=17, max_wait_s=10)  # + 3 per 8.5 at 8.5/s: + 6
-    assert aimd_state(redis_client, "vendor")["rate"] == "14.500000"
-    assert limits.status("vendor")["rate_now"] == 14.5
+    limits.try_acquire("vendor", successes=17, max_wait_s=10)  # + 4 per 8.5 at 8.5/s: + 8
+    assert aimd_state(redis_client, "vendor")["rate"] == "16.500000"
+    assert limits.status("vendor")["rate_now"] == 16.5
     limits.try_acquire("vendor", successes=100_000, max_wait_s=10)
     assert aimd_state(redis_client, "vendor")["rate"] == "200.000000"  # the ceiling
     # The state expires when the limit goes idle, and a new set_limit starts afresh.

@@ -8,10 +8,6 @@ for ``celery -A workers``. The layers, top down (each imports only from below it
 """
 
 
-def __getattr__(name: str) -> object:
-    """``from workers import per_key``, imported only when asked for."""
-    if name == "per_key":
-        from workers.limits import per_key
+from workers.limits import per_key  # ``from workers import per_key`` (builds nothing)
 
-        return per_key
-    raise AttributeError(f"module 'workers' has no attribute {name!r}")
+__all__ = ["per_key"]

@@ -172,6 +172,9 @@ class LimitConfig:
 #: intervals apart (HEADROOM, throttle.py), so the check rarely holds an on-time call, and has
 #: a little room to catch up after a late one.
 SEND_GAP = 1.04
+#: The same for an auto limit, whose turns are one interval apart (no headroom): spaced like
+#: them, and 1% closer, so the check does not hold back calls that come on time.
+AUTO_SEND_GAP = 0.99
 #: An answer of the send check that reached the loop more than this after Redis gave it is not
 #: used (the loop was busy: the engine's Redis calls run on it, and other processes share the
 #: cores): the call asks again. 25 of the 30 ms above; the rest for the way to the vendor.
@@ -355,8 +358,8 @@ class Limits:
         gap: list[Any] = [0.0]
         if config.rate is not None and config.burst == 1:
             gap = [config.rate.emission_interval_s * SEND_GAP * cost]
-        if config.auto is not None and config.burst == 1:
-            gap = [0.0, SEND_GAP * cost, config.auto.start_rate]
+        if config.auto is not None and config.burst == 1:  # turns 1 / rate apart, no headroom
+            gap = [0.0, AUTO_SEND_GAP * cost, config.auto.start_rate]
         while True:
             permit = await self._try_acquire_async(name, config, cost, headroom, budget_s(),
                                                    successes)
@@ -641,8 +644,8 @@ def _gcra_args(
                          f"{config.name!r}: it could never pass")
     interval_s = config.rate.emission_interval_s * headroom if config.rate else 0.0
     args = [interval_s, config.burst, cost, max_wait_s, *_key_args(ref)]
-    if config.auto is not None:  # the interval is headroom / the rate found so far
-        args = [headroom, *args[1:], successes, *config.auto.aimd_args()]
+    if config.auto is not None:  # 1 / the rate found so far (no headroom: policy/aimd.py)
+        args = [1.0, *args[1:], successes, *config.auto.aimd_args()]
     return args
 
 
