@@ -172,12 +172,19 @@ class _LoopHTTP:
 
 _loop_http: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopHTTP] = \
     weakref.WeakKeyDictionary()
+# The last loop asked for and its entry: a worker process has one loop, and the weak
+# dictionary's lookup (a new weak reference each time) was a few percent of a call.
+_last_loop_http: tuple[weakref.ref[asyncio.AbstractEventLoop], _LoopHTTP] | None = None
 
 
 def _http_of_loop() -> _LoopHTTP:
     """The running loop's way to the vendor, made on its first call: at most the process's
     in-flight bound of connections per host (``event_loop.max_in_flight``)."""
+    global _last_loop_http
     loop = asyncio.get_running_loop()
+    last = _last_loop_http
+    if last is not None and last[0]() is loop:
+        return last[1]
     entry = _loop_http.get(loop)
     if entry is None:
         timeout_s = get_settings().http_timeout_s
@@ -189,6 +196,7 @@ def _http_of_loop() -> _LoopHTTP:
         ) if environment_proxies() else None
         entry = _loop_http[loop] = _LoopHTTP(AsyncKeepAliveTransport(bound), timeout.as_dict(),
                                              proxied)
+    _last_loop_http = (weakref.ref(loop), entry)
     return entry
 
 
