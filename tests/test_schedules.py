@@ -143,7 +143,7 @@ def test_limits_in_the_config_file() -> None:
         ({"rate": "5/s", "burst": 0}, "burst must be a whole number >= 1, got 0"),
         ({"concurrency": "3"}, "concurrency must be a whole number >= 1, got '3'"),
         ({"rate": "5/s", "rps": 5}, "limit 'v': unknown key 'rps' (known: rate, burst, "
-                                    "concurrency)"),
+                                    "concurrency, ceiling, floor)"),
     ],
 )
 def test_a_bad_limit_names_itself(table: dict[str, Any], fragment: str) -> None:

@@ -37,6 +37,11 @@ class LimitHook(Hook):
         self._held: dict[str, Lease | Turn] = {}
         self._lock = threading.Lock()
 
+    @property
+    def name(self) -> str:
+        """The limit's name (a ``per_key`` one's template)."""
+        return self.limit.name if isinstance(self.limit, PerKey) else self.limit
+
     def _ref(self, item: Any) -> LimitRef:
         """The limit this item goes through (a bad key: ValueError, the item fails)."""
         return self.limit.ref(item) if isinstance(self.limit, PerKey) else self.limit

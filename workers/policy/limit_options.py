@@ -16,8 +16,7 @@ def check(options: Mapping[str, Any]) -> None:
     # A bare string would be read as one limit per letter.
     if not (isinstance(names, list | tuple)
             and all((isinstance(n, str) and n) or isinstance(n, PerKey) for n in names)):
-        raise ValueError(f"limits must be a list of limit names (or per_key(NAME, key_of)), "
-                         f"got {names!r}")
+        raise ValueError(f"limits must be a list of limit names, got {names!r}")
 
 
 OPTIONS = OptionGroup("limits", {"limits": ()}, check)
