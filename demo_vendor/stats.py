@@ -1,5 +1,5 @@
 """Request statistics and the sliding one-second window they share with the
-rate limiter.
+rate limiter: totals, per API key (``by_key``) and per whole second (``per_second``).
 
 Admin requests never reach this module: tests read ``/_admin/stats`` to count
 exactly what the client under test sent.

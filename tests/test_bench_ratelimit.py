@@ -67,24 +67,32 @@ def _key_stats(per_second: dict[str, list[list[int]]]) -> dict[str, Any]:
         by_key[token] = {"requests": sum(r[1] for r in rows), "sent_429": sum(r[2] for r in rows),
                          "max_rps_1s": max(r[1] for r in rows), "per_second": rows}
     arrivals = [0.0] + [float(i) / 30 for i in range(1, 301)]  # the listing, then 30/s
-    return {"by_key": by_key, "recent_arrivals": arrivals}
+    seconds = sorted({r[0] for rows in per_second.values() for r in rows})
+    totals = [[s, sum(r[1] for rows in per_second.values() for r in rows if r[0] == s)]
+              for s in seconds]
+    return {"by_key": by_key, "recent_arrivals": arrivals, "per_second": totals}
 
 
 def test_key_figures_tell_a_pushed_back_token_from_the_others() -> None:
     case = ratelimit_keys.KeysCase(ratelimit_keys.Shape(3, 1, 30), 4.0)  # 31 served per token
-    # Pushed at 102.5 for 3 s: the whole seconds 103 and 104, against 100 and 101.
-    other = [[100, 10, 0], [101, 10, 0], [102, 5, 0], [103, 5, 0], [104, 1, 0]]
-    pushed = [[100, 10, 0], [101, 10, 0], [102, 2, 1], [103, 0, 0], [104, 0, 0], [105, 10, 0]]
+    # Triggered at 98.5, pushed at 102.5 for 5 s: the whole seconds 103 to 106, against the
+    # undisturbed 101 (from 98.5 + 2 on).
+    other = [[100, 5, 0], [101, 10, 0], [102, 9, 0], [103, 4, 0], [104, 1, 0], [105, 1, 0],
+             [106, 1, 0]]
+    pushed = [[100, 5, 0], [101, 10, 0], [102, 2, 1], [107, 15, 0]]
     stats = _key_stats({"tok-acct-001": other, "tok-acct-002": pushed, "tok-acct-003": other})
     tokens = ["tok-acct-001", "tok-acct-002", "tok-acct-003"]
-    f = ratelimit_keys._figures(case, tokens, stats, 11.0, 102.5)
-    assert f["push_back"]["seconds_during"] == [103, 104]  # whole seconds of [102.5, 105.5)
+    f = ratelimit_keys._figures(case, tokens, stats, 11.0, 102.5, 98.5)
+    assert f["push_back"]["seconds_during"] == [103, 104, 105, 106]
     assert f["push_back"]["rates"]["tok-acct-002"] == {"before": 10.0, "during": 0.0}
-    assert f["push_back"]["rates"]["tok-acct-001"] == {"before": 10.0, "during": 3.0}
-    assert f["push_back"]["others_unslowed"] is False  # 3 < 0.9 x 10
+    assert f["push_back"]["rates"]["tok-acct-001"] == {"before": 10.0, "during": 1.75}
+    assert f["push_back"]["others_unslowed"] is False  # 1.75 < 0.9 x 10
     assert f["push_back"]["pushed_token_paused"] is True
-    assert (f["injected_429s"], f["limit_429s"], f["max_rps_1s"]) == (1, 0, 10)
+    assert (f["injected_429s"], f["limit_429s"], f["max_rps_1s"]) == (1, 0, 15)
     assert f["aggregate_rate"] == 30.0
+    # Undisturbed: 101 alone lies whole in [98.5 + 2, 102.5): its 30 requests.
+    assert (f["steady_rate"], f["steady_seconds"]) == (30.0, 1)
+    assert f["meets_target"] is False
     with pytest.raises(BenchmarkError, match="requests served per token"):
         ratelimit_keys._figures(ratelimit_keys.KeysCase(ratelimit_keys.Shape(3, 1, 31), 4.0),
-                                tokens, stats, 11.0, 102.5)
+                                tokens, stats, 11.0, 102.5, 98.5)
