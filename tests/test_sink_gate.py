@@ -102,3 +102,28 @@ def test_a_standstill_with_the_sink_down_is_said_once_instead_of_no_worker() -> 
         now[0] += 0.25
     assert said == ["workers are up but cannot write to the sink: "
                     "sink postgresql://h/db: connection refused"]
+
+
+def test_a_write_under_way_when_the_sink_went_down_does_not_say_it_is_back() -> None:
+    """A write that began before another write met the outage, and then succeeded (its
+    connection answered just before the cut), leaves the outage as it is: only a write or a
+    probe tried since can end it. Before, it ended it and the next failure told it again."""
+    sink, said, notes = Sink(), [], []
+    sink.probes = -10**6  # the probes never find it back
+    sink_gate = gate(said, notes, max_wait_s=600)
+    began = threading.Event()
+    finish = threading.Event()
+
+    def slow_write() -> str:
+        began.set()
+        finish.wait(5)
+        return "written before the cut"
+
+    with ThreadPoolExecutor(1) as pool:
+        under_way = pool.submit(sink_gate.write, slow_write, sink.probe)
+        assert began.wait(5)
+        sink_gate.went_down(SinkDown("connection refused"))  # another thread's write failed
+        finish.set()
+        assert under_way.result(5) == "written before the cut"
+    assert sink_gate.down
+    assert said == ["down: connection refused"]

@@ -62,12 +62,13 @@ class SinkGate:
         deadline = self.clock() + self.max_wait_s
         while True:
             self._wait_until_up(probe, deadline)
+            began = self.clock()
             try:
                 result = attempt()
             except SinkDown as exc:
                 self.went_down(exc)
                 continue
-            self._came_back()
+            self._came_back(began)
             return result
 
     def went_down(self, exc: BaseException) -> None:
@@ -128,9 +129,15 @@ class SinkGate:
                 else f"waited {self.max_wait_s:g} s"
             raise SinkDown(f"{self._error} ({waited}: the messages go back)")
 
-    def _came_back(self) -> None:
+    def _came_back(self, began: float | None = None) -> None:
+        """The sink answered. A write that ``began`` before the outage was told (it was under
+        way when another write failed) does not end it: only what was tried since can say
+        the sink is back, or a cut would be told twice, gone, back and gone again."""
         with self._cond:
-            since, self._since = self._since, None
+            since = self._since
+            if since is not None and began is not None and began < since:
+                return
+            self._since = None
             self._cond.notify_all()
         if since is not None:
             self.say_back(f"{max(0.0, self.clock() - since):.1f}")
