@@ -6,6 +6,7 @@ its limit in a second and answer 429."""
 
 from __future__ import annotations
 
+import pytest
 import redis
 from conftest import VendorHandle, WorkerFactory
 from test_harvest import finish, run_demo
@@ -64,3 +65,58 @@ def test_the_send_check_spaces_calls_by_the_gap_and_holds_them_while_pushed_back
     pushed = send(redis_client, keys, [0])
     assert [int(pushed[0]), int(pushed[2])] == [0, 1]
     assert 29 < float(pushed[1]) <= 30
+
+
+def test_a_pass_given_back_lets_the_next_call_go_as_if_it_had_not_been(
+    redis_client: redis.Redis,
+) -> None:
+    """``lua/limit_unsend.lua``: a pass whose answer came too late to use is given back (the
+    mark it replaced is put back), so the next call passes at once instead of a whole gap
+    later; a pass that is no longer the last is left alone."""
+    Limits(redis_client).set_limit("unsend-test", rate="1/s")
+    keys = LimitKeys.of("unsend-test")
+    send, unsend = scripts.load("limit_send"), scripts.load("limit_unsend")
+    gap_s = 10.0
+
+    first = send(redis_client, keys, [gap_s])
+    assert int(first[0]) == 1 and first[2] in ("", b"")  # nothing passed before it
+    assert int(unsend(redis_client, keys, [first[3], first[2], 60_000])) == 1
+    assert redis_client.get(keys.sent) is None  # as if it had not passed
+    second = send(redis_client, keys, [gap_s])
+    assert int(second[0]) == 1  # at once, not 10 s later
+    third = send(redis_client, keys, [gap_s])
+    assert int(third[0]) == 0  # the second's pass stands: the gap holds the third
+    # A stale give-back (of the first pass, long replaced) changes nothing.
+    assert int(unsend(redis_client, keys, [first[3], first[2], 60_000])) == 0
+    assert int(send(redis_client, keys, [gap_s])[0]) == 0
+
+    # Giving back a pass that replaced a mark puts that mark back, with its gap still on.
+    replaced = redis_client.get(keys.sent)
+    redis_client.set(keys.sent, f"{float(replaced) - gap_s:.6f}")  # the gap has passed
+    fourth = send(redis_client, keys, [gap_s])
+    assert int(fourth[0]) == 1 and float(fourth[2]) == float(replaced) - gap_s
+    assert int(unsend(redis_client, keys, [fourth[3], fourth[2], 60_000])) == 1
+    assert float(redis_client.get(keys.sent)) == float(replaced) - gap_s
+
+
+def test_a_call_within_reach_of_the_gap_reserves_its_moment(redis_client: redis.Redis) -> None:
+    """With a reservation window (ARGV 4), a call that finds the gap not yet over by at most
+    the window is told to go when it ends, and that moment becomes the last pass: the next
+    call reserves one gap after it, not after the time it asked. Beyond the window it is held
+    as before (it asks again after the wait)."""
+    Limits(redis_client).set_limit("reserve-test", rate="1/s")
+    keys = LimitKeys.of("reserve-test")
+    send = scripts.load("limit_send")
+    gap_s = 2.0
+
+    first = send(redis_client, keys, [gap_s, "", "", 5.0])
+    assert int(first[0]) == 1 and float(first[4]) == 0.0  # at once
+    second = send(redis_client, keys, [gap_s, "", "", 5.0])
+    assert int(second[0]) == 1
+    # Its moment: one gap after the first.
+    assert float(second[3]) == pytest.approx(float(first[3]) + gap_s, abs=2e-6)
+    assert 0 < float(second[4]) <= gap_s
+    third = send(redis_client, keys, [gap_s, "", "", 5.0])
+    assert float(third[3]) == pytest.approx(float(first[3]) + 2 * gap_s, abs=2e-6)
+    held = send(redis_client, keys, [gap_s, "", "", 1.0])  # 6 s off: beyond a 1 s window
+    assert [int(held[0]), int(held[2])] == [0, 0] and float(held[1]) > 5.0
