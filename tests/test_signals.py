@@ -221,8 +221,12 @@ def _leaves_done(run_id: str) -> int:
     return sum(counts.get(c, 0) for c in ("succeeded", "failed", "cached", "skipped"))
 
 
+# 8 calls in flight: 180 leaves take 4.5 s at 200 ms, so the signal lands mid-run (at the
+# default 1,000 every leaf was in flight at once, and a fresh-clone run saw them all done
+# before the signal).
 _DEMO_ARGS = ("demo", "--accounts", "2", "--services", "3", "--days", "30",
-              "--latency-ms", "200", "--processes", "1", "--concurrency", "2")
+              "--latency-ms", "200", "--processes", "1", "--concurrency", "2",
+              "--max-in-flight", "8")
 
 
 @pytest.mark.parametrize(("signum", "as_json"), [
