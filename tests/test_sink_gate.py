@@ -127,3 +127,35 @@ def test_a_write_under_way_when_the_sink_went_down_does_not_say_it_is_back() -> 
         assert under_way.result(5) == "written before the cut"
     assert sink_gate.down
     assert said == ["down: connection refused"]
+
+
+def test_a_write_begun_before_the_sink_came_back_that_fails_is_tried_again_untold() -> None:
+    """A write under way through the outage (waiting on a connection the cut broke) fails
+    just after a probe found the sink back: it is tried again, and no second outage is told.
+    Before, its failure started one ("sink unreachable" twice in test_sink_outage)."""
+    said, notes = [], []
+    sink_gate = gate(said, notes, max_wait_s=600)
+    sink_gate.went_down(SinkDown("connection refused"))
+    began, back = threading.Event(), threading.Event()
+    tries: list[str] = []
+
+    def write_on_a_broken_connection() -> str:
+        tries.append("try")
+        if len(tries) == 1:
+            began.set()
+            back.wait(5)
+            raise SinkDown("server closed the connection unexpectedly")
+        return "written"
+
+    # The write goes past the gate as if it had started before the outage was told.
+    sink_gate._since = None
+    with ThreadPoolExecutor(1) as pool:
+        under_way = pool.submit(sink_gate.write, write_on_a_broken_connection, lambda: None)
+        assert began.wait(5)
+        sink_gate._since = 0.0  # the outage, told while the write was under way
+        sink_gate._came_back()  # a probe found the sink back
+        back.set()
+        assert under_way.result(5) == "written"
+    assert tries == ["try", "try"]
+    assert said == ["down: connection refused", "back"]
+    assert not sink_gate.down

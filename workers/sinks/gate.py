@@ -50,6 +50,7 @@ class SinkGate:
         self._error = ""
         self._delay_s = first_delay_s
         self._probing = False
+        self._back_at = float("-inf")  # when the last outage ended
         self._stopping = threading.Event()
 
     @property
@@ -66,6 +67,8 @@ class SinkGate:
             try:
                 result = attempt()
             except SinkDown as exc:
+                if began < self._back_at:
+                    continue  # it met what the outage that ended broke: try again, told once
                 self.went_down(exc)
                 continue
             self._came_back(began)
@@ -132,12 +135,16 @@ class SinkGate:
     def _came_back(self, began: float | None = None) -> None:
         """The sink answered. A write that ``began`` before the outage was told (it was under
         way when another write failed) does not end it: only what was tried since can say
-        the sink is back, or a cut would be told twice, gone, back and gone again."""
+        the sink is back, or a cut would be told twice, gone, back and gone again. For the
+        same reason a write begun before the sink came back, that then fails (on a connection
+        the outage broke), is tried again without telling a new outage (``write``)."""
         with self._cond:
             since = self._since
             if since is not None and began is not None and began < since:
                 return
             self._since = None
+            if since is not None:
+                self._back_at = self.clock()
             self._cond.notify_all()
         if since is not None:
             self.say_back(f"{max(0.0, self.clock() - since):.1f}")
