@@ -276,3 +276,48 @@ def test_a_worker_sigkilled_while_two_runs_share_a_queue_loses_nothing(
     assert rows_of(sink_path, "second") == [f"{n:06d}" for n in range(600)]
     claims_released(redis_client, QUEUE)
     assert lane_lengths(redis_client) == [0] * keys.LANES
+
+
+# -- runs sharing one claimed batch of an async stage --------------------------------------
+
+
+def test_runs_sharing_an_async_batch_are_each_recorded_when_their_own_items_end(
+    transport: RedisTransport, sink_path: Path
+) -> None:
+    """A worker's claimed batch holds a backfill's items and a small run's: the small run's
+    are recorded as soon as they have ended, not when the backfill's beside them end (the
+    runner, in this process, on a batch claimed as a worker's thread claims it)."""
+    import threading
+
+    from workers.api import find_stage
+    from workers.engine.runner import StageRunner
+    from workers.outcome import Outcome
+
+    view = services().ledger.view
+    slow = start_run("fairtest_async", {"leaf_s": 3, "label": "slow"}, roots=list(range(20)))
+    fast = start_run("fairtest_async", {"leaf_s": 0, "label": "fast"}, roots=list(range(10)))
+    queue = keys.queue_name("fairtest_async", "wait")
+    claimed = transport.claim(queue, 30, 1)
+    assert runs_of(claimed) == {slow: 20, fast: 10}  # one batch: both runs' items in it
+    work = []
+    for raw in claimed:
+        delivery = decode_redis(raw)
+        stage = find_stage(delivery.task)
+        assert stage is not None
+        work.append((delivery, stage))
+    ended: dict[str, Any] = {}
+    batch = threading.Thread(target=lambda: ended.update(reports=StageRunner(services()).run(work)))
+    batch.start()
+    try:
+        assert view.wait(fast, 30) == "succeeded"
+        slow_then = view.snapshot(slow)
+        assert batch.is_alive(), "the batch ended as the small run did"
+        assert slow_then is not None and slow_then.status == "running"
+        assert slow_then.stages["wait"]["succeeded"] == 0  # its 3 s items still sleep
+    finally:
+        batch.join(60)
+    assert [r.outcome for r in ended["reports"]] == [Outcome.SUCCEEDED] * 30
+    assert view.wait(slow, 10) == "succeeded"
+    assert rows_of(sink_path, "fast") == [f"{n:06d}" for n in range(10)]
+    assert rows_of(sink_path, "slow") == [f"{n:06d}" for n in range(20)]
+    transport.release(queue, claimed)

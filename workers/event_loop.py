@@ -6,9 +6,11 @@ stage hands the batch's items to the loop (``ProcessLoop.run``) and waits for th
 vendor calls are in flight together instead of one after another, so a process's calls in
 flight are bounded by the vendor and the limits, not by its threads.
 
-``ProcessLoop.in_flight`` bounds the items running at once in the process, whatever the
-number of threads and batches: ``FANOUT_MAX_IN_FLIGHT`` (``fanout worker --max-in-flight``),
-1 to ``MAX_IN_FLIGHT`` (5,000), 1,000 by default. The HTTP connections per vendor host are as
+``ProcessLoop.gate`` (``fair_gate.py``) gives the items their turns to run, whatever the
+number of threads and batches: round-robin between the runs whose items wait, as many at
+once as the process keeps up with (found as it runs), never more than its bound,
+``FANOUT_MAX_IN_FLIGHT`` (``fanout worker --max-in-flight``), 1 to ``MAX_IN_FLIGHT`` (5,000),
+1,000 by default. The HTTP connections per vendor host are as
 many (``workers/http.py``), and the worker raises its open-file limit to fit them
 (``ensure_open_files``, at its start: ``app.size_for_worker``). Hooks and the engine's Redis
 calls for an item run on the loop's one thread, so the Redis pools are sized from the threads.
@@ -17,12 +19,14 @@ calls for an item run on the loop's one thread, so the Redis pools are sized fro
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import resource
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from workers.fair_gate import START, FairGate, LimitFinder
 from workers.settings import ConfigError, env_int
 
 T = TypeVar("T")
@@ -65,17 +69,20 @@ def ensure_open_files(needed: int) -> None:
 
 
 class ProcessLoop:
-    """An event loop running in its own daemon thread, with the process's in-flight bound."""
+    """An event loop running in its own daemon thread, with the turns of its items (the gate,
+    whose limit its finder moves as the loop runs)."""
 
     def __init__(self, bound: int) -> None:
         self.bound = bound
         self.loop = asyncio.new_event_loop()
-        self.in_flight = asyncio.Semaphore(bound)  # bound to the loop on first use
+        self.gate = FairGate(bound, START)
+        self.finder = LimitFinder(self.gate)
         self.thread = threading.Thread(target=self._serve, name="fanout-loop", daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
+        self._finding = self.loop.create_task(self.finder.run())
         self.loop.run_forever()
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
@@ -83,11 +90,18 @@ class ProcessLoop:
         if threading.current_thread() is self.thread:
             coroutine.close()
             raise RuntimeError("ProcessLoop.run was called on the loop's own thread")
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        return self.submit(coroutine).result()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start ``coroutine`` on the loop (from any other thread); its future."""
+        if threading.current_thread() is self.thread:
+            coroutine.close()
+            raise RuntimeError("ProcessLoop.submit was called on the loop's own thread")
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
     def busy(self) -> int:
-        """Items in flight now (taken turns of ``in_flight``)."""
-        return self.bound - self.in_flight._value
+        """Items in flight now (taken turns of the gate)."""
+        return self.gate.held
 
 
 _loops: dict[int, ProcessLoop] = {}

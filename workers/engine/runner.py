@@ -29,6 +29,7 @@ go back, as on a Redis error (``INFRA_ERRORS``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import inspect
 import logging
@@ -41,7 +42,7 @@ from typing import Any, cast
 import redis
 from kombu.exceptions import OperationalError
 
-from workers import http
+from workers import http, keys
 from workers.api import Pipeline, Stage, find_stage, get_pipeline
 from workers.context import StageContext
 from workers.engine import batch_maps
@@ -49,6 +50,7 @@ from workers.engine.batch_record import Batch, CopyOf, failure_of, format_traceb
 from workers.engine.services import Services
 from workers.engine.stage_hooks import hooks_for
 from workers.event_loop import max_in_flight, process_loop
+from workers.fair_gate import FairGate
 from workers.hooks import Decision, Defer, Hook, HookCalls, Serve, Skip, StageResult
 from workers.ids import RawJSON, canonical_json, item_id, loop_parent
 from workers.ledger import Finish
@@ -121,12 +123,19 @@ class ItemReport:
         return "" if self.exception is None else format_traceback(self.exception)
 
 
+#: This process's threads running a task now (``StageRunner.run_claimed``): a busy thread
+#: competes for no claim.
+_busy = [0]
+_busy_lock = threading.Lock()
+
+
 class StageRunner:
     def __init__(self, services: Services, claim_share: int = 1) -> None:
         self.services = services
         self.claim_share = claim_share  # the threads of this worker a claim competes with
         self.in_flight_bound = max_in_flight()  # the items of async stages it may run at once
         self._params: dict[str, dict[str, Any]] = {}
+        self._weights: dict[str, int] = {}
         self._stage_hooks: dict[str, tuple[Hook, ...]] = {}
         self._params_lock = threading.Lock()
 
@@ -135,13 +144,27 @@ class StageRunner:
     def run_claimed(self, first: Delivery, stage: Stage) -> list[ItemReport]:
         """Run ``first`` and, for a ``claim_batch`` stage, up to N-1 more messages claimed
         from its queue. For a sync stage, no more than this thread's fair share of what
-        waits, so a short queue is spread over the threads (its items run one after
-        another). An async stage's items run together, so its thread claims its share of the
-        process's in-flight bound instead, whatever waits. A claimed message that does not
+        waits among the process's idle threads, so a short queue is spread over the threads
+        that could run it (its items run one after another). An async stage's items run
+        together, so its thread claims its share of the process's in-flight bound instead,
+        whatever waits. A claimed message that does not
         decode is dead-lettered; the rest of the batch goes on. Claims are released once
         their items are recorded, or given back at once when they cannot be."""
+        with _busy_lock:  # every stage's runner: the threads are the process's
+            idle = self.claim_share - _busy[0]  # this thread and those with nothing to run
+            _busy[0] += 1
+        try:
+            return self._run_claimed(first, stage, max(1, idle))
+        finally:
+            with _busy_lock:
+                _busy[0] -= 1
+
+    def _run_claimed(self, first: Delivery, stage: Stage, idle: int) -> list[ItemReport]:
         transport = self.services.transport
-        size, share = stage.claim_batch, self.claim_share
+        # A sync stage's claim is shared with this process's idle threads only: beside
+        # threads busy on long tasks (a backfill's batches) it takes what waits at once,
+        # where spreading it would leave each item to a Celery delivery of its own.
+        size, share = stage.claim_batch, idle
         if is_async(stage):
             size, share = min(size, -(-self.in_flight_bound // self.claim_share)), 1
         claimed = transport.claim(stage.queue, size - 1, share) if size > 1 else []
@@ -204,13 +227,20 @@ class StageRunner:
                 outcome = self._run_one(delivery, stage, batch)
             seen.add(copy_of)
             ran.append((delivery, outcome, time.perf_counter() - started))
-        if waiting:
+        refused: set[CopyOf] = set()
+        by_run: dict[str, list[tuple[int, Delivery, Stage]]] = {}
+        for entry in waiting:
+            by_run.setdefault(entry[1].run_id, []).append(entry)
+        weights = {run_id: self._run_weight(run_id) for run_id in by_run}
+        if len(by_run) == 1:
             loop = process_loop()
             ended = loop.run(self._run_together([(d, s) for _, d, s in waiting], batch,
-                                                loop.in_flight))
+                                                loop.gate, weights))
             for (index, delivery, _), (outcome, runtime_s) in zip(waiting, ended, strict=True):
                 ran[index] = (delivery, outcome, runtime_s)
-        refused = record(self.services, batch)
+        elif by_run:
+            refused = self._run_runs_apart(list(by_run.values()), ran, batch, weights)
+        refused |= record(self.services, batch)
         reports = []
         for delivery, outcome, runtime_s in ran:
             copy_of = (delivery.run_id, delivery.item_id, delivery.iteration)
@@ -218,6 +248,43 @@ class StageRunner:
                 outcome = Outcome.FAILED
             reports.append(ItemReport(delivery, outcome, runtime_s, batch.errors.get(copy_of)))
         return reports
+
+    def _run_runs_apart(
+        self, groups: list[list[tuple[int, Delivery, Stage]]],
+        ran: list[tuple[Delivery, Outcome, float]], batch: Batch, weights: dict[str, int],
+    ) -> set[CopyOf]:
+        """Async items of several runs in one claimed batch: each run's items together on
+        the loop, each run recorded as soon as its items have ended. A small run's few items
+        claimed beside a backfill's many then end with their own last item, not with the
+        backfill's (which wait for turns behind the rest of the backfill at the gate). Should
+        a run's items meet an infrastructure error, the runs that ended before it stay
+        recorded, the rest do not, and the error is raised once all have ended (the batch
+        goes back; its items already recorded come back as duplicates, and are skipped).
+        Returns the items whose records the sink refused."""
+        loop = process_loop()
+        pending = {
+            loop.submit(self._run_together([(d, s) for _, d, s in group], own, loop.gate,
+                                           weights)):
+                (group, own)
+            for group in groups for own in [Batch()]
+        }
+        refused: set[CopyOf] = set()
+        failure: BaseException | None = None
+        for future in concurrent.futures.as_completed(pending):
+            group, own = pending[future]
+            try:
+                ended = future.result()
+            except BaseException as exc:
+                failure = failure or exc
+                continue
+            for (index, delivery, _), (outcome, runtime_s) in zip(group, ended, strict=True):
+                ran[index] = (delivery, outcome, runtime_s)
+            batch.errors.update(own.errors)
+            if failure is None:
+                refused |= record(self.services, own)
+        if failure is not None:
+            raise failure
+        return refused
 
     # -- one delivery ---------------------------------------------------------------------
 
@@ -284,14 +351,15 @@ class StageRunner:
     # -- async items: together on the process's event loop --------------------------------
 
     async def _run_together(
-        self, items: Sequence[tuple[Delivery, Stage]], batch: Batch, bound: asyncio.Semaphore
+        self, items: Sequence[tuple[Delivery, Stage]], batch: Batch, gate: FairGate,
+        weights: dict[str, int],
     ) -> list[tuple[Outcome, float]]:
         """Run async items concurrently, each with a turn of the process's in-flight bound;
         returns (outcome, runtime) of each. Every item ends before this returns: should one
         meet an infrastructure error, the others still finish (their slots given back), and
         then that error is raised, the batch unrecorded, as a sync batch would."""
         ended = await asyncio.gather(
-            *(self._run_one_async(d, s, batch, bound) for d, s in items),
+            *(self._run_one_async(d, s, batch, gate, weights[d.run_id]) for d, s in items),
             return_exceptions=True,
         )
         for result in ended:
@@ -300,12 +368,12 @@ class StageRunner:
         return cast(list[tuple[Outcome, float]], ended)
 
     async def _run_one_async(
-        self, delivery: Delivery, stage: Stage, batch: Batch, bound: asyncio.Semaphore
+        self, delivery: Delivery, stage: Stage, batch: Batch, gate: FairGate, weight: int
     ) -> tuple[Outcome, float]:
         """``_run_one`` for an item of an ``async def`` stage, in a task of its own (its own
         HTTP try count). Hooks run here, on the loop: ``before_async`` may wait for a limit
         without blocking it; the rest are short."""
-        async with bound:
+        async with gate.turn(delivery.run_id, weight):
             started = time.perf_counter()
             ctx, hooks = self._context(delivery, stage)
             try:
@@ -446,6 +514,19 @@ class StageRunner:
         return Outcome.FAILED
 
     # -- the end of a batch: engine/batch_record.py -----------------------------------
+
+    def _run_weight(self, run_id: str) -> int:
+        """The run's priority (1 when unset): its weight at the process's gate, as at the
+        claims. Read once per process, as its parameters are."""
+        weight = self._weights.get(run_id)
+        if weight is None:
+            raw = self.services.ledger.redis.get(keys.run_priority(run_id))
+            weight = int(raw) if raw and str(raw).isdigit() else 1
+            with self._params_lock:
+                if len(self._weights) > 256:
+                    self._weights.clear()
+                self._weights[run_id] = weight
+        return weight
 
     def _run_params(self, run_id: str) -> dict[str, Any]:
         """Run parameters, read from the ledger once per process (messages stay lean)."""
