@@ -204,7 +204,7 @@ def test_pipelines_lists_every_importable_pipeline_with_its_stages() -> None:
     assert (demo["roots_function"], demo["root_stage"], demo["items_stage"]) == \
         (True, "accounts", "accounts")
     assert [(s["name"], s["maps_to"], s["claim_batch"], s["retries"]) for s in demo["stages"]] \
-        == [("accounts", "services", 1, 0), ("services", "metric_day", 1, 0),
+        == [("accounts", "services", 1, 0), ("services", "metric_day", 16, 0),
             ("metric_day", None, 64, 3)]
     assert demo["stages"][2]["retry_delay_s"] == "exponential(0.5, 2, 30)"
 

@@ -122,7 +122,10 @@ class Settings:
             visibility_timeout_s=env_int("FANOUT_VISIBILITY_TIMEOUT_S", 300, minimum=1),
             ledger_ttl_s=env_int("FANOUT_LEDGER_TTL_S", 7 * 24 * 3600, minimum=60),
             http_timeout_s=env_float("FANOUT_HTTP_TIMEOUT_S", 30.0, above=0),
-            prefetch_multiplier=env_int("FANOUT_PREFETCH_MULTIPLIER", 4, minimum=1),
+            # 1, as Celery advises for long tasks: a task carrying a claimed batch is long,
+            # and a message prefetched behind it would wait for it (a small run's next hop
+            # waits behind a backfill's batches). Claims, not prefetch, keep threads fed.
+            prefetch_multiplier=env_int("FANOUT_PREFETCH_MULTIPLIER", 1, minimum=1),
             outage_limit_s=env_float("FANOUT_OUTAGE_LIMIT_S", 300.0, minimum=0),
             limit_lease_s=env_float("FANOUT_LIMIT_LEASE_S", 30.0, above=0),
             task_events=env_flag("FANOUT_TASK_EVENTS", True),
