@@ -7,16 +7,19 @@ idle workers, then beside the backfill, the backfill's leaves done when the dail
 and both runs checked exact (run status, ledger counts, rows in the sink). Target: beside the
 backfill within 3x of idle. ``--quick``: a 6,000-leaf backfill (12 days).
 
-Three worker settings, each measured alone and beside: the demo as shipped; with its
-``services`` fan-out stage claiming batches too (``claim_batch = 16`` in the config file:
-a stage that claims is shared between runs item by item, one that does not gets one item per
-Celery delivery, beside leaf tasks that carry 32 each); and with that and Celery's prefetch
-at 1 (``FANOUT_PREFETCH_MULTIPLIER=1``: each hop of the daily run then waits for no task
-prefetched ahead of it), the last one beside the backfill at ``--priority 3`` too.
+Worker settings, each measured alone and beside: the demo as shipped (also with the daily
+run at ``--priority 3``), and two of what makes it fair put back as they were before, to
+show what each is worth: its ``services`` fan-out stage without ``claim_batch`` (one Celery
+delivery per service, each waiting for a thread freed by a backfill's batch), and Celery's
+prefetch at 4 (``FANOUT_PREFETCH_MULTIPLIER=4``: each hop of the daily run waits behind the
+batches prefetched ahead of it). Where the daily run waited is in each run's ``timeline``:
+when each stage's first and last item succeeded. ``FANOUT_BENCH_FAIRSHARE_SETTINGS``
+(comma-separated names) runs only some settings.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any
@@ -27,24 +30,35 @@ ACCOUNTS, SERVICES = 10, 50
 BACKFILL_DAYS, BACKFILL_DAYS_QUICK, DAILY_DAYS = 120, 12, 1
 HEAD_START_S = 5.0  # the backfill runs alone this long before the daily run starts
 TARGET_RATIO = 3.0
-CLAIMING_SERVICES = '[stages."demo.services"]\nclaim_batch = 16\n'
-#: (name, what it is, does the services stage claim, Celery prefetch multiplier, priorities)
+SERVICES_UNCLAIMED = '[stages."demo.services"]\nclaim_batch = 1\n'
+#: (name, what it is, a config file or None, Celery prefetch multiplier or None, priorities)
 SETTINGS = (
-    ("shipped", "the demo as shipped", False, None, (None,)),
-    ("services_claim", "services claim_batch 16", True, None, (None,)),
-    ("services_claim_prefetch_1", "services claim_batch 16, prefetch 1", True, 1, (None, 3)),
+    ("shipped", "the demo as shipped", None, None, (None, 3)),
+    ("services_unclaimed", "services without claim_batch", SERVICES_UNCLAIMED, None, (None,)),
+    ("prefetch_4", "Celery prefetch multiplier 4", None, 4, (None,)),
 )
+
+SETTINGS_ENV = "FANOUT_BENCH_FAIRSHARE_SETTINGS"  # comma-separated names; default all
 
 
 def fairshare(ctx: Context) -> SuiteResult:
+    chosen = [c.strip() for c in os.environ.get(SETTINGS_ENV, "").split(",") if c.strip()]
+    known = [name for name, *_ in SETTINGS]
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise BenchmarkError(f"{SETTINGS_ENV}: unknown setting(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(known)})")
     backfill_days = BACKFILL_DAYS_QUICK if ctx.quick else BACKFILL_DAYS
     repeats = ctx.repeats_or(1)
     figures: dict[str, Any] = {}
     rows = [["backfill", f"{ACCOUNTS * SERVICES * backfill_days:,} leaves, started first"],
             ["daily run", f"{ACCOUNTS * SERVICES * DAILY_DAYS:,} leaves, "
                           f"started {HEAD_START_S:.0f} s later"]]
-    for name, label, claiming, prefetch, priorities in SETTINGS:
-        measured = _measure(ctx, name, claiming, prefetch, priorities, backfill_days, repeats)
+    for name, label, config_text, prefetch, priorities in SETTINGS:
+        if chosen and name not in chosen:
+            continue
+        measured = _measure(ctx, name, config_text, prefetch, priorities, backfill_days,
+                            repeats)
         alone_s = statistics.median(measured["alone"])
         figures[f"{name}.daily_alone_s"] = alone_s
         rows.append([f"{label}: daily run alone", f"{alone_s:.2f} s"])
@@ -72,7 +86,7 @@ def fairshare(ctx: Context) -> SuiteResult:
 
 
 def _measure(
-    ctx: Context, name: str, claiming: bool, prefetch: int | None,
+    ctx: Context, name: str, config_text: str | None, prefetch: int | None,
     priorities: tuple[int | None, ...], backfill_days: int, repeats: int,
 ) -> dict[str, list[Any]]:
     """On fresh workers of these settings: the daily run alone, then beside the backfill at
@@ -85,9 +99,9 @@ def _measure(
     env.vendor_handle.configure(accounts=ACCOUNTS, services=SERVICES)
     suite_dir = env.suite_dir("fairshare")
     extra: dict[str, str] = {}
-    if claiming:
+    if config_text is not None:
         config_file = suite_dir / f"{name}.toml"
-        config_file.write_text(CLAIMING_SERVICES)
+        config_file.write_text(config_text)
         extra["FANOUT_CONFIG"] = str(config_file)
     if prefetch is not None:
         extra["FANOUT_PREFETCH_MULTIPLIER"] = str(prefetch)
@@ -102,6 +116,7 @@ def _measure(
             alone = _run(ctx, DAILY_DAYS)
             _check(ctx, alone, DAILY_DAYS)
             measured["alone"].append(round(alone["wall_s"], 3))
+            measured.setdefault("alone_timeline", []).append(alone["timeline"])
             for priority in priorities:
                 key = "beside" if priority is None else f"beside_priority_{priority}"
                 measured.setdefault(key, []).append(_beside(ctx, backfill_days, priority))
@@ -123,12 +138,32 @@ def _start(ctx: Context, days: int, priority: int | None = None) -> str:
 
 
 def _run(ctx: Context, days: int, priority: int | None = None) -> dict[str, Any]:
+    """The run, started and watched to its end: its wall time, and when each stage's first
+    and last item succeeded (seconds from the start, polled every 20 ms): where it waited."""
     from workers.engine.services import services
 
+    view = services().ledger.view
     started = time.perf_counter()
     run_id = _start(ctx, days, priority)
-    services().ledger.view.wait(run_id, 600)
-    return {"run_id": run_id, "wall_s": time.perf_counter() - started}
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    seen: dict[str, int] = {}
+    deadline = started + 600
+    while time.perf_counter() < deadline:
+        snap = view.snapshot(run_id)
+        at = round(time.perf_counter() - started, 3)
+        for stage, counts in (snap.stages if snap else {}).items():
+            done = counts.get("succeeded", 0)
+            if done and stage not in first:
+                first[stage] = at
+            if done != seen.get(stage):
+                seen[stage], last[stage] = done, at
+        if snap is None or snap.finished:
+            break
+        time.sleep(0.02)
+    wall_s = time.perf_counter() - started
+    timeline = {stage: [first[stage], last[stage]] for stage in first}
+    return {"run_id": run_id, "wall_s": wall_s, "timeline": timeline}
 
 
 def _beside(ctx: Context, backfill_days: int, priority: int | None) -> dict[str, Any]:
@@ -144,7 +179,8 @@ def _beside(ctx: Context, backfill_days: int, priority: int | None) -> dict[str,
         raise BenchmarkError(f"backfill {backfill} did not finish")
     _check(ctx, {"run_id": backfill}, backfill_days)
     total = ACCOUNTS * SERVICES * backfill_days
-    return {"daily_wall_s": round(daily["wall_s"], 3), "backfill_left_at_daily_end": total - done}
+    return {"daily_wall_s": round(daily["wall_s"], 3), "backfill_left_at_daily_end": total - done,
+            "daily_timeline": daily["timeline"]}
 
 
 def _leaves_done(run_id: str) -> int:
