@@ -86,12 +86,16 @@ class QoS(kombu_redis.QoS):
 
     def append(self, message: Any, delivery_tag: str) -> None:
         # kombu 5.7's own, with the SADD in the same MULTI: a tag is never unacked unheld.
+        # The set goes when its last tag is acked (prefetch 1: often), so each SADD that
+        # makes it again gives it the TTL the heartbeat renews: no key lives without one.
         delivery = message.delivery_info
         raw = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        held = keys.worker_held(worker_id())
         with self.pipe_or_acquire() as pipe:
             pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
                 .hset(self.unacked_key, delivery_tag, raw) \
-                .sadd(keys.worker_held(worker_id()), delivery_tag) \
+                .sadd(held, delivery_tag) \
+                .expire(held, services().settings.ledger_ttl_s) \
                 .execute()
             virtual.QoS.append(self, message, delivery_tag)
 
