@@ -117,8 +117,8 @@ def test_turns_slowed_on_a_busy_loop_cut_the_limit_and_end_the_doubling() -> Non
     assert gate.limit == 800
     gate.set_limit(400)
     gate.held = 400
-    for _ in range(CUT_GAP_TICKS):  # turns of 1 s now, 50x slowed, but on an idle loop
-        finder.step(0.0, 1.0)
+    for _ in range(CUT_GAP_TICKS):  # turns of 1 s now, 50x slowed, on a loop 7 ms late
+        finder.step(0.007, 1.0)  # neither idle nor busy: the limit stays
     assert gate.limit == 400
     limits = []
     for _ in range(CUT_GAP_TICKS + 3):  # ... and on a loop 30 ms late
@@ -130,26 +130,35 @@ def test_turns_slowed_on_a_busy_loop_cut_the_limit_and_end_the_doubling() -> Non
     assert not finder.slow_start
     # Unslowed again (a moving average: some ticks on): it grows by 1/16, no more doubling.
     for _ in range(40):
-        finder.step(0.0, 0.02)
+        finder.step(0.007, 0.02)
     gate.held = gate.limit
     before = gate.limit
-    finder.step(0.0, 0.02)
+    finder.step(0.007, 0.02)
     assert gate.limit == before + max(1, before // 16)
+    # On a loop idle for 5 ticks it grows by 1/4, slowed turns or not.
+    for _ in range(4):
+        finder.step(0.0, 1.0)
+    before = gate.limit
+    finder.step(0.0, 1.0)
+    assert gate.limit == before + before // 4
 
 
 def test_a_slower_vendor_on_an_idle_loop_cuts_nothing() -> None:
-    """Turns held longer because the vendor answers slower, not because the process is
-    busy: fewer calls in flight would only lower the throughput."""
+    """Turns held longer because the vendor answers slower (or items wait there for a
+    limit's turn), not because the process is busy: fewer turns would only lower the
+    throughput and keep the items behind them waiting, so the limit only grows."""
     gate = _waiting_gate(200)
     finder = LimitFinder(gate)
     finder.slow_start = False
-    finder.step(0.0, 0.2)  # 200 ms a turn, unslowed: it grows by 1/16
+    finder.step(0.007, 0.2)  # 200 ms a turn, unslowed: it grows by 1/16
     grown = gate.limit
     assert grown == 200 + 200 // 16
-    for _ in range(20):
+    limits = []
+    for _ in range(8):  # 5x slower, on an idle loop
         finder.step(0.001, 1.0)
-        gate.held = gate.limit
-    assert gate.limit == grown
+        limits.append(gate.limit)
+    assert limits[:4] == [grown] * 4  # until the loop has been idle for 5 ticks
+    assert limits[4:] == [265, 331, 413, 516]  # + 1/4 a tick from 212
 
 
 @pytest.mark.parametrize("start", [9, 16])

@@ -14,8 +14,9 @@ latency). So the limit is cut (by 1/8, then not again before the turns held befo
 have ended) when both signs say so: turns are held more than twice as long as unslowed (the
 shortest tick of the last 20 s), and the loop is busy (its timer fires more than 10 ms late,
 the median of 5 ticks). A slower vendor alone holds turns longer on an idle loop, and cuts
-nothing. While items wait for turns that are not slowed, the limit grows: x2 a tick from 8 at
-first (also while no turn has ended yet, on an idle loop), by 1/16 a tick after the first cut.
+nothing. While items wait for turns, the limit grows: x2 a tick from 8 at first, then by 1/4
+a tick while the loop has been idle for 5 ticks (whatever holds the turns: items waiting for
+a limit's turn must not keep others from theirs), by 1/16 while turns are not slowed.
 Items that wait for a turn cost nothing but their place in the queue.
 """
 
@@ -199,11 +200,16 @@ class LimitFinder:
             return
         if not (gate.waiting and gate.held >= gate.limit):
             return  # no one waits for a turn: nothing to learn by growing
-        unslowed = (base is not None and self.hold_s is not None
-                    and self.hold_s < GROW_BELOW * base)
-        if unslowed or (held_s is None and lag < IDLE_LAG_S):
+        if max(self._lags) < IDLE_LAG_S:
+            # Idle for LAG_TICKS ticks: the turns are not what the process is short of,
+            # whatever holds them (items waiting for a limit's turn or a slow vendor: slowed,
+            # but not by this process), so turns must not be what others wait for.
+            grow = gate.limit if self.slow_start else max(1, gate.limit // 4)
+        elif base is not None and self.hold_s is not None and self.hold_s < GROW_BELOW * base:
             grow = gate.limit if self.slow_start else max(1, gate.limit // 16)
-            gate.set_limit(gate.limit + grow)
+        else:
+            return
+        gate.set_limit(gate.limit + grow)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
