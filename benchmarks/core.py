@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,17 @@ from benchmarks.env import BenchEnv
 
 class BenchmarkError(Exception):
     """A measurement that did not do the work it claims: no number is reported for it."""
+
+
+def chosen_from_env(variable: str, known: Sequence[str]) -> list[str]:
+    """The names listed in ``variable`` (comma-separated; unset or empty: all of ``known``),
+    in ``known``'s order; a name it does not know is a BenchmarkError."""
+    chosen = [name.strip() for name in os.environ.get(variable, "").split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise BenchmarkError(f"{variable}: unknown {', '.join(unknown)} "
+                             f"(known: {', '.join(known)})")
+    return [name for name in known if not chosen or name in chosen]
 
 
 @dataclass

@@ -19,12 +19,11 @@ when each stage's first and last item succeeded. ``FANOUT_BENCH_FAIRSHARE_SETTIN
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from typing import Any
 
-from benchmarks.core import BenchmarkError, Context, SuiteResult, Table
+from benchmarks.core import BenchmarkError, Context, SuiteResult, Table, chosen_from_env
 
 ACCOUNTS, SERVICES = 10, 50
 BACKFILL_DAYS, BACKFILL_DAYS_QUICK, DAILY_DAYS = 120, 12, 1
@@ -42,12 +41,7 @@ SETTINGS_ENV = "FANOUT_BENCH_FAIRSHARE_SETTINGS"  # comma-separated names; defau
 
 
 def fairshare(ctx: Context) -> SuiteResult:
-    chosen = [c.strip() for c in os.environ.get(SETTINGS_ENV, "").split(",") if c.strip()]
-    known = [name for name, *_ in SETTINGS]
-    unknown = sorted(set(chosen) - set(known))
-    if unknown:
-        raise BenchmarkError(f"{SETTINGS_ENV}: unknown setting(s) {', '.join(unknown)} "
-                             f"(known: {', '.join(known)})")
+    chosen = chosen_from_env(SETTINGS_ENV, [name for name, *_ in SETTINGS])
     backfill_days = BACKFILL_DAYS_QUICK if ctx.quick else BACKFILL_DAYS
     repeats = ctx.repeats_or(1)
     figures: dict[str, Any] = {}
@@ -55,7 +49,7 @@ def fairshare(ctx: Context) -> SuiteResult:
             ["daily run", f"{ACCOUNTS * SERVICES * DAILY_DAYS:,} leaves, "
                           f"started {HEAD_START_S:.0f} s later"]]
     for name, label, config_text, prefetch, priorities in SETTINGS:
-        if chosen and name not in chosen:
+        if name not in chosen:
             continue
         measured = _measure(ctx, name, config_text, prefetch, priorities, backfill_days,
                             repeats)

@@ -23,7 +23,6 @@ number.
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
 import statistics
 from collections.abc import Callable
@@ -31,7 +30,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from benchmarks.contenders import READY_TIMEOUT_S, FanoutHarness, Shape, WorkerConfig
-from benchmarks.core import BenchmarkError, Context, SuiteResult, Table, fmt_rate, fmt_ratio
+from benchmarks.core import (
+    BenchmarkError,
+    Context,
+    SuiteResult,
+    Table,
+    chosen_from_env,
+    fmt_rate,
+    fmt_ratio,
+)
 from benchmarks.harvest import WARMUP, _cpu, _per_wall
 
 TARGET = 1.10  # DESIGN: wall <= 1.10 x requests / rate
@@ -65,12 +72,7 @@ def ratelimit(ctx: Context) -> SuiteResult:
     from benchmarks.ratelimit_auto import auto_rate
     from benchmarks.ratelimit_keys import per_key
 
-    chosen = [c.strip() for c in os.environ.get(CASES_ENV, ",".join(CASES)).split(",")
-              if c.strip()]
-    unknown = sorted(set(chosen) - set(CASES))
-    if unknown:
-        raise BenchmarkError(f"{CASES_ENV}: unknown case(s) {', '.join(unknown)} "
-                             f"(known: {', '.join(CASES)})")
+    chosen = chosen_from_env(CASES_ENV, CASES)
     result = SuiteResult("ratelimit")
     # The fixed case's settings and figures stay at the top level, as before the other cases.
     more: dict[str, Callable[[Context], tuple[dict[str, Any], dict[str, Any], Table]]] = {

@@ -40,6 +40,7 @@ def test_turns_go_round_robin_between_the_runs_that_wait() -> None:
     assert got == ["backfill", "daily", "backfill", "daily", "backfill", "backfill",
                    "backfill", "backfill"]
     assert (gate.held, gate.waiting) == (0, 0)
+    assert (gate._weight, gate._credit) == ({}, {})  # runs with nothing waiting are forgotten
 
 
 def test_a_runs_weight_is_its_share_of_the_turns() -> None:

@@ -184,6 +184,8 @@ def test_a_runs_priority_is_written_before_its_items_are_published(
     assert redis_client.hget(lanes, "weight:0") == "7"
     plain = start_run("fairtest", {"leaf_s": 0, "label": "q"}, roots=[3])
     assert redis_client.get(keys.run_priority(plain)) is None
+    # What a worker's gate weighs each run's items by, read back where it was written.
+    assert (services().transport.priority(run_id), services().transport.priority(plain)) == (7, 1)
 
 
 @pytest.mark.parametrize("value", ["0", "101", "high"])

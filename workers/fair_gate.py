@@ -105,8 +105,7 @@ class FairGate:
             queue = self._waiting[run_id]
             future = queue.popleft()
             if not queue:
-                del self._waiting[run_id]
-                self._credit.pop(run_id, None)
+                self._drop(run_id)
             if future.done():  # cancelled while it waited
                 continue
             future.set_result(None)
@@ -136,8 +135,14 @@ class FairGate:
         except ValueError:
             return
         if not queue:
-            del self._waiting[run_id]
-            self._credit.pop(run_id, None)
+            self._drop(run_id)
+
+    def _drop(self, run_id: str) -> None:
+        """``run_id`` has nothing waiting any more: forget it (a long-lived worker sees many
+        runs)."""
+        del self._waiting[run_id]
+        self._weight.pop(run_id, None)
+        self._credit.pop(run_id, None)
 
     def set_limit(self, limit: int) -> None:
         self.limit = max(1, min(self.bound, limit))

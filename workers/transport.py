@@ -47,6 +47,9 @@ class Transport(Protocol):
     def set_priority(self, run_id: str, priority: int) -> None:
         """The run's weight in the fair share of every stage queue, before it publishes."""
 
+    def priority(self, run_id: str) -> int:
+        """The run's weight (``set_priority``), 1 when unset."""
+
     def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
         """Take up to ``count`` raw messages off ``queue`` to run in a batch, recorded as
         claimed by this worker until ``release``; [] where the broker cannot. ``share``: the
@@ -112,6 +115,10 @@ class RedisTransport:
 
     def set_priority(self, run_id: str, priority: int) -> None:
         self.redis.set(keys.run_priority(run_id), priority, ex=self.ttl_s)
+
+    def priority(self, run_id: str) -> int:
+        raw = self.redis.get(keys.run_priority(run_id))
+        return int(raw) if raw is not None and str(raw).isdigit() else 1
 
     def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
         owner = self.owner()
@@ -224,6 +231,9 @@ class KombuTransport:
 
     def set_priority(self, run_id: str, priority: int) -> None:
         return None  # RabbitMQ's queues stay FIFO
+
+    def priority(self, run_id: str) -> int:
+        return 1
 
     def claim(self, queue: str, count: int, share: int = 1) -> list[str]:
         return []

@@ -42,7 +42,7 @@ from typing import Any, cast
 import redis
 from kombu.exceptions import OperationalError
 
-from workers import http, keys
+from workers import http
 from workers.api import Pipeline, Stage, find_stage, get_pipeline
 from workers.context import StageContext
 from workers.engine import batch_maps
@@ -147,9 +147,9 @@ class StageRunner:
         waits among the process's idle threads, so a short queue is spread over the threads
         that could run it (its items run one after another). An async stage's items run
         together, so its thread claims its share of the process's in-flight bound instead,
-        whatever waits. A claimed message that does not
-        decode is dead-lettered; the rest of the batch goes on. Claims are released once
-        their items are recorded, or given back at once when they cannot be."""
+        whatever waits. A claimed message that does not decode is dead-lettered; the rest of
+        the batch goes on. Claims are released once their items are recorded, or given back
+        at once when they cannot be."""
         with _busy_lock:  # every stage's runner: the threads are the process's
             idle = self.claim_share - _busy[0]  # this thread and those with nothing to run
             _busy[0] += 1
@@ -262,12 +262,11 @@ class StageRunner:
         goes back; its items already recorded come back as duplicates, and are skipped).
         Returns the items whose records the sink refused."""
         loop = process_loop()
-        pending = {
-            loop.submit(self._run_together([(d, s) for _, d, s in group], own, loop.gate,
-                                           weights)):
-                (group, own)
-            for group in groups for own in [Batch()]
-        }
+        pending = {}
+        for group in groups:
+            own = Batch()  # the run's own: recorded apart from the others
+            items = [(d, s) for _, d, s in group]
+            pending[loop.submit(self._run_together(items, own, loop.gate, weights))] = (group, own)
         refused: set[CopyOf] = set()
         failure: BaseException | None = None
         for future in concurrent.futures.as_completed(pending):
@@ -354,10 +353,11 @@ class StageRunner:
         self, items: Sequence[tuple[Delivery, Stage]], batch: Batch, gate: FairGate,
         weights: dict[str, int],
     ) -> list[tuple[Outcome, float]]:
-        """Run async items concurrently, each with a turn of the process's in-flight bound;
-        returns (outcome, runtime) of each. Every item ends before this returns: should one
-        meet an infrastructure error, the others still finish (their slots given back), and
-        then that error is raised, the batch unrecorded, as a sync batch would."""
+        """Run async items concurrently, each with a turn at the process's gate (its run's
+        weight from ``weights``); returns (outcome, runtime) of each. Every item ends before
+        this returns: should one meet an infrastructure error, the others still finish
+        (their turns given back), and then that error is raised, the batch unrecorded, as a
+        sync batch would."""
         ended = await asyncio.gather(
             *(self._run_one_async(d, s, batch, gate, weights[d.run_id]) for d, s in items),
             return_exceptions=True,
@@ -517,11 +517,11 @@ class StageRunner:
 
     def _run_weight(self, run_id: str) -> int:
         """The run's priority (1 when unset): its weight at the process's gate, as at the
-        claims. Read once per process, as its parameters are."""
+        claims. Read once per process, as its parameters are, from where the transport
+        keeps it (the broker's Redis, which need not be the ledger's)."""
         weight = self._weights.get(run_id)
         if weight is None:
-            raw = self.services.ledger.redis.get(keys.run_priority(run_id))
-            weight = int(raw) if raw and str(raw).isdigit() else 1
+            weight = self.services.transport.priority(run_id)
             with self._params_lock:
                 if len(self._weights) > 256:
                     self._weights.clear()
