@@ -87,16 +87,14 @@ class ProcessLoop:
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the loop and wait for its result (from any other thread)."""
-        if threading.current_thread() is self.thread:
-            coroutine.close()
-            raise RuntimeError("ProcessLoop.run was called on the loop's own thread")
         return self.submit(coroutine).result()
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Start ``coroutine`` on the loop (from any other thread); its future."""
+        """Start ``coroutine`` on the loop (from any other thread); its future. From the
+        loop's own thread it would wait for itself forever: refused."""
         if threading.current_thread() is self.thread:
             coroutine.close()
-            raise RuntimeError("ProcessLoop.submit was called on the loop's own thread")
+            raise RuntimeError("ProcessLoop was asked to wait on its own thread")
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
     def busy(self) -> int:
